@@ -1,0 +1,135 @@
+"""The framework-neutral public API: NumPy and CuPy arrays in, the same kind out."""
+import numbers
+
+import numpy as np
+
+from . import devices, launch, validation
+from .portable import SIMULATOR
+from .results import CrossEntropyResult
+
+
+def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0, softcap=None, validate=True):
+    """Cross-entropy loss of ``logits`` (N, V) against class indices ``target`` (N,).
+
+    Parameters
+    ----------
+    logits : float32, float16 or bfloat16 array (N, V), rows contiguous (a row stride > V is fine).
+    target : int32 or int64 array (N,). Rows equal to ``ignore_index`` contribute nothing.
+    weight : float array (V,), optional. Class weights, as in PyTorch.
+    reduction : 'mean' (weighted by w_y, as PyTorch), 'sum' or 'none'.
+    label_smoothing : float in [0, 1]. z_loss : float >= 0, adds z_loss * lse**2 per row.
+    softcap : float > 0, optional. Replaces x by softcap * tanh(x / softcap) first.
+    validate : bool. Raise ValueError for a target outside [0, V) (one 8-byte device read);
+        with False the call never synchronises and such rows give NaN.
+
+    Returns
+    -------
+    float32 array: 0-d for 'mean' and 'sum', (N,) for 'none'. Reads the logits once and writes
+    nothing of size N x V.
+    """
+    return _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap, None, False, False, validate).loss
+
+
+def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=None,
+                            inplace=False, validate=True):
+    """Loss and gradient in one fused kernel; options as in :func:`cross_entropy`.
+
+    grad_output : None (ones), a scalar, or an (N,) array for reduction='none': the upstream
+        gradient, so that ``grad`` = d(sum(loss * grad_output)) / d(logits).
+    inplace : write the gradient into the logits buffer (``res.grad is logits``); otherwise the
+        logits are never modified.
+
+    Returns
+    -------
+    CrossEntropyResult(loss, grad, z_loss, lse): ``grad`` has the logits' shape and dtype and is
+    computed in fp32 and rounded once; ``z_loss`` is the z-loss part of ``loss``; ``lse`` is the
+    float32 (N,) log-sum-exp of the (softcapped) logits, 0 for ignored rows.
+    """
+    return _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap, grad_output, True, inplace, validate)
+
+
+def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+             grad_output, with_grad, inplace, validate):
+    options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    fmt = validation.check_logits(logits)
+    n_rows, n_classes = logits.shape
+    validation.check_target(target, n_rows)
+    if weight is not None:
+        validation.check_weight(weight, n_classes)
+    go_shape = validation.check_grad_output(grad_output, reduction, n_rows) if with_grad else ()
+    xp, on_host = _array_kind(logits, target, weight, grad_output)
+
+    caller_logits = logits
+    if on_host:  # a GPU is present but the inputs are NumPy: compute on device copies
+        logits, target = devices.to_device(logits), devices.to_device(target)
+        weight = None if weight is None else devices.to_device(weight)
+        if not isinstance(grad_output, (numbers.Real, type(None))):
+            grad_output = devices.to_device(grad_output)
+    if weight is not None:
+        weight = xp.ascontiguousarray(weight, dtype=np.float32)
+    grad_output = _upstream(xp, grad_output, go_shape)
+
+    grad = None
+    if with_grad:
+        grad = logits if inplace else empty(xp, logits.shape, logits.dtype)
+    row_loss, row_z, row_lse = (empty(xp, n_rows, np.float32) for _ in range(3))
+    reduced = reduction != "none"
+    loss_out, z_out = (empty(xp, 1, np.float32), empty(xp, 1, np.float32)) if reduced else (None, None)
+    if n_rows > 0:
+        launch.run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
+                   row_lse, loss_out, z_out, validate)
+    elif reduced:  # no rows: "sum" is 0 and "mean" is 0 / 0, as in PyTorch
+        fill = np.nan if reduction == "mean" else 0.0
+        loss_out.fill(fill)
+        z_out.fill(fill)
+
+    loss, z_part = (loss_out.reshape(()), z_out.reshape(())) if reduced else (row_loss, row_z)
+    if on_host:
+        loss, z_part, row_lse = (devices.cupy.asnumpy(a) for a in (loss, z_part, row_lse))
+        if grad is not None:
+            if inplace:
+                devices.cupy.asnumpy(grad, out=caller_logits)
+                grad = caller_logits
+            else:
+                grad = devices.cupy.asnumpy(grad)
+    return CrossEntropyResult(loss, grad, z_part, row_lse)
+
+
+def empty(xp, shape, dtype):
+    """Every output buffer comes from here (tests replace it to poison the buffers)."""
+    return xp.empty(shape, dtype)
+
+
+def _array_kind(logits, target, weight, grad_output):
+    """(array module, whether inputs are NumPy arrays that must travel to a GPU and back)."""
+    devices.require_backend()
+    arrays = {"logits": logits, "target": target}
+    if weight is not None:
+        arrays["weight"] = weight
+    if grad_output is not None and not isinstance(grad_output, numbers.Real):
+        arrays["grad_output"] = grad_output
+    on_device = {name: devices.is_device_array(a) for name, a in arrays.items()}
+    if SIMULATOR:
+        if any(on_device.values()) or not all(isinstance(a, np.ndarray) for a in arrays.values()):
+            kinds = {name: type(a).__name__ for name, a in arrays.items()}
+            raise TypeError(f"the CUDA simulator takes NumPy arrays only (got {kinds})")
+        return np, False
+    if all(on_device.values()):
+        return devices.cupy, False
+    if not any(on_device.values()) and all(isinstance(a, np.ndarray) for a in arrays.values()):
+        return devices.cupy, True
+    kinds = {name: type(a).__name__ for name, a in arrays.items()}
+    raise TypeError(f"arrays must all be on the GPU or all be NumPy arrays (got {kinds})")
+
+
+def _upstream(xp, grad_output, shape):
+    """grad_output as a float32 device array of shape (1,) or (N,)."""
+    if grad_output is None:
+        return xp.ones(1, np.float32)
+    if isinstance(grad_output, numbers.Real):
+        return xp.full(1, grad_output, np.float32)
+    return xp.asarray(grad_output, dtype=np.float32).reshape(-1)

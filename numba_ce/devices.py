@@ -1,0 +1,83 @@
+"""Where arrays live and how kernels see them: NumPy in the simulator, CuPy on a GPU.
+
+On a GPU, kernels receive Numba device arrays built from each array's
+``__cuda_array_interface__`` with ``sync=False`` (the default would synchronise the host with the
+array's stream on every call) and are launched on CuPy's current stream.
+"""
+import functools
+
+import numpy as np
+from numba import cuda
+
+from .portable import SIMULATOR
+
+if SIMULATOR:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+try:
+    import cupy
+except ImportError:  # CPU-only machines: the simulator needs no CuPy
+    cupy = None
+
+
+def gpu_available():
+    return not SIMULATOR and cupy is not None and cuda.is_available()
+
+
+def backend_name():
+    if SIMULATOR:
+        return "Numba CUDA simulator (CPU)"
+    if gpu_available():
+        return f"GPU: {cuda.get_current_device().name.decode()}"
+    return "none"
+
+
+def require_backend():
+    if SIMULATOR or gpu_available():
+        return
+    missing = "CuPy is not installed" if cupy is None else "no CUDA GPU is visible"
+    raise RuntimeError(
+        f"numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator ({missing}). "
+        "To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")
+
+
+def is_device_array(a):
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def to_device(a):
+    """A CuPy view of a device array (zero-copy), or a device copy of a NumPy array."""
+    return cupy.asarray(a)
+
+
+def kernel_array(a):
+    """The view a kernel launch takes, sharing the array's memory: the simulator's device-array
+    wrapper around a NumPy array (a bare NumPy argument would be copied in and out, and must be
+    contiguous), or a Numba device array on a GPU."""
+    if SIMULATOR:
+        return FakeCUDAArray(a)
+    return cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a, sync=False)
+
+
+def data_pointer(a):
+    if SIMULATOR or isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(handle):
+    return cuda.external_stream(handle)
+
+
+def current_stream():
+    """CuPy's current stream as a Numba stream (0, the default stream, in the simulator)."""
+    if SIMULATOR:
+        return 0
+    handle = cupy.cuda.get_current_stream().ptr
+    return cuda.legacy_default_stream() if handle == 0 else _external_stream(handle)
+
+
+def synchronize_read(a):
+    """Copy a small device array to the host (the one host synchronisation of a checked call)."""
+    return a.copy() if SIMULATOR or isinstance(a, np.ndarray) else cupy.asnumpy(a)

@@ -1,0 +1,262 @@
+"""The CUDA kernels. Row-parallel: one thread block owns one row of logits.
+
+Notation (per row): x = logits row of V classes (after softcap when set), y = target,
+eps = label smoothing, w = class weights (all ones when absent), S_w = sum_j w_j, z = z-loss scale.
+
+    lse  = m + log(sum_j exp(x_j - m)),  m = max_j x_j            log-sum-exp, p_j = exp(x_j - lse)
+    ce   = (1 - eps) * w_y * (lse - x_y) + (eps / V) * (S_w * lse - sum_j w_j x_j)
+    zl   = z * lse**2
+    loss = ce + zl                                                  (0 for ignored rows)
+
+Gradient of the reduced loss L = sum_rows g_row * loss_row, with g_row the upstream gradient
+divided by the reduction's denominator (sum of w_y for the CE part of "mean", the count of
+non-ignored rows for its z part):
+
+    dce/dx_j = (1 - eps) * w_y * (p_j - [j == y]) + (eps / V) * (S_w * p_j - w_j)
+    dzl/dx_j = 2 * z * lse * p_j
+    dL/dx_j  = P * p_j - Q * w_j - T * [j == y]       with, per row,
+               P = g_ce * ((1 - eps) * w_y + (eps / V) * S_w) + g_z * 2 * z * lse
+               Q = g_ce * eps / V,   T = g_ce * (1 - eps) * w_y
+    softcap:  x = c * tanh(r / c)  =>  dL/dr_j = dL/dx_j * (1 - tanh(r_j / c)**2)
+
+P * p_y - T forms p_y - 1 in fp32; the result is rounded to the logits' format once.
+
+Memory traffic of the fused kernel: pass 1 reads the row (online max and sum), pass 2 reads it
+again and writes the gradient. The row is only 2 * V bytes (bf16), so with one block of many threads
+per row on each SM, the second read is served from L2 rather than from DRAM.
+
+Three kernels make one call, all on one stream, without host synchronisation:
+    target_stats   1 block    sums over the targets: reduction denominators, S_w; resets the bad-row flag
+    row_kernel     N blocks   lse, row losses and (fused variant) the gradient
+    reduce_rows    1 block    sum of the row losses for reduction "sum" / "mean"
+"""
+import functools
+import math
+
+import numpy as np
+from numba import cuda
+
+from .floatbits import FORMATS
+from .portable import device_function
+from .reductions import NEG_INF, ZERO, block_lse, block_sum2
+
+ONE = np.float32(1.0)
+TWO = np.float32(2.0)
+NAN = np.float32(np.nan)
+MAX_THREADS = 1024
+WARP_SLOTS = 32  # shared float32 slots for per-warp partial results (1024 threads / 32)
+
+# reduction codes, the kernels' argument `reduction`
+NONE, SUM, MEAN = 0, 1, 2
+
+# target_stats writes these slots of its float32 `stats` output
+STAT_WEIGHT_SUM, STAT_COUNT, STAT_ALL_WEIGHTS = 0, 1, 2
+
+
+@cuda.jit(device=True)
+def reduction_scratch():
+    """Shared arrays for the block reductions: a slot per thread (simulator only), a slot per warp.
+    One allocation a line: the simulator tells shared arrays apart by their source line."""
+    lane_a = cuda.shared.array(MAX_THREADS, np.float32)
+    lane_b = cuda.shared.array(MAX_THREADS, np.float32)
+    warp_a = cuda.shared.array(WARP_SLOTS, np.float32)
+    warp_b = cuda.shared.array(WARP_SLOTS, np.float32)
+    return lane_a, lane_b, warp_a, warp_b
+
+
+@cuda.jit
+def target_stats(target, weight, has_weight, ignore_index, n_classes, stats, bad_row):
+    """stats = [sum of w_y over rows with a valid, non-ignored target; their count; S_w];
+    bad_row[0] (set to N by the caller) is lowered to the first row whose target is neither
+    ignore_index nor in [0, V).
+
+    target  # (N,) int32/int64
+    weight  # (V,) float32, or (1,) unused when has_weight == 0
+    """
+    lane_a, lane_b, warp_a, warp_b = reduction_scratch()
+    tid = cuda.threadIdx.x
+    n_rows = target.shape[0]
+    weight_sum = ZERO
+    count = ZERO
+    for row in range(tid, n_rows, cuda.blockDim.x):
+        label = target[row]
+        if label != ignore_index:
+            if 0 <= label < n_classes:
+                weight_sum += weight[label] if has_weight else ONE
+                count += ONE
+            else:
+                cuda.atomic.min(bad_row, 0, row)
+    weight_sum, count = block_sum2(weight_sum, count, lane_a, lane_b, warp_a, warp_b)
+    all_weights = np.float32(n_classes)
+    if has_weight:  # uniform over the block, so every thread reaches the barriers
+        all_weights = ZERO
+        for col in range(tid, n_classes, cuda.blockDim.x):
+            all_weights += weight[col]
+        all_weights, _ = block_sum2(all_weights, ZERO, lane_a, lane_b, warp_a, warp_b)
+    if tid == 0:
+        stats[STAT_WEIGHT_SUM] = weight_sum
+        stats[STAT_COUNT] = count
+        stats[STAT_ALL_WEIGHTS] = all_weights
+
+
+@cuda.jit
+def reduce_rows(row_loss, row_z, stats, reduction, loss_out, z_out):
+    """loss_out[0], z_out[0] = the row losses reduced by "sum" or "mean", in a fixed order.
+
+    "mean": sum(ce) / sum(w_y) + sum(zl) / count, with ce = loss - zl per row.
+    """
+    lane_a, lane_b, warp_a, warp_b = reduction_scratch()
+    tid = cuda.threadIdx.x
+    loss_sum = ZERO
+    z_sum = ZERO
+    for row in range(tid, row_loss.shape[0], cuda.blockDim.x):
+        loss_sum += row_loss[row]
+        z_sum += row_z[row]
+    loss_sum, z_sum = block_sum2(loss_sum, z_sum, lane_a, lane_b, warp_a, warp_b)
+    if tid == 0:
+        if reduction == MEAN:
+            z_mean = z_sum / stats[STAT_COUNT]
+            loss_out[0] = (loss_sum - z_sum) / stats[STAT_WEIGHT_SUM] + z_mean
+            z_out[0] = z_mean
+        else:
+            loss_out[0] = loss_sum
+            z_out[0] = z_sum
+
+
+@functools.lru_cache(maxsize=None)
+def row_kernel(fmt, pack, with_grad):
+    """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
+    the gradient. Specialised at compile time: the loops over a word's elements unroll."""
+    bits, decode, encode = FORMATS[fmt]
+    mask = (1 << bits) - 1
+    top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
+
+    @device_function
+    def element(word, i, softcap, inv_softcap):
+        """Element i of a word as float32, softcapped when softcap > 0."""
+        x = decode((word >> (bits * i)) & mask)
+        if softcap > ZERO:
+            x = softcap * math.tanh(x * inv_softcap)
+        return x
+
+    @cuda.jit(device=True)
+    def write_row(out_row, n_words, value):
+        """Fill a gradient row with one value (0 for ignored rows, NaN for bad targets)."""
+        code = encode(value) & mask
+        word = 0
+        for i in range(pack):
+            part = code if i < pack - 1 else (code ^ top_sign) - top_sign
+            word |= part << (bits * i)
+        for k in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
+            out_row[k] = word
+
+    @cuda.jit
+    def kernel(logits, target, weight, grad, row_loss, row_z, row_lse, stats, grad_output,
+               n_classes, ignore_index, one_minus_eps, eps_over_v, z_loss, softcap,
+               has_weight, reduction, go_per_row):
+        """
+        logits       # (N, V / pack) words of `pack` elements, rows may be strided
+        target       # (N,) int32/int64
+        weight       # (V,) float32, or (1,) unused when has_weight == 0
+        grad         # (N, V / pack) words (may be `logits` itself: in-place); unused without grad
+        row_loss, row_z, row_lse  # (N,) float32 outputs: loss (with z part), z part, lse
+        stats        # (3,) float32 from target_stats
+        grad_output  # (N,) float32 when go_per_row else (1,)
+        """
+        lane_a, lane_b, warp_a, warp_b = reduction_scratch()
+        tid = cuda.threadIdx.x
+        n_words = logits.shape[1]
+        inv_softcap = ONE / softcap if softcap > ZERO else ZERO
+        need_dot = eps_over_v > ZERO
+        all_weights = stats[STAT_ALL_WEIGHTS]
+        for row in range(cuda.blockIdx.x, logits.shape[0], cuda.gridDim.x):
+            # 1. The target: ignored rows are not read; an out-of-range target poisons the row.
+            label = int(target[row])
+            if label == ignore_index or not (0 <= label < n_classes):
+                fill = ZERO if label == ignore_index else NAN
+                if tid == 0:
+                    row_loss[row] = fill
+                    row_z[row] = fill
+                    row_lse[row] = fill
+                if with_grad:
+                    write_row(grad[row], n_words, fill)
+                continue
+
+            # 2. Pass 1: online softmax state (m, s) per thread, a word at a time:
+            #    m' = max(m, max_i x_i);  s' = s * exp(m - m') + sum_i exp(x_i - m'),
+            #    one exp per element plus one per word. Also sum_j w_j x_j for label smoothing.
+            row_words = logits[row]
+            row_max = NEG_INF
+            row_sum = ZERO
+            weighted_x = ZERO
+            for k in range(tid, n_words, cuda.blockDim.x):
+                word = int(row_words[k])  # a 64-bit integer on both backends
+                word_max = NEG_INF
+                for i in range(pack):
+                    word_max = max(word_max, element(word, i, softcap, inv_softcap))
+                new_max = max(row_max, word_max)
+                if new_max != NEG_INF:  # a run of -inf adds nothing (and exp(-inf + inf) is NaN)
+                    row_sum *= math.exp(row_max - new_max)
+                    for i in range(pack):
+                        row_sum += math.exp(element(word, i, softcap, inv_softcap) - new_max)
+                    row_max = new_max
+                if need_dot:
+                    for i in range(pack):
+                        x = element(word, i, softcap, inv_softcap)
+                        weighted_x += x * weight[k * pack + i] if has_weight else x
+
+            # 3. Thread 0 reads x_y (before the barriers below: in-place, pass 2 overwrites the row),
+            #    then all threads combine their states: every thread gets m and s of the whole row.
+            if tid == 0:
+                x_label = element(int(row_words[label // pack]), label % pack, softcap, inv_softcap)
+            row_max, row_sum = block_lse(row_max, row_sum, lane_a, lane_b, warp_a, warp_b)
+            if need_dot:
+                weighted_x, _ = block_sum2(weighted_x, ZERO, lane_a, lane_b, warp_a, warp_b)
+            lse = row_max if row_max == NEG_INF else row_max + math.log(row_sum)
+
+            # 4. The row's loss.
+            label_weight = weight[label] if has_weight else ONE
+            ce_part_weight = one_minus_eps * label_weight
+            if tid == 0:
+                z_part = z_loss * lse * lse
+                ce = ce_part_weight * (lse - x_label) + eps_over_v * (all_weights * lse - weighted_x)
+                row_loss[row] = ce + z_part
+                row_z[row] = z_part
+                row_lse[row] = lse
+            if not with_grad:
+                continue
+
+            # 5. Pass 2: dL/dx_j = P * p_j - Q * w_j - T * [j == y], times the softcap derivative.
+            upstream = grad_output[row] if go_per_row else grad_output[0]
+            if reduction == MEAN:
+                grad_ce = upstream / stats[STAT_WEIGHT_SUM]
+                grad_z = upstream / stats[STAT_COUNT]
+            else:
+                grad_ce = upstream
+                grad_z = upstream
+            coef_p = grad_ce * (ce_part_weight + eps_over_v * all_weights) + grad_z * TWO * z_loss * lse
+            coef_w = grad_ce * eps_over_v
+            coef_y = grad_ce * ce_part_weight
+            grad_row = grad[row]
+            for k in range(tid, n_words, cuda.blockDim.x):
+                word = int(row_words[k])  # a 64-bit integer on both backends
+                out = 0
+                for i in range(pack):
+                    col = k * pack + i
+                    x = element(word, i, softcap, inv_softcap)
+                    chain = ONE
+                    if softcap > ZERO:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
+                        t = x * inv_softcap
+                        chain = ONE - t * t
+                    d = coef_p * math.exp(x - lse)
+                    if coef_w != ZERO:
+                        d -= coef_w * weight[col] if has_weight else coef_w
+                    if col == label:
+                        d -= coef_y
+                    code = encode(d * chain) & mask
+                    if i == pack - 1:
+                        code = (code ^ top_sign) - top_sign
+                    out |= code << (bits * i)
+                grad_row[k] = out
+
+    return kernel

@@ -1,0 +1,99 @@
+"""Launching one call: pick the word width and block size, then run the three kernels in order.
+
+Framework-neutral: takes arrays that :func:`numba_ce.devices.kernel_array` accepts (NumPy in the
+simulator, CuPy on a GPU) plus preallocated outputs, so the NumPy/CuPy API and the PyTorch adapter
+share it. Launches on the current stream and never synchronises, except for the optional target
+check (one 8-byte read).
+"""
+import numpy as np
+
+from . import kernels
+from .devices import current_stream, data_pointer, kernel_array, synchronize_read
+from .floatbits import FORMATS
+from .portable import SIMULATOR, WARP_SIZE
+
+WORD_BYTES = 8  # packed loads and stores: 4 x 16-bit or 2 x 32-bit elements a word
+# The simulator runs every thread as a Python thread and each block costs a thread start-up and
+# a few barriers: one warp a block and two blocks striding over the rows keep it fast. Tests widen
+# SIMULATOR_THREADS to cover the cross-warp reduction.
+SIMULATOR_THREADS = 32
+SIMULATOR_ROW_BLOCKS = 2
+WORDS_PER_THREAD = 4  # a row block grows to MAX_THREADS until each thread holds about this many
+
+
+def word_layout(array, fmt):
+    """(elements per word, word dtype) for reading ``array`` (N, V): 8-byte words when every row
+    starts 8-byte aligned and V fills whole words, else one element a word."""
+    bits = FORMATS[fmt][0]
+    itemsize = bits // 8
+    pack = WORD_BYTES // itemsize
+    n_rows, n_classes = array.shape
+    aligned = data_pointer(array) % WORD_BYTES == 0 and (
+        n_rows <= 1 or array.strides[0] % WORD_BYTES == 0)
+    if aligned and n_classes % pack == 0:
+        return pack, np.int64
+    return 1, np.int16 if bits == 16 else np.int32
+
+
+def single_block_threads():
+    return SIMULATOR_THREADS if SIMULATOR else kernels.MAX_THREADS
+
+
+def threads_per_row(n_words):
+    if SIMULATOR:
+        return SIMULATOR_THREADS
+    threads = WARP_SIZE
+    while threads < kernels.MAX_THREADS and threads * WORDS_PER_THREAD < n_words:
+        threads *= 2
+    return threads
+
+
+def run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z, row_lse,
+        loss_out, z_out, validate):
+    """Fill the outputs. ``grad`` is None for the loss-only kernel, or an (N, V) array of the
+    logits' format (``logits`` itself for in-place). ``grad_output`` is a float32 array of shape
+    (1,) or (N,). ``loss_out``/``z_out`` are (1,) float32 for "sum"/"mean", None for "none"."""
+    ignore_index, reduction, label_smoothing, z_loss, softcap = options
+    n_rows, n_classes = logits.shape
+    stream = current_stream()
+    has_weight = weight is not None
+    weight_arg = weight if has_weight else xp.zeros(1, np.float32)
+    stats = xp.empty(3, np.float32)
+    bad_row = xp.full(1, n_rows, np.int64)
+    kernels.target_stats[1, single_block_threads(), stream](
+        kernel_array(target), kernel_array(weight_arg), np.int32(has_weight),
+        np.int64(ignore_index), np.int64(n_classes), kernel_array(stats), kernel_array(bad_row))
+    if validate:
+        check_targets(bad_row, target, n_classes, ignore_index)
+
+    pack, word_dtype = word_layout(logits, fmt)
+    if grad is not None:
+        grad_pack, _ = word_layout(grad, fmt)
+        if grad_pack != pack:  # e.g. a misaligned logits view with an aligned gradient buffer
+            pack, word_dtype = 1, np.int16 if FORMATS[fmt][0] == 16 else np.int32
+    words = logits.view(word_dtype)
+    grad_words = words[:1, :1] if grad is None else grad.view(word_dtype)
+    kernel = kernels.row_kernel(fmt, pack, grad is not None)
+    reduction_code = {"none": kernels.NONE, "sum": kernels.SUM, "mean": kernels.MEAN}[reduction]
+    row_blocks = min(n_rows, SIMULATOR_ROW_BLOCKS) if SIMULATOR else n_rows
+    kernel[row_blocks, threads_per_row(words.shape[1]), stream](
+        kernel_array(words), kernel_array(target), kernel_array(weight_arg),
+        kernel_array(grad_words), kernel_array(row_loss), kernel_array(row_z),
+        kernel_array(row_lse), kernel_array(stats), kernel_array(grad_output), np.int64(n_classes), np.int64(ignore_index),
+        np.float32(1.0 - label_smoothing), np.float32(label_smoothing / n_classes),
+        np.float32(z_loss), np.float32(softcap or 0.0), np.int32(has_weight),
+        np.int32(reduction_code), np.int32(grad_output.shape[0] > 1))
+    if loss_out is not None:
+        kernels.reduce_rows[1, single_block_threads(), stream](
+            kernel_array(row_loss), kernel_array(row_z), kernel_array(stats),
+            np.int32(reduction_code), kernel_array(loss_out), kernel_array(z_out))
+
+
+def check_targets(bad_row, target, n_classes, ignore_index):
+    """Raise ValueError naming the first row whose target is neither in [0, V) nor ignore_index."""
+    row = int(synchronize_read(bad_row)[0])
+    if row < target.shape[0]:
+        value = int(synchronize_read(target[row:row + 1])[0])
+        raise ValueError(
+            f"target[{row}] = {value} is outside [0, {n_classes}) and is not ignore_index "
+            f"({ignore_index}); pass validate=False to skip this check (such rows then give NaN)")

@@ -1,0 +1,73 @@
+"""Block-wide reductions shared by the kernels: a butterfly inside each warp, then across warps.
+
+    lanes  0 1 2 3 ... 31      step 16: lane i meets lane i^16
+           |/ \\| ...           step  8: lane i meets lane i^8  ... down to step 1
+    every lane of a warp now holds the warp's result; lane 0 writes it to ``warp_a/warp_b[warp]``,
+    then every warp reduces those slots the same way, so every thread ends with the block's result.
+
+The helpers reduce a pair of float32 values at once (an online-softmax state (m, s), or two sums)
+and must be called by every thread of the block (they contain barriers). ``lane_a``/``lane_b``
+are float32 shared arrays with a slot per thread, used by the simulator only (see
+:mod:`numba_ce.portable`); ``warp_a``/``warp_b`` have a float32 slot per warp.
+"""
+import math
+
+import numpy as np
+from numba import cuda
+
+from .portable import WARP_SIZE, device_function, make_warp_allreduce
+
+NEG_INF = np.float32(-np.inf)
+ZERO = np.float32(0.0)
+
+
+@device_function
+def merge_lse(max_a, sum_a, max_b, sum_b):
+    """Merge two online-softmax states (m, s), where s = sum_j exp(x_j - m).
+
+    m = max(m_a, m_b);  s = s_a * exp(m_a - m) + s_b * exp(m_b - m).
+    Two empty states (m = -inf) stay empty instead of producing exp(-inf + inf) = NaN; a NaN or
+    +inf anywhere makes the result NaN, as it should.
+    """
+    new_max = max(max_a, max_b)
+    if new_max == NEG_INF:
+        return new_max, sum_a + sum_b
+    return new_max, sum_a * math.exp(max_a - new_max) + sum_b * math.exp(max_b - new_max)
+
+
+@device_function
+def add_pair(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+warp_lse = make_warp_allreduce(merge_lse)
+warp_sum2 = make_warp_allreduce(add_pair)
+
+
+def _make_block_allreduce(warp_allreduce, empty_a, empty_b):
+    @cuda.jit(device=True)
+    def block_allreduce(a, b, lane_a, lane_b, warp_a, warp_b):
+        lane = cuda.threadIdx.x % WARP_SIZE
+        warp = cuda.threadIdx.x // WARP_SIZE
+        n_warps = cuda.blockDim.x // WARP_SIZE
+        a, b = warp_allreduce(a, b, lane_a, lane_b)
+        if n_warps > 1:  # uniform over the block
+            if lane == 0:
+                warp_a[warp] = a
+                warp_b[warp] = b
+            cuda.syncthreads()  # all warp results are in shared memory
+            if lane < n_warps:
+                a, b = warp_a[lane], warp_b[lane]
+            else:
+                a, b = empty_a, empty_b
+            a, b = warp_allreduce(a, b, lane_a, lane_b)
+            cuda.syncthreads()  # the slots may be reused by the next reduction
+        return a, b
+
+    return block_allreduce
+
+
+# Every thread's (max, sum) state merged over the block, returned to every thread.
+block_lse = _make_block_allreduce(warp_lse, NEG_INF, ZERO)
+# Two sums over the block in a fixed order (deterministic), returned to every thread.
+block_sum2 = _make_block_allreduce(warp_sum2, ZERO, ZERO)

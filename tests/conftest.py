@@ -1,0 +1,44 @@
+"""Test set-up: without a GPU the suite runs in Numba's CUDA simulator; with one, on the GPU.
+
+The backend is fixed when numba is first imported, so this runs before any test module.
+Set NUMBA_CE_TEST_SEED to replay a run's random inputs (the seed is printed in the header).
+"""
+import os
+import sys
+
+
+def _gpu_present():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _gpu_present():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba.cuda" in sys.modules:
+        raise RuntimeError("numba.cuda was imported before the test set-up: "
+                           "run with NUMBA_ENABLE_CUDASIM=1 in the environment")
+    if "numba.core.config" in sys.modules:  # a plugin imported numba's config: read it again
+        sys.modules["numba.core.config"].reload_config()
+
+# Simulated threads are Python threads: switch between them often so that barriers are cheap.
+sys.setswitchinterval(5e-4)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from numba_ce import devices  # noqa: E402
+
+SEED = int(os.environ.get("NUMBA_CE_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+
+
+def pytest_report_header(config):
+    return [f"numba_ce backend: {devices.backend_name()}", f"NUMBA_CE_TEST_SEED={SEED}"]
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the run's seed and the test's name: fresh each run, replayable."""
+    return np.random.default_rng([SEED, *request.node.nodeid.encode()])

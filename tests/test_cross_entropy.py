@@ -1,0 +1,159 @@
+"""The kernels against the float64 reference and against PyTorch, for every option combination."""
+import itertools
+
+import numpy as np
+import pytest
+
+import numba_ce
+from numba_ce import api, reference
+from helpers import (DTYPES, TOLERANCES, assert_close, random_logits, random_target, to_numpy,
+                     torch_loss_and_grad)
+
+# Every combination of the options; the logits dtype rotates through the combinations so that
+# each dtype meets every option value (the full product with dtypes triples the simulator time).
+REDUCTIONS = ["mean", "sum", "none"]
+COMBINATIONS = [
+    (reduction, ignored, weighted, smoothing, z_loss, softcap, upstream, inplace)
+    for reduction, ignored, weighted, smoothing, z_loss, softcap, upstream, inplace
+    in itertools.product(REDUCTIONS, [0.0, 0.3], [False, True], [0.0, 0.1], [0.0, 1e-3],
+                         [None, 5.0], ["ones", "given"], [False, True])
+]
+ROTATION = list(DTYPES)
+
+
+def check_once(rng, dtype, n_rows, n_classes, *, reduction="mean", ignored=0.0, weighted=False,
+               smoothing=0.0, z_loss=0.0, softcap=None, upstream="ones", inplace=False,
+               ignore_index=-100, against_torch=True):
+    """One call of cross_entropy_with_grad and cross_entropy compared with the reference and torch."""
+    logits = random_logits(rng, n_rows, n_classes, dtype)
+    target = random_target(rng, n_rows, n_classes, ignore_index, ignored)
+    weight = (rng.random(n_classes) + 0.5).astype(np.float32) if weighted else None
+    grad_output = None
+    if upstream == "given":
+        grad_output = rng.standard_normal(n_rows) if reduction == "none" else 0.37
+    options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                   label_smoothing=smoothing, z_loss=z_loss, softcap=softcap)
+    original = logits.copy()
+
+    expected = reference.cross_entropy_with_grad(logits, target, grad_output=grad_output, **options)
+    res = numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output,
+                                           inplace=inplace, **options)
+    loss_tol, grad_tol = TOLERANCES[dtype]["loss"], TOLERANCES[dtype]["grad"]
+    grad_scale = max(np.abs(expected.grad).max(initial=0.0), 1e-30)
+    assert_close(res.loss, expected.loss, *loss_tol, "loss")
+    assert_close(res.z_loss, expected.z_loss, *loss_tol, "z_loss")
+    assert_close(res.lse, expected.lse, *loss_tol, "lse")
+    assert_close(res.grad, expected.grad, grad_tol[0], grad_tol[1] * grad_scale, "grad")
+    assert to_numpy(res.loss).dtype == np.float32 and to_numpy(res.lse).dtype == np.float32
+    assert res.grad.dtype == logits.dtype and res.grad.shape == logits.shape
+    if inplace:
+        assert res.grad is logits
+    else:
+        assert (logits.view(np.uint8) == original.view(np.uint8)).all(), "logits were modified"
+
+    loss_only = numba_ce.cross_entropy(original, target, **options)
+    assert_close(loss_only, expected.loss, *loss_tol, "loss-only kernel")
+
+    if against_torch:
+        torch_loss, torch_grad = torch_loss_and_grad(original, target, grad_output=grad_output,
+                                                     **options)
+        assert_close(res.loss, torch_loss, *loss_tol, "loss vs torch")
+        if not (reduction == "mean" and (target == ignore_index).all()):
+            # (torch's gradient of a mean over no rows is NaN; ours is zero, as for any ignored row)
+            assert_close(res.grad, torch_grad, grad_tol[0], grad_tol[1] * grad_scale,
+                         "grad vs torch")
+    return res
+
+
+@pytest.mark.parametrize(
+    "reduction,ignored,weighted,smoothing,z_loss,softcap,upstream,inplace", COMBINATIONS)
+def test_every_option_combination(rng, reduction, ignored, weighted, smoothing, z_loss, softcap,
+                                  upstream, inplace):
+    index = COMBINATIONS.index((reduction, ignored, weighted, smoothing, z_loss, softcap,
+                                upstream, inplace))
+    check_once(rng, ROTATION[index % len(ROTATION)], 5, 67, reduction=reduction, ignored=ignored,
+               weighted=weighted, smoothing=smoothing, z_loss=z_loss, softcap=softcap,
+               upstream=upstream, inplace=inplace)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_options_at_once_each_dtype(rng, dtype, reduction):
+    check_once(rng, dtype, 6, 128, reduction=reduction, ignored=0.3, weighted=True,
+               smoothing=0.1, z_loss=1e-3, softcap=5.0, upstream="given")
+
+
+# Awkward shapes, each for a reason: N = 0 and 1; V = 1 (the loss is 0, the gradient 0); V not a
+# multiple of the 8-byte word (scalar path) or of the block; V around a power of two.
+SHAPES = [(0, 7), (1, 1), (1, 5), (3, 1), (2, 2), (4, 3), (3, 1023), (2, 1024), (2, 1025),
+          (5, 100), (5, 101)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_rows,n_classes", SHAPES)
+def test_awkward_shapes(rng, dtype, n_rows, n_classes):
+    for reduction in REDUCTIONS:
+        check_once(rng, dtype, n_rows, n_classes, reduction=reduction, ignored=0.25,
+                   smoothing=0.1, against_torch=n_rows > 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_rows_and_int32_target(rng, dtype):
+    """A view whose row stride exceeds V, and int32 targets, give the same numbers."""
+    wide = random_logits(rng, 4, 48, dtype)
+    logits = wide[:, :40]
+    target = random_target(rng, 4, 40).astype(np.int32)
+    expected = reference.cross_entropy_with_grad(logits, target)
+    res = numba_ce.cross_entropy_with_grad(logits, target)
+    tol = TOLERANCES[dtype]
+    assert_close(res.loss, expected.loss, *tol["loss"], "loss")
+    assert_close(res.grad, expected.grad, tol["grad"][0],
+                 tol["grad"][1] * np.abs(expected.grad).max(), "grad")
+    res = numba_ce.cross_entropy_with_grad(logits, target, inplace=True)
+    assert res.grad is logits
+    assert_close(wide[:, :40], expected.grad, tol["grad"][0],
+                 tol["grad"][1] * np.abs(expected.grad).max(), "in-place grad in the view")
+
+
+def test_every_row_ignored(rng):
+    logits = random_logits(rng, 4, 9)
+    target = np.full(4, 3)
+    for reduction, expected in [("mean", np.nan), ("sum", 0.0), ("none", np.zeros(4))]:
+        res = numba_ce.cross_entropy_with_grad(logits, target, ignore_index=3, reduction=reduction)
+        assert_close(res.loss, expected, 0, 0, f"loss ({reduction})")
+        assert not to_numpy(res.grad).any() and not to_numpy(res.lse).any()
+
+
+def test_negative_infinity_columns(rng):
+    """A masked vocabulary (-inf columns) has p = 0 there and a finite loss."""
+    logits = random_logits(rng, 4, 30)
+    logits[:, ::3] = -np.inf
+    target = np.array([1, 2, 4, 29])
+    expected = reference.cross_entropy_with_grad(logits, target, reduction="none")
+    res = numba_ce.cross_entropy_with_grad(logits, target, reduction="none")
+    assert np.isfinite(to_numpy(res.loss)).all()
+    assert_close(res.loss, expected.loss, 2e-5, 1e-6, "loss")
+    assert_close(res.grad, expected.grad, 2e-5, 1e-7, "grad")
+    assert not to_numpy(res.grad)[:, ::3].any()
+
+
+def test_multi_warp_reduction(rng, monkeypatch):
+    """The simulator normally runs one warp a block; with four, the cross-warp stage is covered."""
+    from numba_ce import launch
+    monkeypatch.setattr(launch, "SIMULATOR_THREADS", 128)
+    for dtype in DTYPES:
+        check_once(rng, dtype, 3, 701, smoothing=0.1, weighted=True, z_loss=1e-3,
+                   against_torch=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_poisoned_outputs_are_all_written(rng, dtype, monkeypatch):
+    """Output buffers start as NaN bit patterns: every element must be written."""
+    def poisoned(xp, shape, out_dtype):
+        out = xp.empty(shape, out_dtype)
+        out.view(np.uint8).fill(0xFF)  # NaN in every float format
+        return out
+
+    monkeypatch.setattr(api, "empty", poisoned)
+    for reduction in REDUCTIONS:
+        check_once(rng, dtype, 5, 24, reduction=reduction, ignored=0.4, against_torch=False)
