@@ -28,7 +28,8 @@ def backend_name():
     if SIMULATOR:
         return "Numba CUDA simulator (CPU)"
     if gpu_available():
-        return f"GPU: {cuda.get_current_device().name.decode()}"
+        name = cuda.get_current_device().name
+        return f"GPU: {name.decode() if isinstance(name, bytes) else name}"
     return "none"
 
 
