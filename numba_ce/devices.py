@@ -1,11 +1,7 @@
 """Where arrays live and how kernels see them: NumPy in the simulator, CuPy on a GPU.
 
-On a GPU, kernels receive Numba device arrays built from each array's
-``__cuda_array_interface__`` with ``sync=False`` (the default would synchronise the host with the
-array's stream on every call) and are launched on CuPy's current stream.
+On a GPU, kernels are launched on CuPy's current stream by :mod:`numba_ce.launcher`.
 """
-import functools
-
 import numpy as np
 from numba import cuda
 
@@ -52,31 +48,15 @@ def to_device(a):
 
 
 def kernel_array(a):
-    """The view a kernel launch takes, sharing the array's memory: the simulator's device-array
-    wrapper around a NumPy array (a bare NumPy argument would be copied in and out, and must be
-    contiguous), or a Numba device array on a GPU."""
-    if SIMULATOR:
-        return FakeCUDAArray(a)
-    return cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a, sync=False)
+    """The simulator's device-array wrapper around a NumPy array, sharing its memory (a bare
+    NumPy argument would be copied in and out, and must be contiguous)."""
+    return FakeCUDAArray(a)
 
 
 def data_pointer(a):
     if SIMULATOR or isinstance(a, np.ndarray):
         return a.__array_interface__["data"][0]
     return a.__cuda_array_interface__["data"][0]
-
-
-@functools.lru_cache(maxsize=64)
-def _external_stream(handle):
-    return cuda.external_stream(handle)
-
-
-def current_stream():
-    """CuPy's current stream as a Numba stream (0, the default stream, in the simulator)."""
-    if SIMULATOR:
-        return 0
-    handle = cupy.cuda.get_current_stream().ptr
-    return cuda.legacy_default_stream() if handle == 0 else _external_stream(handle)
 
 
 def synchronize_read(a):

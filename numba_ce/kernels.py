@@ -43,8 +43,8 @@ from .reductions import NEG_INF, ZERO, block_lse, block_sum2
 ONE = np.float32(1.0)
 TWO = np.float32(2.0)
 NAN = np.float32(np.nan)
-MAX_THREADS = 1024
-WARP_SLOTS = 32  # shared float32 slots for per-warp partial results (1024 threads / 32)
+MAX_THREADS = 1024  # the largest block; numba_ce.launcher compiles every kernel for it
+WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
 
 # reduction codes, the kernels' argument `reduction`
 NONE, SUM, MEAN = 0, 1, 2
@@ -123,6 +123,25 @@ def reduce_rows(row_loss, row_z, stats, reduction, loss_out, z_out):
             z_out[0] = z_sum
 
 
+def _pack_word(codes, bits):
+    """Element codes (low element first) packed into one signed integer word, as the kernels
+    store them: the last element is sign-extended so the word fits its signed type."""
+    word = 0
+    for i, code in enumerate(codes):
+        if i == len(codes) - 1 and code >> (bits - 1):
+            code -= 1 << bits
+        word |= code << (bits * i)
+    return word
+
+
+# Element codes of a quiet NaN: the gradient of a row whose target is out of range.
+NAN_CODES = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
+
+# Pass loops issue UNROLL independent word loads before using any, so each thread keeps
+# UNROLL * 8 bytes in flight: one load at a time left the kernel latency-bound at ~1 TB/s.
+UNROLL = 4
+
+
 @functools.lru_cache(maxsize=None)
 def row_kernel(fmt, pack, with_grad):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
@@ -130,6 +149,7 @@ def row_kernel(fmt, pack, with_grad):
     bits, decode, encode = FORMATS[fmt]
     mask = (1 << bits) - 1
     top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
+    nan_word = _pack_word([NAN_CODES[fmt]] * pack, bits)
 
     @device_function
     def element(word, i, softcap, inv_softcap):
@@ -139,14 +159,64 @@ def row_kernel(fmt, pack, with_grad):
             x = softcap * math.tanh(x * inv_softcap)
         return x
 
-    @cuda.jit(device=True)
-    def write_row(out_row, n_words, value):
-        """Fill a gradient row with one value (0 for ignored rows, NaN for bad targets)."""
-        code = encode(value) & mask
-        word = 0
+    @device_function
+    def load(row_words, k, n_words):
+        """Word k of the row as a 64-bit integer (0 past the row's end, never used)."""
+        return int(row_words[k]) if k < n_words else 0
+
+    @device_function
+    def absorb(row_max, row_sum, word, k, n_words, softcap, inv_softcap):
+        """The online-softmax state after word k (unchanged past the row's end):
+        m' = max(m, max_i x_i);  s' = s * exp(m - m') + sum_i exp(x_i - m')."""
+        if k >= n_words:
+            return row_max, row_sum
+        word_max = NEG_INF
         for i in range(pack):
-            part = code if i < pack - 1 else (code ^ top_sign) - top_sign
-            word |= part << (bits * i)
+            word_max = max(word_max, element(word, i, softcap, inv_softcap))
+        new_max = max(row_max, word_max)
+        if new_max == NEG_INF:  # only -inf so far: nothing to add (and exp(-inf + inf) is NaN)
+            return row_max, row_sum
+        row_sum *= math.exp(row_max - new_max)
+        for i in range(pack):
+            row_sum += math.exp(element(word, i, softcap, inv_softcap) - new_max)
+        return new_max, row_sum
+
+    @device_function
+    def weighted_sum(word, k, n_words, weight, has_weight, softcap, inv_softcap):
+        """sum_i w_j x_j over the word's elements j = k * pack + i (0 past the row's end)."""
+        total = ZERO
+        if k < n_words:
+            for i in range(pack):
+                x = element(word, i, softcap, inv_softcap)
+                total += x * weight[k * pack + i] if has_weight else x
+        return total
+
+    @device_function
+    def gradient_word(word, k, label, lse, coef_p, coef_w, coef_y, weight, has_weight, softcap,
+                      inv_softcap):
+        """The packed gradient of one word: dL/dx_j = P * p_j - Q * w_j - T * [j == y],
+        times the softcap derivative, each element rounded once to the logits' format."""
+        out = 0
+        for i in range(pack):
+            col = k * pack + i
+            x = element(word, i, softcap, inv_softcap)
+            d = coef_p * math.exp(x - lse)
+            if coef_w != ZERO:
+                d -= coef_w * weight[col] if has_weight else coef_w
+            if col == label:
+                d -= coef_y
+            if softcap > ZERO:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
+                t = x * inv_softcap
+                d *= ONE - t * t
+            code = encode(d) & mask
+            if i == pack - 1:
+                code = (code ^ top_sign) - top_sign
+            out |= code << (bits * i)
+        return out
+
+    @cuda.jit(device=True)
+    def fill_row(out_row, n_words, word):
+        """Fill a gradient row with one word (zeros for ignored rows, NaN for bad targets)."""
         for k in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
             out_row[k] = word
 
@@ -165,6 +235,7 @@ def row_kernel(fmt, pack, with_grad):
         """
         lane_a, lane_b, warp_a, warp_b = reduction_scratch()
         tid = cuda.threadIdx.x
+        step = cuda.blockDim.x
         n_words = logits.shape[1]
         inv_softcap = ONE / softcap if softcap > ZERO else ZERO
         need_dot = eps_over_v > ZERO
@@ -173,42 +244,50 @@ def row_kernel(fmt, pack, with_grad):
             # 1. The target: ignored rows are not read; an out-of-range target poisons the row.
             label = int(target[row])
             if label == ignore_index or not (0 <= label < n_classes):
-                fill = ZERO if label == ignore_index else NAN
+                ignored = label == ignore_index
+                fill = ZERO if ignored else NAN
                 if tid == 0:
                     row_loss[row] = fill
                     row_z[row] = fill
                     row_lse[row] = fill
                 if with_grad:
-                    write_row(grad[row], n_words, fill)
+                    fill_row(grad[row], n_words, 0 if ignored else nan_word)
                 continue
 
-            # 2. Pass 1: online softmax state (m, s) per thread, a word at a time:
-            #    m' = max(m, max_i x_i);  s' = s * exp(m - m') + sum_i exp(x_i - m'),
-            #    one exp per element plus one per word. Also sum_j w_j x_j for label smoothing.
+            # 2. Pass 1: online softmax state (m, s) per thread over its words, four loads in
+            #    flight; also sum_j w_j x_j for label smoothing.
             row_words = logits[row]
             row_max = NEG_INF
             row_sum = ZERO
             weighted_x = ZERO
-            for k in range(tid, n_words, cuda.blockDim.x):
-                word = int(row_words[k])  # a 64-bit integer on both backends
-                word_max = NEG_INF
-                for i in range(pack):
-                    word_max = max(word_max, element(word, i, softcap, inv_softcap))
-                new_max = max(row_max, word_max)
-                if new_max != NEG_INF:  # a run of -inf adds nothing (and exp(-inf + inf) is NaN)
-                    row_sum *= math.exp(row_max - new_max)
-                    for i in range(pack):
-                        row_sum += math.exp(element(word, i, softcap, inv_softcap) - new_max)
-                    row_max = new_max
+            for k in range(tid, n_words, UNROLL * step):
+                w0 = load(row_words, k, n_words)
+                w1 = load(row_words, k + step, n_words)
+                w2 = load(row_words, k + 2 * step, n_words)
+                w3 = load(row_words, k + 3 * step, n_words)
+                row_max, row_sum = absorb(row_max, row_sum, w0, k, n_words, softcap,
+                                          inv_softcap)
+                row_max, row_sum = absorb(row_max, row_sum, w1, k + step, n_words, softcap,
+                                          inv_softcap)
+                row_max, row_sum = absorb(row_max, row_sum, w2, k + 2 * step, n_words, softcap,
+                                          inv_softcap)
+                row_max, row_sum = absorb(row_max, row_sum, w3, k + 3 * step, n_words, softcap,
+                                          inv_softcap)
                 if need_dot:
-                    for i in range(pack):
-                        x = element(word, i, softcap, inv_softcap)
-                        weighted_x += x * weight[k * pack + i] if has_weight else x
+                    weighted_x += (
+                        weighted_sum(w0, k, n_words, weight, has_weight, softcap, inv_softcap)
+                        + weighted_sum(w1, k + step, n_words, weight, has_weight, softcap,
+                                       inv_softcap)
+                        + weighted_sum(w2, k + 2 * step, n_words, weight, has_weight, softcap,
+                                       inv_softcap)
+                        + weighted_sum(w3, k + 3 * step, n_words, weight, has_weight, softcap,
+                                       inv_softcap))
 
-            # 3. Thread 0 reads x_y (before the barriers below: in-place, pass 2 overwrites the row),
-            #    then all threads combine their states: every thread gets m and s of the whole row.
+            # 3. Thread 0 reads x_y (before the barriers below: in-place, pass 2 overwrites the
+            #    row), then the threads combine their states: every thread gets the row's m and s.
             if tid == 0:
-                x_label = element(int(row_words[label // pack]), label % pack, softcap, inv_softcap)
+                x_label = element(int(row_words[label // pack]), label % pack, softcap,
+                                  inv_softcap)
             row_max, row_sum = block_lse(row_max, row_sum, lane_a, lane_b, warp_a, warp_b)
             if need_dot:
                 weighted_x, _ = block_sum2(weighted_x, ZERO, lane_a, lane_b, warp_a, warp_b)
@@ -219,14 +298,15 @@ def row_kernel(fmt, pack, with_grad):
             ce_part_weight = one_minus_eps * label_weight
             if tid == 0:
                 z_part = z_loss * lse * lse
-                ce = ce_part_weight * (lse - x_label) + eps_over_v * (all_weights * lse - weighted_x)
+                ce = (ce_part_weight * (lse - x_label)
+                      + eps_over_v * (all_weights * lse - weighted_x))
                 row_loss[row] = ce + z_part
                 row_z[row] = z_part
                 row_lse[row] = lse
             if not with_grad:
                 continue
 
-            # 5. Pass 2: dL/dx_j = P * p_j - Q * w_j - T * [j == y], times the softcap derivative.
+            # 5. Pass 2: the gradient (module docstring), four loads in flight before the stores.
             upstream = grad_output[row] if go_per_row else grad_output[0]
             if reduction == MEAN:
                 grad_ce = upstream / stats[STAT_WEIGHT_SUM]
@@ -234,29 +314,29 @@ def row_kernel(fmt, pack, with_grad):
             else:
                 grad_ce = upstream
                 grad_z = upstream
-            coef_p = grad_ce * (ce_part_weight + eps_over_v * all_weights) + grad_z * TWO * z_loss * lse
+            coef_p = (grad_ce * (ce_part_weight + eps_over_v * all_weights)
+                      + grad_z * TWO * z_loss * lse)
             coef_w = grad_ce * eps_over_v
             coef_y = grad_ce * ce_part_weight
             grad_row = grad[row]
-            for k in range(tid, n_words, cuda.blockDim.x):
-                word = int(row_words[k])  # a 64-bit integer on both backends
-                out = 0
-                for i in range(pack):
-                    col = k * pack + i
-                    x = element(word, i, softcap, inv_softcap)
-                    chain = ONE
-                    if softcap > ZERO:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
-                        t = x * inv_softcap
-                        chain = ONE - t * t
-                    d = coef_p * math.exp(x - lse)
-                    if coef_w != ZERO:
-                        d -= coef_w * weight[col] if has_weight else coef_w
-                    if col == label:
-                        d -= coef_y
-                    code = encode(d * chain) & mask
-                    if i == pack - 1:
-                        code = (code ^ top_sign) - top_sign
-                    out |= code << (bits * i)
-                grad_row[k] = out
+            for k in range(tid, n_words, UNROLL * step):
+                w0 = load(row_words, k, n_words)
+                w1 = load(row_words, k + step, n_words)
+                w2 = load(row_words, k + 2 * step, n_words)
+                w3 = load(row_words, k + 3 * step, n_words)
+                grad_row[k] = gradient_word(w0, k, label, lse, coef_p, coef_w, coef_y, weight,
+                                            has_weight, softcap, inv_softcap)
+                if k + step < n_words:
+                    grad_row[k + step] = gradient_word(w1, k + step, label, lse, coef_p, coef_w,
+                                                       coef_y, weight, has_weight, softcap,
+                                                       inv_softcap)
+                if k + 2 * step < n_words:
+                    grad_row[k + 2 * step] = gradient_word(w2, k + 2 * step, label, lse, coef_p,
+                                                           coef_w, coef_y, weight, has_weight,
+                                                           softcap, inv_softcap)
+                if k + 3 * step < n_words:
+                    grad_row[k + 3 * step] = gradient_word(w3, k + 3 * step, label, lse, coef_p,
+                                                           coef_w, coef_y, weight, has_weight,
+                                                           softcap, inv_softcap)
 
     return kernel

@@ -8,8 +8,9 @@ check (one 8-byte read).
 import numpy as np
 
 from . import kernels
-from .devices import current_stream, data_pointer, kernel_array, synchronize_read
+from .devices import data_pointer, synchronize_read
 from .floatbits import FORMATS
+from .launcher import launch
 from .portable import SIMULATOR, WARP_SIZE
 
 WORD_BYTES = 8  # packed loads and stores: 4 x 16-bit or 2 x 32-bit elements a word
@@ -18,7 +19,9 @@ WORD_BYTES = 8  # packed loads and stores: 4 x 16-bit or 2 x 32-bit elements a w
 # SIMULATOR_THREADS to cover the cross-warp reduction.
 SIMULATOR_THREADS = 32
 SIMULATOR_ROW_BLOCKS = 2
-WORDS_PER_THREAD = 4  # a row block grows to MAX_THREADS until each thread holds about this many
+WORDS_PER_THREAD = 2 * kernels.UNROLL  # a row block grows until each thread has about this many
+MAX_ROW_THREADS = kernels.MAX_THREADS
+MAX_ROW_BLOCKS = 2**31 - 1  # one block a row; fewer blocks stride over the rows
 
 
 def word_layout(array, fmt):
@@ -43,7 +46,7 @@ def threads_per_row(n_words):
     if SIMULATOR:
         return SIMULATOR_THREADS
     threads = WARP_SIZE
-    while threads < kernels.MAX_THREADS and threads * WORDS_PER_THREAD < n_words:
+    while threads < MAX_ROW_THREADS and threads * WORDS_PER_THREAD < n_words:
         threads *= 2
     return threads
 
@@ -55,14 +58,12 @@ def run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, r
     (1,) or (N,). ``loss_out``/``z_out`` are (1,) float32 for "sum"/"mean", None for "none"."""
     ignore_index, reduction, label_smoothing, z_loss, softcap = options
     n_rows, n_classes = logits.shape
-    stream = current_stream()
     has_weight = weight is not None
     weight_arg = weight if has_weight else xp.zeros(1, np.float32)
     stats = xp.empty(3, np.float32)
     bad_row = xp.full(1, n_rows, np.int64)
-    kernels.target_stats[1, single_block_threads(), stream](
-        kernel_array(target), kernel_array(weight_arg), np.int32(has_weight),
-        np.int64(ignore_index), np.int64(n_classes), kernel_array(stats), kernel_array(bad_row))
+    launch(kernels.target_stats, 1, single_block_threads(), target, weight_arg,
+           np.int32(has_weight), np.int64(ignore_index), np.int64(n_classes), stats, bad_row)
     if validate:
         check_targets(bad_row, target, n_classes, ignore_index)
 
@@ -73,20 +74,17 @@ def run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, r
             pack, word_dtype = 1, np.int16 if FORMATS[fmt][0] == 16 else np.int32
     words = logits.view(word_dtype)
     grad_words = words[:1, :1] if grad is None else grad.view(word_dtype)
-    kernel = kernels.row_kernel(fmt, pack, grad is not None)
     reduction_code = {"none": kernels.NONE, "sum": kernels.SUM, "mean": kernels.MEAN}[reduction]
-    row_blocks = min(n_rows, SIMULATOR_ROW_BLOCKS) if SIMULATOR else n_rows
-    kernel[row_blocks, threads_per_row(words.shape[1]), stream](
-        kernel_array(words), kernel_array(target), kernel_array(weight_arg),
-        kernel_array(grad_words), kernel_array(row_loss), kernel_array(row_z),
-        kernel_array(row_lse), kernel_array(stats), kernel_array(grad_output), np.int64(n_classes), np.int64(ignore_index),
-        np.float32(1.0 - label_smoothing), np.float32(label_smoothing / n_classes),
-        np.float32(z_loss), np.float32(softcap or 0.0), np.int32(has_weight),
-        np.int32(reduction_code), np.int32(grad_output.shape[0] > 1))
+    row_blocks = min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR else MAX_ROW_BLOCKS)
+    launch(kernels.row_kernel(fmt, pack, grad is not None), row_blocks,
+           threads_per_row(words.shape[1]), words, target, weight_arg, grad_words, row_loss,
+           row_z, row_lse, stats, grad_output, np.int64(n_classes), np.int64(ignore_index),
+           np.float32(1.0 - label_smoothing), np.float32(label_smoothing / n_classes),
+           np.float32(z_loss), np.float32(softcap or 0.0), np.int32(has_weight),
+           np.int32(reduction_code), np.int32(grad_output.shape[0] > 1))
     if loss_out is not None:
-        kernels.reduce_rows[1, single_block_threads(), stream](
-            kernel_array(row_loss), kernel_array(row_z), kernel_array(stats),
-            np.int32(reduction_code), kernel_array(loss_out), kernel_array(z_out))
+        launch(kernels.reduce_rows, 1, single_block_threads(), row_loss, row_z, stats,
+               np.int32(reduction_code), loss_out, z_out)
 
 
 def check_targets(bad_row, target, n_classes, ignore_index):

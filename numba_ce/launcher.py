@@ -1,0 +1,71 @@
+"""Calling a Numba kernel with little host overhead.
+
+In the simulator a kernel is called through Numba's dispatcher. On a GPU, Numba's dispatcher
+spends hundreds of microseconds a call wrapping and typing every array argument, which dominates
+small shapes. Here each kernel is compiled once per argument signature with ``cuda.compile_ptx``
+(the same compiler Numba's dispatcher uses), loaded as a CuPy module, and called with the
+arguments already in the layout Numba's kernel ABI expects:
+
+    an array of ndim d  ->  meminfo, parent, nitems, itemsize, data, shape[0..d), strides[0..d)
+    a scalar            ->  its value (int64, int32, float32 ...)
+
+so one launch costs a few microseconds of Python. Every kernel is compiled for blocks of at most
+MAX_THREADS threads (a ``.maxntid`` directive, which caps registers at 64 so that 2048 threads
+fit on an SM; NVVM 13.0 rejects Numba's own launch-bounds annotation). Arrays are NumPy in the simulator and CuPy
+(or anything CuPy wraps without a copy) on a GPU; the launch goes on CuPy's current stream.
+"""
+import functools
+import re
+
+import numba
+import numpy as np
+from numba import cuda, types
+
+from .devices import cupy, kernel_array
+from .kernels import MAX_THREADS
+from .portable import SIMULATOR
+
+
+def argument_types(args):
+    """The Numba signature of a launch: arrays as any-layout arrays of their dtype and rank."""
+    return tuple(types.Array(numba.from_dtype(a.dtype), a.ndim, "A") if hasattr(a, "ndim")
+                 and not np.isscalar(a) else numba.typeof(a) for a in args)
+
+
+def launch(kernel, grid, block, *args):
+    """kernel[grid, block](*args) on the current stream; ``args`` are arrays and NumPy scalars."""
+    if SIMULATOR:
+        kernel[grid, block](*(a if np.isscalar(a) else kernel_array(a) for a in args))
+        return
+    function = _compiled(kernel, argument_types(args), cupy.cuda.Device().id)
+    function((grid,), (block,), tuple(_flatten(args)), stream=cupy.cuda.get_current_stream())
+
+
+def _flatten(args):
+    for a in args:
+        if np.isscalar(a):
+            yield a
+            continue
+        yield from (np.uint64(0), np.uint64(0), np.int64(a.size), np.int64(a.itemsize),
+                    np.uint64(a.data.ptr))
+        yield from (np.int64(n) for n in a.shape)
+        yield from (np.int64(s) for s in a.strides)
+
+
+def compile_ptx(kernel, signature, capability):
+    """(PTX, entry name) of a Numba kernel for one signature and compute capability."""
+    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
+    entry = _ENTRY.search(ptx)
+    ptx = f"{ptx[:entry.end()]}\n.maxntid {MAX_THREADS}, 1, 1{ptx[entry.end():]}"
+    return ptx, entry.group(1)
+
+
+_ENTRY = re.compile(r"\.entry\s+(\S+)\s*\([^)]*\)")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(kernel, signature, device_id):
+    ptx, entry = compile_ptx(kernel, signature, cuda.get_current_device().compute_capability)
+    module = cupy.cuda.function.Module()
+    module.load(ptx.encode())
+    return module.get_function(entry)
