@@ -55,13 +55,17 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
 def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
              grad_output, with_grad, inplace, validate):
     options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    validate = validation.check_flag("validate", validate)
+    inplace = validation.check_flag("inplace", inplace)
+    xp, on_host = _array_kind(logits, target, weight, grad_output)
     fmt = validation.check_logits(logits)
     n_rows, n_classes = logits.shape
     validation.check_target(target, n_rows)
     if weight is not None:
         validation.check_weight(weight, n_classes)
     go_shape = validation.check_grad_output(grad_output, reduction, n_rows) if with_grad else ()
-    xp, on_host = _array_kind(logits, target, weight, grad_output)
+    if inplace:
+        validation.check_writeable(logits)
 
     caller_logits = logits
     if on_host:  # a GPU is present but the inputs are NumPy: compute on device copies
@@ -105,31 +109,45 @@ def empty(xp, shape, dtype):
 
 
 def _array_kind(logits, target, weight, grad_output):
-    """(array module, whether inputs are NumPy arrays that must travel to a GPU and back)."""
+    """(array module, whether inputs are NumPy arrays that must travel to a GPU and back).
+    Checked before anything reads an array's shape, dtype or strides: those mean other things in
+    other frameworks (torch strides count elements)."""
     devices.require_backend()
     arrays = {"logits": logits, "target": target}
     if weight is not None:
         arrays["weight"] = weight
     if grad_output is not None and not isinstance(grad_output, numbers.Real):
         arrays["grad_output"] = grad_output
-    on_device = {name: devices.is_device_array(a) for name, a in arrays.items()}
+    kinds = ", ".join(f"{name}: {_kind(a)}" for name, a in arrays.items())
+    hint = ("; for torch tensors use numba_ce.torch"
+            if any(type(a).__module__.split(".")[0] == "torch" for a in arrays.values()) else "")
     if SIMULATOR:
-        if any(on_device.values()) or not all(isinstance(a, np.ndarray) for a in arrays.values()):
-            kinds = {name: type(a).__name__ for name, a in arrays.items()}
-            raise TypeError(f"the CUDA simulator takes NumPy arrays only (got {kinds})")
+        if not all(isinstance(a, np.ndarray) for a in arrays.values()):
+            raise TypeError(f"the CUDA simulator takes NumPy arrays only (got {kinds}){hint}")
         return np, False
-    if all(on_device.values()):
-        return devices.cupy, False
-    if not any(on_device.values()) and all(isinstance(a, np.ndarray) for a in arrays.values()):
+    if all(isinstance(a, np.ndarray) for a in arrays.values()):
         return devices.cupy, True
-    kinds = {name: type(a).__name__ for name, a in arrays.items()}
-    raise TypeError(f"arrays must all be on the GPU or all be NumPy arrays (got {kinds})")
+    if not all(isinstance(a, devices.cupy.ndarray) for a in arrays.values()):
+        raise TypeError(
+            f"arrays must all be CuPy arrays or all be NumPy arrays (got {kinds}){hint}")
+    current = devices.cupy.cuda.Device().id
+    if any(a.device.id != current for a in arrays.values()):
+        where = ", ".join(f"{name} on GPU {a.device.id}" for name, a in arrays.items())
+        raise ValueError(f"arrays must all be on the current GPU ({current}) (got {where})")
+    return devices.cupy, False
+
+
+def _kind(array):
+    """'numpy.ndarray', 'cupy.ndarray', 'torch.Tensor', 'list' ... for error messages."""
+    module = type(array).__module__.split(".")[0]
+    name = type(array).__name__
+    return name if module == "builtins" else f"{module}.{name}"
 
 
 def _upstream(xp, grad_output, shape):
     """grad_output as a float32 device array of shape (1,) or (N,)."""
     if grad_output is None:
-        return xp.ones(1, np.float32)
+        return devices.ones(xp)
     if isinstance(grad_output, numbers.Real):
         return xp.full(1, grad_output, np.float32)
     return xp.asarray(grad_output, dtype=np.float32).reshape(-1)

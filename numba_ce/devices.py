@@ -59,6 +59,17 @@ def data_pointer(a):
     return a.__cuda_array_interface__["data"][0]
 
 
+_ONES = {}
+
+
+def ones(xp):
+    """A float32 array [1.0], one per device, made once (kernels only read it)."""
+    key = None if xp is np else xp.cuda.Device().id
+    if key not in _ONES:
+        _ONES[key] = xp.ones(1, np.float32)
+    return _ONES[key]
+
+
 def synchronize_read(a):
     """Copy a small device array to the host (the one host synchronisation of a checked call)."""
     return a.copy() if SIMULATOR or isinstance(a, np.ndarray) else cupy.asnumpy(a)

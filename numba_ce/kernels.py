@@ -37,12 +37,13 @@ import numpy as np
 from numba import cuda
 
 from .floatbits import FORMATS
-from .portable import device_function
-from .reductions import NEG_INF, ZERO, block_lse, block_sum2
+from .portable import device_function, exp2
+from .reductions import LOG2E, NEG_INF, ZERO, block_lse, block_sum2
 
 ONE = np.float32(1.0)
 TWO = np.float32(2.0)
 NAN = np.float32(np.nan)
+POS_INF = np.float32(np.inf)
 MAX_THREADS = 1024  # the largest block; numba_ce.launcher compiles every kernel for it
 WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
 
@@ -67,8 +68,8 @@ def reduction_scratch():
 @cuda.jit
 def target_stats(target, weight, has_weight, ignore_index, n_classes, stats, bad_row):
     """stats = [sum of w_y over rows with a valid, non-ignored target; their count; S_w];
-    bad_row[0] (set to N by the caller) is lowered to the first row whose target is neither
-    ignore_index nor in [0, V).
+    bad_row[0] = the first row whose target is neither ignore_index nor in [0, V), else N.
+    One block, so a barrier orders the reset of bad_row before the atomic minima.
 
     target  # (N,) int32/int64
     weight  # (V,) float32, or (1,) unused when has_weight == 0
@@ -76,6 +77,9 @@ def target_stats(target, weight, has_weight, ignore_index, n_classes, stats, bad
     lane_a, lane_b, warp_a, warp_b = reduction_scratch()
     tid = cuda.threadIdx.x
     n_rows = target.shape[0]
+    if tid == 0:
+        bad_row[0] = n_rows  # no bad row yet
+    cuda.syncthreads()  # the reset is seen before any thread lowers it
     weight_sum = ZERO
     count = ZERO
     for row in range(tid, n_rows, cuda.blockDim.x):
@@ -166,20 +170,20 @@ def row_kernel(fmt, pack, with_grad):
 
     @device_function
     def absorb(row_max, row_sum, word, k, n_words, softcap, inv_softcap):
-        """The online-softmax state after word k (unchanged past the row's end):
-        m' = max(m, max_i x_i);  s' = s * exp(m - m') + sum_i exp(x_i - m')."""
+        """The online-softmax state (m, s = sum exp(x - m)) after word k (unchanged past the
+        row's end). One exp per element; a new maximum (rare after the first few) rescales:
+            x > m:  s' = s * exp(m - x) + 1,  m' = x;       else:  s' = s + exp(x - m).
+        -inf adds nothing (and exp(-inf + inf) would be NaN); NaN falls through and poisons s."""
         if k >= n_words:
             return row_max, row_sum
-        word_max = NEG_INF
         for i in range(pack):
-            word_max = max(word_max, element(word, i, softcap, inv_softcap))
-        new_max = max(row_max, word_max)
-        if new_max == NEG_INF:  # only -inf so far: nothing to add (and exp(-inf + inf) is NaN)
-            return row_max, row_sum
-        row_sum *= math.exp(row_max - new_max)
-        for i in range(pack):
-            row_sum += math.exp(element(word, i, softcap, inv_softcap) - new_max)
-        return new_max, row_sum
+            x = element(word, i, softcap, inv_softcap)
+            if x > row_max:
+                row_sum = row_sum * exp2((row_max - x) * LOG2E) + ONE
+                row_max = x
+            elif x != NEG_INF:
+                row_sum += exp2((x - row_max) * LOG2E)
+        return row_max, row_sum
 
     @device_function
     def weighted_sum(word, k, n_words, weight, has_weight, softcap, inv_softcap):
@@ -200,7 +204,7 @@ def row_kernel(fmt, pack, with_grad):
         for i in range(pack):
             col = k * pack + i
             x = element(word, i, softcap, inv_softcap)
-            d = coef_p * math.exp(x - lse)
+            d = coef_p * exp2((x - lse) * LOG2E)
             if coef_w != ZERO:
                 d -= coef_w * weight[col] if has_weight else coef_w
             if col == label:
@@ -292,6 +296,8 @@ def row_kernel(fmt, pack, with_grad):
             if need_dot:
                 weighted_x, _ = block_sum2(weighted_x, ZERO, lane_a, lane_b, warp_a, warp_b)
             lse = row_max if row_max == NEG_INF else row_max + math.log(row_sum)
+            if lse == POS_INF:  # a +inf logit: the row's loss and gradient are NaN, as PyTorch's
+                lse = NAN
 
             # 4. The row's loss.
             label_weight = weight[label] if has_weight else ONE

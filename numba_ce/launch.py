@@ -59,9 +59,9 @@ def run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, r
     ignore_index, reduction, label_smoothing, z_loss, softcap = options
     n_rows, n_classes = logits.shape
     has_weight = weight is not None
-    weight_arg = weight if has_weight else xp.zeros(1, np.float32)
     stats = xp.empty(3, np.float32)
-    bad_row = xp.full(1, n_rows, np.int64)
+    weight_arg = weight if has_weight else stats  # any float32 array: never read
+    bad_row = xp.empty(1, np.int64)
     launch(kernels.target_stats, 1, single_block_threads(), target, weight_arg,
            np.int32(has_weight), np.int64(ignore_index), np.int64(n_classes), stats, bad_row)
     if validate:

@@ -28,8 +28,18 @@ from .portable import SIMULATOR
 
 def argument_types(args):
     """The Numba signature of a launch: arrays as any-layout arrays of their dtype and rank."""
-    return tuple(types.Array(numba.from_dtype(a.dtype), a.ndim, "A") if hasattr(a, "ndim")
-                 and not np.isscalar(a) else numba.typeof(a) for a in args)
+    return _numba_types(_argument_key(args))
+
+
+def _argument_key(args):
+    """A cheap hashable description of the arguments' types: (dtype, rank) or the scalar type."""
+    return tuple(type(a) if np.isscalar(a) else (a.dtype, a.ndim) for a in args)
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_types(key):
+    return tuple(numba.from_dtype(np.dtype(k)) if isinstance(k, type) else
+                 types.Array(numba.from_dtype(k[0]), k[1], "A") for k in key)
 
 
 def launch(kernel, grid, block, *args):
@@ -37,7 +47,7 @@ def launch(kernel, grid, block, *args):
     if SIMULATOR:
         kernel[grid, block](*(a if np.isscalar(a) else kernel_array(a) for a in args))
         return
-    function = _compiled(kernel, argument_types(args), cupy.cuda.Device().id)
+    function = _compiled(kernel, _argument_key(args), cupy.cuda.Device().id)
     function((grid,), (block,), tuple(_flatten(args)), stream=cupy.cuda.get_current_stream())
 
 
@@ -64,8 +74,9 @@ _ENTRY = re.compile(r"\.entry\s+(\S+)\s*\([^)]*\)")
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(kernel, signature, device_id):
-    ptx, entry = compile_ptx(kernel, signature, cuda.get_current_device().compute_capability)
+def _compiled(kernel, key, device_id):
+    capability = cuda.get_current_device().compute_capability
+    ptx, entry = compile_ptx(kernel, _numba_types(key), capability)
     module = cupy.cuda.function.Module()
     module.load(ptx.encode())
     return module.get_function(entry)

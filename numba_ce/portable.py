@@ -9,6 +9,8 @@ lacks through this module:
   On the GPU it is five ``cuda.shfl_xor_sync`` steps; the simulator has no warp operations, so
   each lane publishes its pair in shared scratch and evaluates the same butterfly tree itself
   (the same combine order, so the same result), at the cost of two barriers instead of ten.
+* ``exp2``: 2**x in one instruction on the GPU (``ex2.approx``, 2 ulp), Python's pow in the
+  simulator; the kernels write exp(x) as exp2(x * log2(e)) to keep the per-element work small;
 * ``device_function``: the decorator for device functions that use no thread index, barrier or
   shared memory. On the GPU it is ``cuda.jit(device=True)``; in the simulator it leaves the plain
   Python function, which skips the simulator's per-call module swap (a lock and a scan of the
@@ -35,6 +37,9 @@ if SIMULATOR:
     def f32_from_bits(bits):
         """The float32 whose IEEE-754 bit pattern is the low 32 bits of ``bits``."""
         return np.uint32(int(bits) & 0xFFFFFFFF).view(np.float32)
+
+    def exp2(x):
+        return 2.0 ** x
 
     def bits_from_f32(value):
         """The bit pattern of float32 ``value`` as a signed 32-bit integer."""
@@ -77,6 +82,10 @@ else:
     def bits_from_f32(value):
         """The bit pattern of float32 ``value`` as a signed 32-bit integer."""
         return cuda.libdevice.float_as_int(value)
+
+    @cuda.jit(device=True)
+    def exp2(x):
+        return cuda.libdevice.exp2f(x)
 
     def make_warp_allreduce(combine):
         """A device function ``(a, b, scratch_a, scratch_b) -> (a, b)`` reducing the pair over the

@@ -10,15 +10,14 @@ and must be called by every thread of the block (they contain barriers). ``lane_
 are float32 shared arrays with a slot per thread, used by the simulator only (see
 :mod:`numba_ce.portable`); ``warp_a``/``warp_b`` have a float32 slot per warp.
 """
-import math
-
 import numpy as np
 from numba import cuda
 
-from .portable import WARP_SIZE, device_function, make_warp_allreduce
+from .portable import WARP_SIZE, device_function, exp2, make_warp_allreduce
 
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
+LOG2E = np.float32(np.log2(np.e))  # exp(x) = exp2(x * log2(e))
 
 
 @device_function
@@ -32,7 +31,8 @@ def merge_lse(max_a, sum_a, max_b, sum_b):
     new_max = max(max_a, max_b)
     if new_max == NEG_INF:
         return new_max, sum_a + sum_b
-    return new_max, sum_a * math.exp(max_a - new_max) + sum_b * math.exp(max_b - new_max)
+    return new_max, (sum_a * exp2((max_a - new_max) * LOG2E)
+                     + sum_b * exp2((max_b - new_max) * LOG2E))
 
 
 @device_function
