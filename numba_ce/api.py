@@ -83,24 +83,33 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
     row_loss, row_z, row_lse = (empty(xp, n_rows, np.float32) for _ in range(3))
     reduced = reduction != "none"
     loss_out, z_out = (empty(xp, 1, np.float32), empty(xp, 1, np.float32)) if reduced else (None, None)
-    if n_rows > 0:
-        launch.run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
-                   row_lse, loss_out, z_out, validate)
-    elif reduced:  # no rows: "sum" is 0 and "mean" is 0 / 0, as in PyTorch
-        fill = np.nan if reduction == "mean" else 0.0
-        loss_out.fill(fill)
-        z_out.fill(fill)
+    run_or_fill(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
+                row_lse, loss_out, z_out, validate)
 
     loss, z_part = (loss_out.reshape(()), z_out.reshape(())) if reduced else (row_loss, row_z)
     if on_host:
         loss, z_part, row_lse = (devices.cupy.asnumpy(a) for a in (loss, z_part, row_lse))
         if grad is not None:
             if inplace:
-                devices.cupy.asnumpy(grad, out=caller_logits)
+                caller_logits[...] = devices.cupy.asnumpy(grad)  # the caller's view may be strided
                 grad = caller_logits
             else:
                 grad = devices.cupy.asnumpy(grad)
     return CrossEntropyResult(loss, grad, z_part, row_lse)
+
+
+def run_or_fill(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
+                row_lse, loss_out, z_out, validate):
+    """:func:`numba_ce.launch.run` (same arguments), or for a batch of no rows the reduced
+    outputs PyTorch gives: "sum" is 0 and "mean" is 0 / 0 = NaN. Shared with numba_ce.torch."""
+    if logits.shape[0] > 0:
+        launch.run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
+                   row_lse, loss_out, z_out, validate)
+    elif loss_out is not None:
+        reduction = options[1]
+        fill = np.nan if reduction == "mean" else 0.0
+        loss_out.fill(fill)
+        z_out.fill(fill)
 
 
 def empty(xp, shape, dtype):

@@ -156,12 +156,19 @@ def row_kernel(fmt, pack, with_grad):
     nan_word = _pack_word([NAN_CODES[fmt]] * pack, bits)
 
     @device_function
+    def raw(word, i):
+        """Element i of a word as float32."""
+        return decode((word >> (bits * i)) & mask)
+
+    @device_function
+    def capped(x, softcap, inv_softcap):
+        """softcap * tanh(x / softcap) when softcap > 0, else x."""
+        return softcap * math.tanh(x * inv_softcap) if softcap > ZERO else x
+
+    @device_function
     def element(word, i, softcap, inv_softcap):
         """Element i of a word as float32, softcapped when softcap > 0."""
-        x = decode((word >> (bits * i)) & mask)
-        if softcap > ZERO:
-            x = softcap * math.tanh(x * inv_softcap)
-        return x
+        return capped(raw(word, i), softcap, inv_softcap)
 
     @device_function
     def load(row_words, k, n_words):
@@ -171,19 +178,26 @@ def row_kernel(fmt, pack, with_grad):
     @device_function
     def absorb(row_max, row_sum, word, k, n_words, softcap, inv_softcap):
         """The online-softmax state (m, s = sum exp(x - m)) after word k (unchanged past the
-        row's end). One exp per element; a new maximum (rare after the first few) rescales:
-            x > m:  s' = s * exp(m - x) + 1,  m' = x;       else:  s' = s + exp(x - m).
-        -inf adds nothing (and exp(-inf + inf) would be NaN); NaN falls through and poisons s."""
+        row's end), without branches that diverge inside a warp:
+            m' = max(m, max_i x_i);  s' = s * exp(m - m') + sum_i exp(x_i - m')
+        (one exp per element plus one per word). softcap is increasing, so the word's maximum
+        is softcapped once. A word that leaves m = -inf adds nothing (exp(-inf + inf) would be
+        NaN) unless it holds a NaN; a NaN elsewhere reaches s through its exp."""
         if k >= n_words:
             return row_max, row_sum
+        raw_max = NEG_INF
         for i in range(pack):
-            x = element(word, i, softcap, inv_softcap)
-            if x > row_max:
-                row_sum = row_sum * exp2((row_max - x) * LOG2E) + ONE
-                row_max = x
-            elif x != NEG_INF:
-                row_sum += exp2((x - row_max) * LOG2E)
-        return row_max, row_sum
+            raw_max = max(raw_max, raw(word, i))
+        new_max = max(row_max, capped(raw_max, softcap, inv_softcap))
+        if new_max == NEG_INF:
+            for i in range(pack):
+                if raw(word, i) != raw(word, i):
+                    row_sum = NAN
+            return row_max, row_sum
+        row_sum *= exp2((row_max - new_max) * LOG2E)
+        for i in range(pack):
+            row_sum += exp2((element(word, i, softcap, inv_softcap) - new_max) * LOG2E)
+        return new_max, row_sum
 
     @device_function
     def weighted_sum(word, k, n_words, weight, has_weight, softcap, inv_softcap):
@@ -198,16 +212,16 @@ def row_kernel(fmt, pack, with_grad):
     @device_function
     def gradient_word(word, k, label, lse, coef_p, coef_w, coef_y, weight, has_weight, softcap,
                       inv_softcap):
-        """The packed gradient of one word: dL/dx_j = P * p_j - Q * w_j - T * [j == y],
-        times the softcap derivative, each element rounded once to the logits' format."""
+        """The packed gradient of word k: dL/dx_j = P * p_j - Q * w_j - T * [j == y], times the
+        softcap derivative, each element rounded once to the logits' format."""
         out = 0
+        label_here = k == label // pack  # one comparison a word; the element is label % pack
         for i in range(pack):
-            col = k * pack + i
             x = element(word, i, softcap, inv_softcap)
             d = coef_p * exp2((x - lse) * LOG2E)
             if coef_w != ZERO:
-                d -= coef_w * weight[col] if has_weight else coef_w
-            if col == label:
+                d -= coef_w * weight[k * pack + i] if has_weight else coef_w
+            if label_here and i == label % pack:
                 d -= coef_y
             if softcap > ZERO:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
                 t = x * inv_softcap

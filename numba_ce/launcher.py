@@ -33,7 +33,7 @@ def argument_types(args):
 
 def _argument_key(args):
     """A cheap hashable description of the arguments' types: (dtype, rank) or the scalar type."""
-    return tuple(type(a) if np.isscalar(a) else (a.dtype, a.ndim) for a in args)
+    return tuple(type(a) if isinstance(a, np.generic) else (a.dtype, a.ndim) for a in args)
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,21 +45,20 @@ def _numba_types(key):
 def launch(kernel, grid, block, *args):
     """kernel[grid, block](*args) on the current stream; ``args`` are arrays and NumPy scalars."""
     if SIMULATOR:
-        kernel[grid, block](*(a if np.isscalar(a) else kernel_array(a) for a in args))
+        kernel[grid, block](*(a if isinstance(a, np.generic) else kernel_array(a) for a in args))
         return
     function = _compiled(kernel, _argument_key(args), cupy.cuda.Device().id)
     function((grid,), (block,), tuple(_flatten(args)), stream=cupy.cuda.get_current_stream())
 
 
 def _flatten(args):
+    flat = []
     for a in args:
-        if np.isscalar(a):
-            yield a
-            continue
-        yield from (np.uint64(0), np.uint64(0), np.int64(a.size), np.int64(a.itemsize),
-                    np.uint64(a.data.ptr))
-        yield from (np.int64(n) for n in a.shape)
-        yield from (np.int64(s) for s in a.strides)
+        if isinstance(a, np.generic):
+            flat.append(a)
+        else:  # meminfo and parent are unused by kernels: 0
+            flat += map(np.int64, (0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides))
+    return flat
 
 
 def compile_ptx(kernel, signature, capability):
