@@ -9,9 +9,12 @@ arguments already in the layout Numba's kernel ABI expects:
     an array of ndim d  ->  meminfo, parent, nitems, itemsize, data, shape[0..d), strides[0..d)
     a scalar            ->  its value (int64, int32, float32 ...)
 
-so one launch costs a few microseconds of Python. Every kernel is compiled for blocks of at most
-MAX_THREADS threads (a ``.maxntid`` directive, which caps registers at 64 so that 2048 threads
-fit on an SM; NVVM 13.0 rejects Numba's own launch-bounds annotation). Arrays are NumPy in the simulator and CuPy
+so one launch costs tens of microseconds of Python. Two edits to the PTX:
+
+* ``.maxntid MAX_THREADS``: blocks of at most MAX_THREADS threads, which caps registers at 64 so
+  that a full block fits on an SM (NVVM 13.0 rejects Numba's own launch-bounds annotation);
+* ``ex2.approx.ftz``: exp2 without the subnormal fix-up instructions. The kernels take exp2 of
+  x - m <= 0 only, so the one difference is that a probability below 2**-126 becomes 0. Arrays are NumPy in the simulator and CuPy
 (or anything CuPy wraps without a copy) on a GPU; the launch goes on CuPy's current stream.
 """
 import functools
@@ -66,6 +69,7 @@ def compile_ptx(kernel, signature, capability):
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
     entry = _ENTRY.search(ptx)
     ptx = f"{ptx[:entry.end()]}\n.maxntid {MAX_THREADS}, 1, 1{ptx[entry.end():]}"
+    ptx = ptx.replace("ex2.approx.f32 ", "ex2.approx.ftz.f32 ")
     return ptx, entry.group(1)
 
 
