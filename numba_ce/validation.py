@@ -4,9 +4,11 @@ import numbers
 
 import numpy as np
 
+from .devices import data_pointer
 from .floatbits import FORMATS
 
 REDUCTIONS = ("mean", "sum", "none")
+INT64_RANGE = (-2**63, 2**63 - 1)
 
 
 def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
@@ -14,6 +16,8 @@ def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none' (got {reduction!r})")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int (got {type(ignore_index).__name__})")
+    if not INT64_RANGE[0] <= ignore_index <= INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit in int64 (got {ignore_index})")
     label_smoothing = _real("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1] (got {label_smoothing})")
@@ -25,6 +29,13 @@ def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
         if not (softcap > 0.0 and math.isfinite(softcap)):
             raise ValueError(f"softcap must be None or a finite number > 0 (got {softcap})")
     return int(ignore_index), reduction, label_smoothing, z_loss, softcap
+
+
+def check_flag(name, value):
+    """``validate`` and ``inplace`` are bools: a None or a string would silently mean False/True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False (got {value!r})")
+    return bool(value)
 
 
 def _real(name, value):
@@ -48,18 +59,52 @@ def check_logits(logits):
     if n_classes < 1:
         raise ValueError(f"logits must have at least one class (got shape {tuple(shape)})")
     itemsize = logits.dtype.itemsize
-    row_stride, col_stride = logits.strides
+    row_stride = logits.strides[0]
     if n_rows == 0:  # nothing is read; empty arrays may report any strides
         return logits.dtype.name
-    if n_classes > 1 and col_stride != itemsize:
+    problem = row_layout_problem(shape, logits.strides, itemsize)
+    if problem:
+        raise ValueError(problem)
+    # The kernels read whole elements (or 8-byte words of them) at byte offsets built from the
+    # data address and the row stride: a misaligned element is a fault on a GPU.
+    address = data_pointer(logits)
+    if address % itemsize or (n_rows > 1 and row_stride % itemsize):
         raise ValueError(
-            f"logits rows must be contiguous (class stride {itemsize} bytes; got {col_stride}); "
-            "pass a contiguous copy")
-    if n_rows > 1 and row_stride < n_classes * itemsize:
-        raise ValueError(
-            f"logits rows must not overlap or run backwards (row stride >= {n_classes * itemsize} "
-            f"bytes; got {row_stride})")
+            f"logits must be aligned to their {itemsize}-byte elements (got data address "
+            f"{address:#x} and row stride {row_stride} bytes)")
     return logits.dtype.name
+
+
+def row_layout_problem(shape, strides, itemsize):
+    """What stops the kernels reading (N, V) logits with these byte strides in place, or None:
+    rows must be unit-stride over the classes and must neither overlap nor run backwards.
+    (numba_ce.torch asks this to decide when to copy.)"""
+    n_rows, n_classes = shape
+    row_stride, col_stride = strides
+    if n_rows == 0:  # nothing is read; empty arrays may report any strides
+        return None
+    if n_classes > 1 and col_stride != itemsize:
+        return (f"logits rows must be contiguous (class stride {itemsize} bytes; got "
+                f"{col_stride}); pass a contiguous copy")
+    if n_rows > 1 and row_stride < n_classes * itemsize:
+        return (f"logits rows must not overlap or run backwards (row stride >= "
+                f"{n_classes * itemsize} bytes; got {row_stride})")
+    return None
+
+
+def check_writeable(logits):
+    """inplace=True writes the gradient into ``logits``: a read-only NumPy array cannot take it."""
+    flags = getattr(logits, "flags", None)
+    if flags is not None and not getattr(flags, "writeable", True):
+        raise ValueError("inplace=True writes the gradient into the logits, which are read-only "
+                         "(got a read-only array); pass a writeable array or inplace=False")
+
+
+def target_out_of_range(row, value, n_classes, ignore_index):
+    """The ValueError of a checked call whose target[row] is neither in [0, V) nor ignore_index."""
+    return ValueError(
+        f"target[{row}] = {value} is outside [0, {n_classes}) and is not ignore_index "
+        f"({ignore_index}); pass validate=False to skip this check (such rows then give NaN)")
 
 
 def check_target(target, n_rows):
@@ -76,7 +121,7 @@ def check_weight(weight, n_classes):
     if shape is None or tuple(shape) != (n_classes,):
         got = "no shape" if shape is None else f"shape {tuple(shape)}"
         raise ValueError(f"weight must have shape ({n_classes},), one per class (got {got})")
-    if weight.dtype.kind != "f":
+    if weight.dtype.kind != "f" and weight.dtype.name not in FORMATS:
         raise TypeError(f"weight must be a float array (got {weight.dtype.name})")
 
 

@@ -1,0 +1,95 @@
+"""Backward of the PyTorch adapter: scale the gradient saved by the forward, in place, by the
+upstream gradient.
+
+The forward's fused kernel computes the gradient for an upstream gradient of 1 (one read of the
+logits, one write of the gradient). Backward multiplies it by the real upstream value g:
+
+    grad[r, j] *= g_r        g_r = grad_output[0] ("mean", "sum"), grad_output[r] ("none")
+
+Each element is decoded to float32, multiplied and rounded once more to the logits' format.
+Memory traffic: one read and one write of the gradient, except where g_r == 1 (a plain
+``loss.backward()``): the kernel reads g on the device, and a row block whose g is 1 returns at
+once, so that case costs one launch and no pass over the gradient, and the host never
+synchronises to find out which case it is.
+"""
+import functools
+
+import numpy as np
+from numba import cuda
+
+from .floatbits import FORMATS
+from .launch import MAX_ROW_BLOCKS, SIMULATOR_ROW_BLOCKS, threads_per_row, word_layout
+from .launcher import launch
+from .portable import SIMULATOR, device_function
+
+ONE = np.float32(1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def scale_kernel(fmt, pack):
+    """The kernel for one logits format and ``pack`` elements per word (as kernels.row_kernel)."""
+    bits, decode, encode = FORMATS[fmt]
+    mask = (1 << bits) - 1
+    top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
+
+    @device_function
+    def load(row_words, k, n_words):
+        """Word k of the row as a 64-bit integer (0 past the row's end, never stored)."""
+        return int(row_words[k]) if k < n_words else 0
+
+    @device_function
+    def store_scaled(row_words, k, n_words, word, g):
+        """row_words[k] = word with each element multiplied by g, rounded once (past the row's
+        end: nothing)."""
+        if k >= n_words:
+            return
+        out = 0
+        for i in range(pack):
+            code = encode(decode((word >> (bits * i)) & mask) * g) & mask
+            if i == pack - 1:
+                code = (code ^ top_sign) - top_sign
+            out |= code << (bits * i)
+        row_words[k] = out
+
+    @cuda.jit
+    def kernel(grad, grad_output, per_row):
+        """
+        grad         # (N, V / pack) words of `pack` elements, rows may be strided; scaled in place
+        grad_output  # (N,) float32 when per_row else (1,); may be strided (an expanded tensor)
+        """
+        if not per_row and grad_output[0] == ONE:
+            return  # the common loss.backward(): every block returns before touching the gradient
+        tid = cuda.threadIdx.x
+        step = cuda.blockDim.x
+        n_words = grad.shape[1]
+        for row in range(cuda.blockIdx.x, grad.shape[0], cuda.gridDim.x):
+            g = grad_output[row] if per_row else grad_output[0]
+            if g == ONE:  # uniform over the block: no barrier below depends on it
+                continue
+            grad_row = grad[row]
+            # Four independent loads in flight before the stores: one at a time is latency-bound.
+            for k in range(tid, n_words, 4 * step):
+                w0 = load(grad_row, k, n_words)
+                w1 = load(grad_row, k + step, n_words)
+                w2 = load(grad_row, k + 2 * step, n_words)
+                w3 = load(grad_row, k + 3 * step, n_words)
+                store_scaled(grad_row, k, n_words, w0, g)
+                store_scaled(grad_row, k + step, n_words, w1, g)
+                store_scaled(grad_row, k + 2 * step, n_words, w2, g)
+                store_scaled(grad_row, k + 3 * step, n_words, w3, g)
+
+    return kernel
+
+
+def scale_rows(grad, fmt, grad_output, per_row):
+    """Multiply ``grad`` (N, V) of format ``fmt`` in place by ``grad_output``: a float32 array of
+    shape (1,), or (N,) with ``per_row`` (each row by its own value). Launches on the current
+    stream; never synchronises."""
+    n_rows = grad.shape[0]
+    if n_rows == 0:
+        return
+    pack, word_dtype = word_layout(grad, fmt)
+    words = grad.view(word_dtype)
+    row_blocks = min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR else MAX_ROW_BLOCKS)
+    launch(scale_kernel(fmt, pack), row_blocks, threads_per_row(words.shape[1]), words,
+           grad_output, np.int32(per_row))

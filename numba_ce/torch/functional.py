@@ -1,0 +1,156 @@
+"""``cross_entropy`` for torch tensors: an autograd function around one fused kernel call.
+
+    forward   one call of numba_ce.launch.run with a gradient buffer: loss and d(loss)/d(input)
+              for an upstream gradient of 1 from the same kernel (the gradient is written once,
+              while the logits are still on chip); the gradient is saved.
+    backward  scales the saved gradient in place by the upstream gradient (per row for
+              reduction="none") with numba_ce.scale_kernel; when that is 1 the kernel's blocks
+              return at once. No host synchronisation.
+
+No math lives here: tensors become array views (numba_ce.torch.tensors) and the core does the rest.
+
+torch.autocast: nothing here is an autocast-eligible op (allocations and kernel launches only), so
+no custom_fwd or autocast-disabled block is needed: low-precision logits are read as they are and
+the math is fp32 either way. torch.compile: ``cross_entropy`` is excluded from tracing (one graph
+break); a torch.library custom op would avoid it, but its functionalisation copies the buffers that
+inplace_backward and the in-place backward exist to avoid.
+"""
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import api, validation
+from ..scale_kernel import scale_rows
+from . import tensors
+
+
+@torch.compiler.disable  # the kernels are opaque to TorchDynamo: a graph break, run eagerly
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
+                  return_z_loss=False, validate=True):
+    """Cross-entropy of ``input`` (N, V) against class indices ``target`` (N,), as
+    :func:`torch.nn.functional.cross_entropy`, plus z-loss and softcap.
+
+    Parameters
+    ----------
+    input : float32, float16 or bfloat16 tensor (N, V) on the GPU (CPU in the simulator). Rows
+        whose class stride is not 1 (or that overlap) are copied first.
+    target : int64 or int32 tensor (N,). Rows equal to ``ignore_index`` contribute nothing.
+    weight : float tensor (V,), optional. Class weights, as in PyTorch (read as float32).
+    reduction : 'mean' (weighted by w_y, as PyTorch), 'sum' or 'none'.
+    label_smoothing : float in [0, 1]. z_loss : float >= 0, adds z_loss * lse**2 per row.
+    softcap : float > 0, optional. Replaces x by softcap * tanh(x / softcap) first.
+    inplace_backward : write the gradient into ``input``'s memory (no extra N x V buffer).
+        ``input`` then holds the gradient, not the logits: its version counter is bumped, so
+        autograd raises if anything saved it for backward. (An input that had to be copied is
+        left alone: the copy takes the gradient.) Default False: ``input`` is never modified.
+    return_z_loss : also return the z-loss part of the loss (reduced the same way, no gradient).
+    validate : raise ValueError for a target outside [0, V) (one 8-byte device read, a host
+        synchronisation); with False nothing synchronises (CUDA-graph capture) and such rows
+        give NaN.
+
+    Returns
+    -------
+    float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'; or (loss, z_loss) with
+    ``return_z_loss``. The gradient reaching ``input`` has its dtype, computed in fp32 and rounded
+    once by the forward (and once more when the upstream gradient is not 1).
+
+    Notes
+    -----
+    The forward stores the gradient for an upstream gradient of 1 in the logits' dtype. With
+    float16 logits and reduction="mean" its entries are p_j / N, and those below fp16's smallest
+    subnormal (6e-8) are zero before a loss scale (GradScaler) multiplies them; bfloat16 has
+    float32's range and does not lose them.
+    """
+    options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
+    return_z_loss = validation.check_flag("return_z_loss", return_z_loss)
+    validate = validation.check_flag("validate", validate)
+    tensors.check_devices(input, target=target, weight=weight)
+    with_grad = torch.is_grad_enabled() and input.requires_grad
+    loss, z_part = _FusedCrossEntropy.apply(input, target, weight, options, with_grad,
+                                            inplace_backward, validate)
+    return (loss, z_part) if return_z_loss else loss
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """(loss, z_loss) of the logits; the gradient comes from the forward's kernel call."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, options, with_grad, inplace, validate):
+        loss, z_part, grad, fmt = _forward(input, target, weight, options, with_grad, inplace,
+                                           validate)
+        ctx.mark_non_differentiable(z_part)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.fmt = fmt
+        ctx.per_row = options[1] == "none"
+        ctx.scaled = False
+        return loss, z_part
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_z_loss):
+        if not ctx.needs_input_grad[0]:  # e.g. only the class weights require grad
+            return (None,) * 7
+        if ctx.scaled:
+            raise RuntimeError(
+                "numba_ce.torch.cross_entropy: backward ran twice on one forward (retain_graph="
+                "True?); the first scaled the saved gradient in place, so compute the loss again")
+        ctx.scaled = True
+        (grad,) = ctx.saved_tensors
+        upstream = grad_loss.detach().float().reshape(-1)  # (1,), or (N,) for reduction="none"
+        with tensors.on_torch_stream(grad.device):
+            scale_rows(tensors.as_array(grad), ctx.fmt, tensors.as_array(upstream), ctx.per_row)
+        # The scaled gradient may live in the caller's logits (inplace_backward): say so.
+        torch.autograd.graph.increment_version(grad)
+        return grad, None, None, None, None, None, None
+
+
+def _forward(input, target, weight, options, with_grad, inplace, validate):
+    """(loss, z part, gradient for an upstream gradient of 1 or None, logits format)."""
+    logits, logits_array, copied = _readable_logits(input)
+    fmt = validation.check_logits(logits_array)
+    n_rows, n_classes = logits_array.shape
+    target_array = tensors.as_array(target)
+    validation.check_target(target_array, n_rows)
+    weight_array = None
+    if weight is not None:
+        if weight.is_floating_point():  # the kernels read float32 class weights
+            weight = weight.detach().float().contiguous()
+        weight_array = tensors.as_array(weight)
+        validation.check_weight(weight_array, n_classes)
+
+    def new(*shape):
+        return torch.empty(shape, dtype=torch.float32, device=input.device)
+
+    row_loss, row_z, row_lse = new(n_rows), new(n_rows), new(n_rows)
+    reduced = options[1] != "none"
+    loss, z_part = (new(), new()) if reduced else (row_loss, row_z)
+    grad = None
+    if with_grad:
+        grad = logits if inplace else torch.empty((n_rows, n_classes), dtype=logits.dtype,
+                                                  device=input.device)
+    upstream = torch.ones(1, dtype=torch.float32, device=input.device)  # backward scales later
+    view = tensors.as_array
+    with tensors.on_torch_stream(input.device):
+        api.run_or_fill(
+            tensors.TorchArrays(input.device), logits_array, fmt, target_array, weight_array,
+            options, None if grad is None else view(grad), view(upstream), view(row_loss),
+            view(row_z), view(row_lse), view(loss).reshape(1) if reduced else None,
+            view(z_part).reshape(1) if reduced else None, validate)
+    if grad is logits and not copied:
+        torch.autograd.graph.increment_version(input)  # the kernel wrote the caller's tensor
+    return loss, z_part, grad, fmt
+
+
+def _readable_logits(input):
+    """(logits tensor, its array view, whether it is a copy): ``input`` itself, or a contiguous
+    copy when the kernels cannot read its rows in place (a class stride other than 1, rows that
+    overlap)."""
+    logits = input.detach()
+    array = tensors.as_array(logits)
+    if array.ndim == 2 and validation.row_layout_problem(array.shape, array.strides,
+                                                         array.itemsize):
+        logits = logits.contiguous()
+        return logits, tensors.as_array(logits), True
+    return logits, array, False

@@ -1,0 +1,33 @@
+"""``CrossEntropyLoss``: the module form of :func:`numba_ce.torch.cross_entropy`."""
+import torch
+
+from .. import validation
+from .functional import cross_entropy
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """As :class:`torch.nn.CrossEntropyLoss` (the class weights are a buffer, so they follow
+    ``.to(device)`` and the state dict), plus z-loss, softcap, in-place backward and the target
+    check; ``crit(input, target)`` calls :func:`numba_ce.torch.cross_entropy` with these options.
+    """
+
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+                 z_loss=0.0, softcap=None, inplace_backward=False, validate=True):
+        super().__init__()
+        # Bad options fail here, where they were written, not at the first call.
+        (self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
+         self.softcap) = validation.check_options(ignore_index, reduction, label_smoothing,
+                                                  z_loss, softcap)
+        self.inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
+        self.validate = validation.check_flag("validate", validate)
+        self.register_buffer("weight", weight)
+
+    def forward(self, input, target):
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                             self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                             inplace_backward=self.inplace_backward, validate=self.validate)
+
+    def extra_repr(self):
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")

@@ -1,0 +1,104 @@
+"""Torch tensors as the arrays :mod:`numba_ce.launch` takes: same memory, no copies.
+
+Simulator (NUMBA_ENABLE_CUDASIM=1): CPU tensors, seen as NumPy arrays.
+GPU: CUDA tensors, seen as CuPy arrays over the tensor's memory. The launcher puts kernels on
+CuPy's current stream; :func:`on_torch_stream` makes that torch's current stream for the call, so
+kernels follow ``torch.cuda.stream(...)``, the autograd engine's backward streams and CUDA-graph
+capture.
+"""
+import contextlib
+import functools
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from .. import devices
+from ..portable import SIMULATOR
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def check_devices(input, **others):
+    """Raise unless ``input`` is a tensor on the device the backend runs on and every other
+    argument (a tensor or None) is on the same device."""
+    devices.require_backend()
+    for name, tensor in {"input": input, **others}.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (got {type(tensor).__name__})")
+    if SIMULATOR and input.device.type != "cpu":
+        raise ValueError(f"the CUDA simulator runs on CPU tensors (expected input on cpu, got "
+                         f"{input.device}); unset NUMBA_ENABLE_CUDASIM to use the GPU")
+    if not SIMULATOR and input.device.type != "cuda":
+        raise ValueError(f"numba_ce runs on CUDA tensors (expected input on cuda, got "
+                         f"{input.device}); move the tensors with .cuda(), or set "
+                         "NUMBA_ENABLE_CUDASIM=1 to run CPU tensors in the CUDA simulator")
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != input.device:
+            raise ValueError(f"{name} must be on the same device as input (expected "
+                             f"{input.device}, got {tensor.device})")
+
+
+def as_array(tensor):
+    """A NumPy (simulator) or CuPy (GPU) array sharing ``tensor``'s memory, shape and strides;
+    torch.bfloat16 becomes ml_dtypes.bfloat16 (neither NumPy nor CuPy can import torch's bf16,
+    so its bits travel as int16)."""
+    tensor = tensor.detach()  # a tensor that requires grad refuses to export its memory
+    bf16 = tensor.dtype == torch.bfloat16
+    if bf16:
+        tensor = tensor.view(torch.int16)
+    array = tensor.numpy() if SIMULATOR else _cupy_view(tensor)
+    return array.view(BFLOAT16) if bf16 else array
+
+
+def _cupy_view(tensor):
+    """A CuPy array over a CUDA tensor's memory, built from its pointer and device index. (CuPy's
+    own __cuda_array_interface__ import asks the driver for each pointer's device, and copies
+    to CuPy's current device when they differ.)"""
+    cupy = devices.cupy
+    itemsize = tensor.element_size()
+    extent = 0 if tensor.numel() == 0 else itemsize * (
+        1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride())))
+    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), extent, tensor, tensor.device.index)
+    return cupy.ndarray(tuple(tensor.shape), _numpy_dtype(tensor.dtype),
+                        cupy.cuda.MemoryPointer(memory, 0),
+                        tuple(s * itemsize for s in tensor.stride()))
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(torch_dtype):
+    return torch.empty(0, dtype=torch_dtype).numpy().dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_dtype(numpy_dtype):
+    return torch.from_numpy(np.empty(0, numpy_dtype)).dtype
+
+
+class TorchArrays:
+    """The array module handed to :func:`numba_ce.launch.run` for its small work arrays
+    (it calls ``empty`` only): torch tensors on ``device``, seen as arrays. So every byte a call
+    uses comes from torch's caching allocator, which orders reuse by stream and keeps memory
+    allocated during CUDA-graph capture for the graph's replays; CuPy's pool would hand such
+    memory to later calls, and would call cudaMalloc in the middle of a capture."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def empty(self, shape, dtype):
+        return as_array(torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)),
+                                    device=self.device))
+
+
+@contextlib.contextmanager
+def on_torch_stream(device):
+    """A context in which CuPy's current device and stream are torch's current ones on
+    ``device`` (nothing to do in the simulator)."""
+    if SIMULATOR:
+        yield
+        return
+    cupy = devices.cupy
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream,
+                                                                  device.index):
+        yield

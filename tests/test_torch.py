@@ -1,0 +1,267 @@
+"""numba_ce.torch against torch.nn.functional.cross_entropy (float64 autograd), on CPU tensors in
+the CUDA simulator: options, dtypes, upstream gradients, in-place backward, layouts, the module,
+autocast, torch.compile and the errors. test_torch_gpu.py repeats the checks on CUDA tensors."""
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import numba_ce.torch as nce
+from numba_ce import devices
+from numba_ce.portable import SIMULATOR
+from helpers import TOLERANCES, assert_close, random_logits, random_target, torch_loss_and_grad
+from torch_helpers import CASES, ROTATION, check_against_torch, from_torch, to_torch
+
+pytestmark = pytest.mark.skipif(not SIMULATOR, reason="CPU tensors run in the simulator only; "
+                                "test_torch_gpu.py covers the GPU")
+
+
+@pytest.mark.parametrize("reduction,case,dtype", ROTATION)
+def test_matches_torch(rng, reduction, case, dtype):
+    check_against_torch(rng, "cpu", dtype, 5, 67, reduction=reduction, **CASES[case])
+
+
+def test_reduction_none_scales_each_row_by_its_own_upstream(rng):
+    """Each row's gradient is scaled by its own upstream value (not by grad_output[0]); a row
+    whose value is 1 is left as the forward wrote it, a row with 0 becomes zero."""
+    logits = random_logits(rng, 4, 24)
+    target = random_target(rng, 4, 24)
+    upstream = np.array([1.0, -2.0, 0.5, 0.0])
+    _, expected = torch_loss_and_grad(logits, target, reduction="none", grad_output=upstream)
+    x = to_torch(logits).requires_grad_()
+    nce.cross_entropy(x, to_torch(target), reduction="none").backward(
+        to_torch(upstream, dtype=torch.float32))
+    assert_close(from_torch(x.grad), expected, 2e-5, 1e-7, "grad")
+    assert not x.grad[3].any()
+
+
+def test_inplace_backward_overwrite_detected_by_autograd(rng):
+    """With inplace_backward the logits' memory holds the gradient after the forward: autograd
+    must refuse a backward that needs the logits (here exp's saved output) instead of silently
+    using the gradient as logits."""
+    x = to_torch(random_logits(rng, 4, 24)).requires_grad_()
+    target = to_torch(random_target(rng, 4, 24))
+    logits = x.exp()  # ExpBackward saves its output: the logits
+    loss = nce.cross_entropy(logits, target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_later_use_detected_by_autograd(rng):
+    """A second consumer that saved the logits before our forward overwrote them."""
+    x = to_torch(random_logits(rng, 4, 24)).requires_grad_()
+    target = to_torch(random_target(rng, 4, 24))
+    logits = x * 2.0
+    penalty = (logits * logits).sum()  # MulBackward saves the logits
+    loss = nce.cross_entropy(logits, target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + penalty).backward()
+
+
+def test_inplace_backward_into_a_strided_view(rng):
+    """Rows with unit class stride and a row stride > V are read in place; the gradient goes
+    into the view and the columns outside it are untouched."""
+    wide = to_torch(random_logits(rng, 4, 40, "bfloat16"))
+    padding = wide[:, 32:].clone()
+    logits = wide[:, :32]
+    target = random_target(rng, 4, 32)
+    _, expected = torch_loss_and_grad(from_torch(logits), target)
+    version = wide._version
+    view = logits.requires_grad_()
+    nce.cross_entropy(view, to_torch(target), inplace_backward=True).backward()
+    tol = TOLERANCES["bfloat16"]["grad"]
+    assert_close(from_torch(wide[:, :32]), expected, tol[0], tol[1] * np.abs(expected).max(),
+                 "gradient in the view")
+    assert torch.equal(wide[:, 32:], padding)
+    assert wide._version > version
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded"])
+def test_rows_that_cannot_be_read_in_place_are_copied(rng, layout):
+    """A class stride other than 1, or rows that overlap (stride 0), are copied first: the
+    numbers are right and the input stays as it was, even with inplace_backward."""
+    if layout == "transposed":
+        source = to_torch(random_logits(rng, 24, 5)).t()
+    else:
+        source = to_torch(random_logits(rng, 1, 24)).expand(5, 24)
+    target = random_target(rng, 5, 24)
+    expected_loss, expected_grad = torch_loss_and_grad(from_torch(source), target)
+    x = source.detach().requires_grad_()
+    before = x.detach().clone()
+    loss = nce.cross_entropy(x, to_torch(target), inplace_backward=True)
+    loss.backward()
+    assert_close(from_torch(loss), expected_loss, 2e-5, 1e-6, "loss")
+    assert_close(from_torch(x.grad), expected_grad, 2e-5, 1e-7, "grad")
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("grad_mode", ["no input grad", "no_grad"])
+def test_loss_only_when_no_gradient_is_needed(rng, grad_mode):
+    """Without a gradient to compute, the loss-only kernel runs: inplace_backward leaves the
+    input alone."""
+    logits = random_logits(rng, 5, 67)
+    target = random_target(rng, 5, 67, ignored_share=0.3)
+    expected, _ = torch_loss_and_grad(logits, target, label_smoothing=0.1)
+    x = to_torch(logits)
+    if grad_mode == "no_grad":
+        x.requires_grad_()
+    before = x.detach().clone()
+    with torch.set_grad_enabled(grad_mode != "no_grad"):
+        loss = nce.cross_entropy(x, to_torch(target), label_smoothing=0.1, inplace_backward=True)
+    assert not loss.requires_grad
+    assert_close(from_torch(loss), expected, 2e-5, 1e-6, "loss")
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("reduction,expected", [("mean", float("nan")), ("sum", 0.0),
+                                                ("none", np.zeros(0))])
+def test_empty_batch(reduction, expected):
+    x = torch.zeros(0, 7, requires_grad=True)
+    loss = nce.cross_entropy(x, torch.zeros(0, dtype=torch.int64), reduction=reduction)
+    loss.sum().backward()
+    assert_close(from_torch(loss), expected, 0, 0, "loss")
+    assert x.grad.shape == (0, 7)
+
+
+def test_module_mirrors_torch_cross_entropy_loss(rng):
+    """CrossEntropyLoss: the options of torch.nn.CrossEntropyLoss (weight as a buffer) plus ours."""
+    weight = torch.rand(67, dtype=torch.float64) + 0.5
+    crit = nce.CrossEntropyLoss(weight, ignore_index=3, reduction="sum", label_smoothing=0.1,
+                                z_loss=1e-3, softcap=5.0)
+    assert dict(crit.named_buffers())["weight"] is weight
+    assert "weight" in crit.state_dict()
+    assert "reduction='sum'" in repr(crit) and "softcap=5.0" in repr(crit)
+    crit = crit.to(torch.float16)  # buffers follow .to(); the kernels read float32 weights
+    logits = random_logits(rng, 5, 67)
+    target = random_target(rng, 5, 67)
+    target[1] = 3
+    expected_loss, expected_grad = torch_loss_and_grad(
+        logits, target, weight=from_torch(crit.weight), ignore_index=3, reduction="sum",
+        label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    x = to_torch(logits).requires_grad_()
+    loss = crit(x, to_torch(target))
+    loss.backward()
+    assert_close(from_torch(loss), expected_loss, 2e-5, 1e-6, "loss")
+    assert_close(from_torch(x.grad), expected_grad, 2e-5, 1e-7, "grad")
+    assert not x.grad[1].any()
+
+
+def test_backward_twice_raises(rng):
+    x = to_torch(random_logits(rng, 3, 9)).requires_grad_()
+    loss = nce.cross_entropy(x, to_torch(random_target(rng, 3, 9)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=re.escape("backward ran twice on one forward")):
+        loss.backward()
+
+
+def test_autocast(rng):
+    """Under autocast the linear layer gives bf16 logits, read as bf16 with fp32 math: loss and
+    the weights' gradient agree with torch's loss on the logits cast to fp32 (whose backward
+    rounds the gradient to bf16 once, as ours does)."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    head = torch.nn.Linear(16, 40)
+    hidden = torch.randn(6, 16)
+    target = torch.randint(0, 40, (6,))
+    grads = []
+    for loss_fn in (nce.cross_entropy, lambda x, t: F.cross_entropy(x.float(), t)):
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(hidden)
+            assert logits.dtype == torch.bfloat16
+            loss = loss_fn(logits, target)
+        loss.backward()
+        grads.append((loss.detach().float(), head.weight.grad.clone()))
+    (ours, ours_grad), (theirs, theirs_grad) = grads
+    assert_close(ours.numpy(), theirs.numpy(), 1e-5, 1e-6, "loss")
+    assert_close(ours_grad.numpy(), theirs_grad.numpy(), 2e-2,
+                 2e-2 * float(theirs_grad.abs().max()), "weight grad")
+
+
+def test_torch_compile(rng):
+    """A compiled module that uses the loss: the loss is a graph break (run eagerly), the rest is
+    compiled, and the numbers are those of the eager module."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 8), torch.nn.Linear(8, 40))
+    tokens = torch.randint(0, 40, (6,))
+    target = torch.randint(0, 40, (6,))
+    crit = nce.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step(module):  # the compiled module shares the eager one's parameters
+        model.zero_grad()
+        loss = crit(module(tokens), target)
+        loss.backward()
+        return loss.detach(), model[1].weight.grad.clone()
+
+    eager_loss, eager_grad = step(model)
+    compiled_loss, compiled_grad = step(torch.compile(model, backend="aot_eager"))
+    assert_close(compiled_loss.numpy(), eager_loss.numpy(), 1e-6, 1e-7, "loss")
+    assert_close(compiled_grad.numpy(), eager_grad.numpy(), 1e-6, 1e-7, "grad")
+
+
+def _logits():
+    return torch.zeros(5, 67)
+
+
+def _target():
+    return torch.zeros(5, dtype=torch.int64)
+
+
+META = torch.device("meta")
+ERRORS = [
+    (dict(input=np.zeros((5, 67), np.float32)), TypeError,
+     "input must be a torch.Tensor (got ndarray)"),
+    (dict(target=[0, 1, 2, 3, 4]), TypeError, "target must be a torch.Tensor (got list)"),
+    (dict(input=torch.zeros(5, 67, device=META)), ValueError,
+     "the CUDA simulator runs on CPU tensors (expected input on cpu, got meta); unset "
+     "NUMBA_ENABLE_CUDASIM to use the GPU"),
+    (dict(target=torch.zeros(5, dtype=torch.int64, device=META)), ValueError,
+     "target must be on the same device as input (expected cpu, got meta)"),
+    (dict(weight=torch.ones(67, device=META)), ValueError,
+     "weight must be on the same device as input (expected cpu, got meta)"),
+    (dict(input=torch.zeros(5, 67, dtype=torch.float64)), TypeError,
+     "logits dtype must be float32, float16 or bfloat16 (got float64)"),
+    (dict(input=torch.zeros(5, 2, 67)), ValueError,
+     "logits must be 2-D (N, V) with the class dimension last (got shape (5, 2, 67)); "
+     "for (batch, seq, V) logits pass logits.reshape(-1, V)"),
+    (dict(target=torch.zeros(4, dtype=torch.int64)), ValueError,
+     "target must have shape (5,) to match logits (got shape (4,))"),
+    (dict(target=torch.zeros(5)), TypeError, "target dtype must be int32 or int64 (got float32)"),
+    (dict(weight=torch.ones(3)), ValueError,
+     "weight must have shape (67,), one per class (got shape (3,))"),
+    (dict(weight=torch.ones(67, dtype=torch.int64)), TypeError,
+     "weight must be a float array (got int64)"),
+    (dict(reduction="avg"), ValueError, "reduction must be 'mean', 'sum' or 'none' (got 'avg')"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in [0, 1] (got 1.5)"),
+    (dict(softcap=0.0), ValueError, "softcap must be None or a finite number > 0 (got 0.0)"),
+    (dict(inplace_backward="yes"), TypeError, "inplace_backward must be True or False (got 'yes')"),
+    (dict(target=torch.tensor([0, 1, 67, 2, 3])), ValueError,
+     "target[2] = 67 is outside [0, 67) and is not ignore_index (-100); pass validate=False to "
+     "skip this check (such rows then give NaN)"),
+]
+
+
+@pytest.mark.parametrize("arguments,error,message", ERRORS, ids=[m[:40] for _, _, m in ERRORS])
+def test_errors(arguments, error, message):
+    arguments = dict(dict(input=_logits().requires_grad_(), target=_target()), **arguments)
+    before = arguments["input"].detach().clone() if torch.is_tensor(arguments["input"]) else None
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        nce.cross_entropy(inplace_backward=arguments.pop("inplace_backward", True), **arguments)
+    if before is not None and before.device.type == "cpu":
+        assert torch.equal(arguments["input"].detach(), before), "a failed call wrote the input"
+
+
+def test_module_checks_options_when_built():
+    message = "z_loss must be a finite number >= 0 (got -1.0)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        nce.CrossEntropyLoss(z_loss=-1.0)
+
+
+def test_without_gpu_or_simulator(monkeypatch):
+    monkeypatch.setattr(devices, "SIMULATOR", False)
+    monkeypatch.setattr(devices, "cupy", None)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator (CuPy is not installed). "
+            "To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")):
+        nce.cross_entropy(_logits(), _target())

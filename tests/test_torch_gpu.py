@@ -1,0 +1,232 @@
+"""numba_ce.torch on CUDA tensors: the simulator's checks again, and what only a GPU has: a
+non-default stream, CUDA-graph capture and replay, torch.compile with Inductor, autocast, and a
+short training loop against torch's own loss."""
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import numba_ce.torch as nce
+from numba_ce.portable import SIMULATOR
+from helpers import TOLERANCES, assert_close, random_logits, random_target
+from torch_helpers import CASES, ROTATION, check_against_torch, from_torch, to_torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(SIMULATOR or not torch.cuda.is_available(),
+                       reason="needs a CUDA GPU visible to torch (running in the CUDA simulator)"),
+]
+CUDA = "cuda"
+
+
+# V = 1001 reads one element a word; V = 4096 reads 8-byte words with blocks of many warps.
+@pytest.mark.parametrize("n_rows,n_classes", [(37, 1001), (64, 4096)])
+@pytest.mark.parametrize("reduction,case,dtype", ROTATION)
+def test_matches_torch(rng, reduction, case, dtype, n_rows, n_classes):
+    check_against_torch(rng, CUDA, dtype, n_rows, n_classes, reduction=reduction, **CASES[case])
+
+
+def test_inplace_backward_overwrite_detected_by_autograd(rng):
+    x = to_torch(random_logits(rng, 8, 300), CUDA).requires_grad_()
+    logits = x.exp()  # ExpBackward saves its output: the logits
+    loss = nce.cross_entropy(logits, to_torch(random_target(rng, 8, 300), CUDA),
+                             inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_module_int32_target_and_empty_batch(rng):
+    crit = nce.CrossEntropyLoss(torch.rand(300) + 0.5, label_smoothing=0.1).to(CUDA)
+    assert crit.weight.device.type == "cuda"
+    logits = random_logits(rng, 8, 300, "bfloat16")
+    target = random_target(rng, 8, 300)
+    x = to_torch(logits, CUDA).requires_grad_()
+    loss = crit(x, to_torch(target, CUDA, torch.int32))
+    loss.backward()
+    expected = F.cross_entropy(to_torch(logits).double(), to_torch(target),
+                               weight=crit.weight.cpu().double(), label_smoothing=0.1)
+    assert_close(from_torch(loss), from_torch(expected), *TOLERANCES["bfloat16"]["loss"], "loss")
+    assert x.grad.dtype == torch.bfloat16 and x.grad.isfinite().all()
+
+    empty = torch.zeros(0, 300, device=CUDA, requires_grad=True)
+    loss = crit(empty, torch.zeros(0, dtype=torch.int64, device=CUDA))
+    loss.backward()
+    assert loss.isnan() and empty.grad.shape == (0, 300)
+
+
+@pytest.mark.parametrize("where,message", [
+    ("target", "target must be on the same device as input (expected cuda:0, got cpu)"),
+    ("input", "numba_ce runs on CUDA tensors (expected input on cuda, got cpu); move the tensors "
+              "with .cuda(), or set NUMBA_ENABLE_CUDASIM=1 to run CPU tensors in the CUDA "
+              "simulator"),
+])
+def test_mixed_devices(where, message):
+    on = {"input": CUDA, "target": CUDA, where: "cpu"}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        nce.cross_entropy(torch.zeros(4, 10, device=on["input"]),
+                          torch.zeros(4, dtype=torch.int64, device=on["target"]))
+
+
+def _loss_and_grad(x, target, **options):
+    """Loss and input gradient (an upstream gradient of 0.5) on the current stream."""
+    x = x.detach().clone().requires_grad_()
+    loss = nce.cross_entropy(x, target, **options)
+    (loss * 0.5).backward()
+    return loss.detach(), x.grad
+
+
+def test_non_default_stream(rng):
+    """On a side stream whose logits are still being written (a long sleep is queued before
+    them), the kernels must wait for them: they run on torch's current stream, not stream 0."""
+    base = to_torch(random_logits(rng, 256, 8192, "bfloat16"), CUDA)
+    target = to_torch(random_target(rng, 256, 8192, ignored_share=0.1), CUDA)
+    options = dict(reduction="sum", label_smoothing=0.1, z_loss=1e-4)
+    expected_loss, expected_grad = _loss_and_grad(base, target, **options)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time before the logits exist
+        logits = base * 1  # written on the side stream, after the sleep
+        loss, grad = _loss_and_grad(logits, target, **options)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(loss, expected_loss)
+    assert torch.equal(grad, expected_grad)
+
+
+def test_cuda_graph_capture_and_replay(rng):
+    """Forward and backward captured in a CUDA graph (validate=False: no host synchronisation),
+    replayed on new inputs copied into the static tensors: identical to eager calls."""
+    n_rows, n_classes = 128, 8192
+    options = dict(label_smoothing=0.1, z_loss=1e-4, validate=False)
+    static_x = torch.zeros(n_rows, n_classes, dtype=torch.bfloat16, device=CUDA,
+                           requires_grad=True)
+    static_target = torch.zeros(n_rows, dtype=torch.int64, device=CUDA)
+
+    def step():
+        loss = nce.cross_entropy(static_x, static_target, **options)
+        loss.backward()
+        return loss
+
+    warmup = torch.cuda.Stream()  # compiles and loads the kernels; captures need warm-up
+    warmup.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warmup):
+        for _ in range(3):
+            static_x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(warmup)
+    static_x.grad = None  # the gradient buffer is then allocated inside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+
+    for _ in range(2):
+        x = to_torch(random_logits(rng, n_rows, n_classes, "bfloat16"), CUDA)
+        target = to_torch(random_target(rng, n_rows, n_classes, ignored_share=0.1), CUDA)
+        with torch.no_grad():
+            static_x.copy_(x)
+            static_target.copy_(target)
+        graph.replay()
+        eager_x = x.clone().requires_grad_()
+        eager_loss = nce.cross_entropy(eager_x, target, **options)
+        eager_loss.backward()
+        torch.cuda.synchronize()
+        assert torch.equal(static_loss, eager_loss.detach())
+        assert torch.equal(static_x.grad, eager_x.grad)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> linear LM head; the loss function is a constructor argument."""
+
+    def __init__(self, vocab, dim, loss_fn):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.loss_fn = loss_fn
+
+    def forward(self, tokens, target):
+        return self.loss_fn(self.head(self.embed(tokens)), target)
+
+
+# Inductor and Triton warn about their own settings (TF32 left off, deprecations): not ours.
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
+                            "ignore::FutureWarning")
+def test_torch_compile_inductor(rng):
+    """A module using the loss under torch.compile (Inductor): the loss is a graph break and
+    runs eagerly; loss and gradients match the eager module."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    model = TinyLM(512, 64, nce.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)).to(CUDA)
+    tokens = torch.randint(0, 512, (256,), device=CUDA)
+    target = torch.randint(0, 512, (256,), device=CUDA)
+    results = []
+    for module in (model, torch.compile(model)):  # the compiled module shares the parameters
+        model.zero_grad()
+        loss = module(tokens, target)
+        loss.backward()
+        results.append((from_torch(loss), from_torch(model.head.weight.grad)))
+    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+    assert_close(compiled_loss, eager_loss, 1e-5, 1e-6, "loss")
+    assert_close(compiled_grad, eager_grad, 1e-4, 1e-5 * np.abs(eager_grad).max(), "grad")
+
+
+def test_autocast(rng):
+    """bf16 logits from a linear layer under CUDA autocast, read as bf16 with fp32 math: loss and
+    the head's gradient agree with torch's loss on the logits cast to fp32 (whose backward rounds
+    the gradient to bf16 once, as ours does)."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    head = torch.nn.Linear(64, 1000).to(CUDA)
+    hidden = torch.randn(128, 64, device=CUDA)
+    target = torch.randint(0, 1000, (128,), device=CUDA)
+    results = []
+    for loss_fn in (nce.cross_entropy, lambda x, t: F.cross_entropy(x.float(), t)):
+        head.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = head(hidden)
+            assert logits.dtype == torch.bfloat16
+            loss = loss_fn(logits, target)
+        loss.backward()
+        results.append((from_torch(loss), from_torch(head.weight.grad)))
+    (ours, ours_grad), (theirs, theirs_grad) = results
+    assert_close(ours, theirs, 1e-4, 1e-6, "loss")
+    assert_close(ours_grad, theirs_grad, 2e-2, 2e-2 * np.abs(theirs_grad).max(), "weight grad")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_training_loop_matches_torch(inplace):
+    """50 SGD steps of an embedding -> linear head in fp32, one model with our loss and one with
+    torch's (plus the same z-loss written in torch): the losses agree to 1e-4 at every step.
+    In-place backward is safe here: the linear layer does not save its output."""
+    torch.manual_seed(0)
+    vocab, dim, batch, z_loss = 512, 64, 256, 1e-4
+
+    def torch_loss(logits, target):
+        valid = target != -100
+        z_part = z_loss * (torch.logsumexp(logits, dim=1)[valid] ** 2).mean()
+        return F.cross_entropy(logits, target, label_smoothing=0.1) + z_part
+
+    def our_loss(logits, target):
+        return nce.cross_entropy(logits, target, label_smoothing=0.1, z_loss=z_loss,
+                                 inplace_backward=inplace)
+
+    ours = TinyLM(vocab, dim, our_loss).to(CUDA)
+    theirs = copy.deepcopy(ours)
+    theirs.loss_fn = torch_loss
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ours, theirs)]
+    tokens = torch.randint(0, vocab, (batch,), device=CUDA)
+    target = (tokens * 7 + 3) % vocab  # learnable
+    target[::9] = -100
+    losses = []
+    for _ in range(50):
+        step = []
+        for model, optimizer in zip((ours, theirs), optimizers):
+            optimizer.zero_grad()
+            loss = model(tokens, target)
+            loss.backward()
+            optimizer.step()
+            step.append(loss.item())
+        assert abs(step[0] - step[1]) <= 1e-4 * abs(step[1]), f"step {len(losses)}: {step}"
+        losses.append(step[0])
+    assert losses[-1] < 0.5 * losses[0], "the model did not learn"
