@@ -1,0 +1,242 @@
+"""The implementations compared, one class each. A provider turns (mode, inputs, target, options)
+into a :class:`bench.harness.Step`; one that cannot run here says why in ``unavailable()``.
+
+All of them read the same torch tensors: numba_ce's array API through zero-copy CuPy (or, in the
+simulator, NumPy) views, on torch's current stream.
+"""
+import importlib.util
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cases import GRAD_ACCUM_STEPS, IGNORE_INDEX, MODES
+from .harness import Step
+
+COMPILE_OPTIONS = ("plain",)  # torch.compile compiles per shape and option set: bound its cost
+
+
+def torch_loss(logits, target, options):
+    """Mean cross-entropy with the options in plain PyTorch ops: the eager provider, what
+    torch.compile compiles, and (on fp32 logits) the reference of the loss check. z-loss as in
+    Liger and flash-attn: z * lse**2 averaged over the rows that are not ignored."""
+    x = logits
+    if options.softcap is not None:
+        x = options.softcap * torch.tanh(x / options.softcap)
+    loss = F.cross_entropy(x, target, ignore_index=IGNORE_INDEX,
+                           label_smoothing=options.label_smoothing)
+    if options.z_loss:
+        kept = target != IGNORE_INDEX
+        lse = torch.logsumexp(x, dim=-1).float()
+        loss = loss + options.z_loss * (lse.square() * kept).sum() / kept.sum()
+    return loss
+
+
+def autograd_step(loss_fn, inputs, target, mode):
+    """The Step of a differentiable ``loss_fn(logits, target)`` on torch tensors."""
+    x = inputs.logits.detach().requires_grad_(mode != "loss")  # a fresh leaf on the same memory
+    if mode == "loss":
+        def run():
+            with torch.no_grad():
+                return loss_fn(x, target)
+        return Step(run)
+
+    def run():
+        loss = loss_fn(x, target)
+        (loss if mode == "fwd_bwd" else loss / GRAD_ACCUM_STEPS).backward()
+        return loss.detach()
+
+    def reset():
+        x.grad = None
+
+    return Step(run, reset)
+
+
+def _reason(exc):
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Provider:
+    """Base: every mode, every case, always available."""
+    name = ""
+    modes = tuple(MODES)
+    smoke_default = False  # run by --smoke unless --providers says otherwise
+
+    def unavailable(self):
+        """None, or why this provider cannot run here."""
+        return None
+
+    def applies(self, spec):
+        return True
+
+    def step(self, mode, inputs, target, options):
+        raise NotImplementedError
+
+
+class NumbaArrays(Provider):
+    """numba_ce.cross_entropy / cross_entropy_with_grad on CuPy views of the torch tensors, on
+    torch's current stream (NumPy views of CPU tensors in the simulator). Not in place."""
+    smoke_default = True
+
+    def __init__(self, simulator, validate):
+        self.simulator, self.validate = simulator, validate
+        self.name = ("numba_ce-numpy" if simulator else "numba_ce-cupy") + (
+            "" if validate else "-novalidate")
+
+    def unavailable(self):
+        try:
+            from numba_ce import devices
+        except Exception as exc:
+            return f"numba_ce does not import ({_reason(exc)})"
+        if not self.simulator and not devices.gpu_available():
+            return "needs CuPy and a GPU"
+        return None
+
+    def step(self, mode, inputs, target, options):
+        import numba_ce
+        xp = np if self.simulator else importlib.import_module("cupy")
+        logits, target = array_view(xp, inputs.logits), array_view(xp, target)
+        kwargs = dict(ignore_index=IGNORE_INDEX, label_smoothing=options.label_smoothing,
+                      z_loss=options.z_loss, softcap=options.softcap, validate=self.validate)
+        if mode == "loss":
+            def call():
+                return numba_ce.cross_entropy(logits, target, **kwargs)
+        else:
+            grad_output = 1.0 / GRAD_ACCUM_STEPS if mode == "accum" else None
+
+            def call():
+                return numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output,
+                                                        **kwargs).loss
+        if self.simulator:
+            return Step(call)
+        stream = xp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+        def run():
+            with stream:
+                return call()
+        return Step(run)
+
+
+def array_view(xp, tensor):
+    """A NumPy or CuPy array sharing ``tensor``'s memory; bf16 through its 16-bit pattern
+    (neither library reads torch's bf16 type), as an ml_dtypes.bfloat16 array."""
+    if tensor.dtype != torch.bfloat16:
+        return xp.asarray(tensor)
+    import ml_dtypes
+    return xp.asarray(tensor.view(torch.int16)).view(ml_dtypes.bfloat16)
+
+
+class NumbaTorch(Provider):
+    """The PyTorch adapter numba_ce.torch.cross_entropy: one fused kernel computes loss and
+    gradient in the forward; backward scales the saved gradient. ``inplace``: the gradient
+    overwrites the logits (inplace_backward=True), as Liger always does. CUDA tensors, or CPU
+    tensors in the simulator."""
+
+    def __init__(self, validate, inplace):
+        self.validate, self.inplace = validate, inplace
+        self.name = "numba_ce-torch" + ("-inplace" if inplace else "") + (
+            "" if validate else "-novalidate")
+        if inplace:  # loss-only calls are the same as without inplace
+            self.modes = tuple(m for m in MODES if m != "loss")
+
+    def unavailable(self):
+        try:
+            importlib.import_module("numba_ce.torch")
+        except Exception as exc:
+            return f"numba_ce.torch does not import ({_reason(exc)})"
+        return None
+
+    def step(self, mode, inputs, target, options):
+        nce = importlib.import_module("numba_ce.torch")
+
+        def loss_fn(x, t):
+            return nce.cross_entropy(x, t, ignore_index=IGNORE_INDEX,
+                                     label_smoothing=options.label_smoothing,
+                                     z_loss=options.z_loss, softcap=options.softcap,
+                                     inplace_backward=self.inplace, validate=self.validate)
+        return autograd_step(loss_fn, inputs, target, mode)
+
+
+class TorchEager(Provider):
+    """torch.nn.functional.cross_entropy (plus softcap and z-loss in torch ops), eager."""
+    name = "torch-eager"
+    smoke_default = True
+
+    def step(self, mode, inputs, target, options):
+        return autograd_step(lambda x, t: torch_loss(x, t, options), inputs, target, mode)
+
+
+class TorchCompile(Provider):
+    """torch.compile(dynamic=False) of the eager function: main shapes, COMPILE_OPTIONS only.
+    One compilation per shape and option set, and one more for loss-only (no-grad) calls; the
+    first call of each, where it compiles, is reported as first_ms."""
+    name = "torch-compile"
+
+    def __init__(self, simulator):
+        self.simulator = simulator
+        self._key, self._compiled = None, None
+
+    def unavailable(self):
+        if self.simulator:
+            return "GPU only (Inductor on the CPU compiles C++ for minutes)"
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        return None
+
+    def applies(self, spec):
+        return not spec.sweep and spec.options.name in COMPILE_OPTIONS
+
+    def step(self, mode, inputs, target, options):
+        key = (tuple(inputs.logits.shape), inputs.logits.dtype, options)
+        if key != self._key:
+            torch._dynamo.reset()  # drop the previous shape's graphs: no recompile limit reached
+
+            def loss_fn(x, t):
+                return torch_loss(x, t, options)
+            self._key, self._compiled = key, torch.compile(loss_fn, dynamic=False)
+        return autograd_step(self._compiled, inputs, target, mode)
+
+
+class Liger(Provider):
+    """Liger-Kernel's liger_cross_entropy (Triton): computes the gradient in the forward and
+    writes it into the logits; backward multiplies it by grad_output unless that is 1."""
+    name = "liger"
+
+    def __init__(self, simulator):
+        self.simulator = simulator
+
+    def unavailable(self):
+        if self.simulator:
+            return "GPU only"
+        try:
+            importlib.import_module("liger_kernel.transformers.functional")
+        except Exception as exc:
+            return f"liger-kernel does not import ({_reason(exc)})"
+        return None
+
+    def step(self, mode, inputs, target, options):
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        def loss_fn(x, t):
+            return liger_cross_entropy(x, t, ignore_index=IGNORE_INDEX,
+                                       label_smoothing=options.label_smoothing,
+                                       lse_square_scale=options.z_loss, softcap=options.softcap)
+        return autograd_step(loss_fn, inputs, target, mode)
+
+
+def all_providers(simulator, validate=True):
+    """Every provider, in the order of the results table."""
+    return [
+        NumbaArrays(simulator, validate),
+        NumbaTorch(validate, inplace=False),
+        NumbaTorch(validate, inplace=True),
+        TorchEager(),
+        TorchCompile(simulator),
+        Liger(simulator),
+    ]
+
+
+def reference_loss(inputs, target, options):
+    """The loss of the untouched logits in fp32 torch ops, for checking every provider's."""
+    with torch.no_grad():
+        return float(torch_loss(inputs.pristine.float(), target, options))

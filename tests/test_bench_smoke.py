@@ -1,0 +1,39 @@
+"""The benchmark harness's code paths, without a GPU: ``python -m bench.run --smoke`` runs numba_ce
+(NumPy arrays, CUDA simulator) and torch eager on the CPU, and must leave the committed results
+file alone."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "bench" / "results" / "results.csv"
+# The run takes about 9 s on an idle 2-core machine (12 simulated calls of ~0.3 s, imports); the
+# limit only stops a hung run, since a machine busy with other simulator tests is 3-4x slower.
+TIMEOUT_SECONDS = 120
+
+
+def test_smoke_run_prints_rows_and_writes_only_under_out(tmp_path):
+    committed_before = COMMITTED.read_bytes()
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_SECONDS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    printed = [line for line in proc.stdout.splitlines() if " ms [" in line]
+    assert any(line.startswith("numba_ce-numpy") and " fwd_bwd " in line for line in printed)
+    assert any(line.startswith("torch-eager") and " fwd_bwd " in line for line in printed)
+    assert "LOSS OFF" not in proc.stdout
+    assert "skipped liger" in proc.stdout
+    assert "| 8 x 128 bf16 |" in proc.stdout  # the markdown tables
+
+    with open(tmp_path / "bench" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["provider"], r["mode"]) for r in rows} >= {
+        (p, m) for p in ("numba_ce-numpy", "torch-eager") for m in ("loss", "fwd_bwd", "accum")}
+    assert {r["options"] for r in rows} == {"plain", "smooth_z", "ignore30", "softcap"}
+    assert all(float(r["ms_p50"]) > 0 and r["gpu"] for r in rows)
+    assert (tmp_path / "bench" / "run.log").stat().st_size > 0
+    assert COMMITTED.read_bytes() == committed_before
