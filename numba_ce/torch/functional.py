@@ -130,12 +130,12 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
     if with_grad:
         grad = logits if inplace else torch.empty((n_rows, n_classes), dtype=logits.dtype,
                                                   device=input.device)
-    upstream = torch.ones(1, dtype=torch.float32, device=input.device)  # backward scales later
     view = tensors.as_array
     with tensors.on_torch_stream(input.device):
         api.run_or_fill(
             tensors.TorchArrays(input.device), logits_array, fmt, target_array, weight_array,
-            options, None if grad is None else view(grad), view(upstream), view(row_loss),
+            options, None if grad is None else view(grad), tensors.ones(input.device),
+            view(row_loss),
             view(row_z), view(row_lse), view(loss).reshape(1) if reduced else None,
             view(z_part).reshape(1) if reduced else None, validate)
     if grad is logits and not copied:

@@ -8,6 +8,7 @@ capture.
 """
 import contextlib
 import functools
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -75,6 +76,13 @@ def _torch_dtype(numpy_dtype):
     return torch.from_numpy(np.empty(0, numpy_dtype)).dtype
 
 
+@functools.lru_cache(maxsize=None)
+def ones(device):
+    """[1.0] as a float32 array on ``device``, made once (the forward's upstream gradient: the
+    backward scales later); kernels only read it."""
+    return as_array(torch.ones(1, dtype=torch.float32, device=device))
+
+
 class TorchArrays:
     """The array module handed to :func:`numba_ce.launch.run` for its small work arrays
     (it calls ``empty`` only): torch tensors on ``device``, seen as arrays. So every byte a call
@@ -97,8 +105,15 @@ def on_torch_stream(device):
     if SIMULATOR:
         yield
         return
-    cupy = devices.cupy
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream,
-                                                                  device.index):
+    with devices.cupy.cuda.Device(device.index), _cupy_stream(
+            torch.cuda.current_stream(device).cuda_stream, device.index):
         yield
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(handle, device_index):
+    """CuPy's wrapper of a torch stream, made once per stream (CuPy 14 deprecates ExternalStream
+    in favour of Stream.from_external, which needs the stream protocol torch 2.4 lacks)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return devices.cupy.cuda.ExternalStream(handle, device_index)
