@@ -30,6 +30,32 @@ FULL_MASK = 0xFFFFFFFF
 
 if SIMULATOR:
     # Device functions run as Python code on NumPy scalars; the views below are exact.
+    import sys
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    _shared_lock = threading.Lock()
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        """The simulator's cuda.shared.array with its check-then-create under a lock. numba-cuda
+        0.30's version lets two threads of a block that arrive together each create the array,
+        so they reduce in different memory (seen as rare wrong results under CPU load). Arrays
+        are told apart by the calling source line, as the simulator does."""
+        if alignment is not None or shape == 0:
+            raise NotImplementedError("numba_ce uses static, unaligned shared arrays only")
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with _shared_lock:
+            array = self._allocations.get(key)
+            if array is None:
+                if isinstance(dtype, numba.types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                array = self._allocations[key] = np.empty(shape, dtype)
+        return array
+
+    kernelapi.FakeCUDAShared.array = _shared_array
 
     def device_function(fn):
         return fn
