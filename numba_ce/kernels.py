@@ -44,7 +44,9 @@ ONE = np.float32(1.0)
 TWO = np.float32(2.0)
 NAN = np.float32(np.nan)
 POS_INF = np.float32(np.inf)
-MAX_THREADS = 1024  # the largest block; numba_ce.launcher compiles every kernel for it
+# The largest block; numba_ce.launcher compiles every kernel for it. 256 threads a row measured
+# fastest on the H200 (bench/NOTES.md) and leave ptxas up to 255 registers, so nothing spills.
+MAX_THREADS = 256
 WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
 
 # reduction codes, the kernels' argument `reduction`

@@ -20,8 +20,7 @@ WORD_BYTES = 8  # packed loads and stores: 4 x 16-bit or 2 x 32-bit elements a w
 SIMULATOR_THREADS = 32
 SIMULATOR_ROW_BLOCKS = 2
 WORDS_PER_THREAD = 2 * kernels.UNROLL  # a row block grows until each thread has about this many
-# 256 threads a row (four blocks an SM at 64 registers) measured best on the H200 (bench/NOTES.md)
-MAX_ROW_THREADS = 256
+MAX_ROW_THREADS = kernels.MAX_THREADS
 MAX_ROW_BLOCKS = 2**31 - 1  # one block a row; fewer blocks stride over the rows
 
 

@@ -9,12 +9,10 @@ arguments already in the layout Numba's kernel ABI expects:
     an array of ndim d  ->  meminfo, parent, nitems, itemsize, data, shape[0..d), strides[0..d)
     a scalar            ->  its value (int64, int32, float32 ...)
 
-so one launch costs tens of microseconds of Python. Two edits to the PTX:
-
-* ``.maxntid MAX_THREADS``: blocks of at most MAX_THREADS threads, which caps registers at 64 so
-  that a full block fits on an SM (NVVM 13.0 rejects Numba's own launch-bounds annotation);
-* ``ex2.approx.ftz``: exp2 without the subnormal fix-up instructions. The kernels take exp2 of
-  x - m <= 0 only, so the one difference is that a probability below 2**-126 becomes 0. Arrays are NumPy in the simulator and CuPy
+so one launch costs tens of microseconds of Python. One edit to the PTX: ``ex2.approx.ftz``, exp2
+without the subnormal fix-up instructions. The kernels take exp2 of x - m <= 0 only, so the one
+difference is that a probability below 2**-126 becomes 0. (Blocks stay at kernels.MAX_THREADS =
+256 threads, so ptxas may use up to 255 registers a thread and the kernels never spill.) Arrays are NumPy in the simulator and CuPy
 (or anything CuPy wraps without a copy) on a GPU; the launch goes on CuPy's current stream.
 """
 import functools
@@ -25,7 +23,6 @@ import numpy as np
 from numba import cuda, types
 
 from .devices import cupy, kernel_array
-from .kernels import MAX_THREADS
 from .portable import SIMULATOR
 
 
@@ -67,13 +64,11 @@ def _flatten(args):
 def compile_ptx(kernel, signature, capability):
     """(PTX, entry name) of a Numba kernel for one signature and compute capability."""
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
-    entry = _ENTRY.search(ptx)
-    ptx = f"{ptx[:entry.end()]}\n.maxntid {MAX_THREADS}, 1, 1{ptx[entry.end():]}"
     ptx = ptx.replace("ex2.approx.f32 ", "ex2.approx.ftz.f32 ")
-    return ptx, entry.group(1)
+    return ptx, _ENTRY.search(ptx).group(1)
 
 
-_ENTRY = re.compile(r"\.entry\s+(\S+)\s*\([^)]*\)")
+_ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
 
 
 @functools.lru_cache(maxsize=None)
