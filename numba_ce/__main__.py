@@ -1,6 +1,8 @@
-"""python -m numba_ce {demo,check}"""
+"""python -m numba_ce {demo,check,inspect,roofline}"""
 import argparse
 import sys
+
+from .inspect import cli as inspect_cli
 
 
 def check():
@@ -37,7 +39,10 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="loss and gradient of a realistic shape, checked and timed")
     commands.add_parser("check", help="a short self-test against the float64 reference")
+    inspect_cli.add_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in ("inspect", "roofline"):
+        return inspect_cli.run(args)
     if args.command == "demo":
         from .demo import main as demo
         return demo()

@@ -1,0 +1,36 @@
+"""Kernel inspection: the Python source, PTX, SASS and resource use of every kernel, and a
+roofline report. Compiles offline (no GPU needed) for sm_90 by default, or for the visible GPU.
+
+    from numba_ce import inspect
+    inspect.kernel_names()                       # ['fused', 'loss', 'target_stats', 'reduce_rows']
+    inspect.ptx("fused", "bfloat16")             # PTX for sm_90, as the GPU path compiles it
+    inspect.resources("fused", "bfloat16")       # registers, shared/local memory, occupancy
+    print(inspect.format_table([inspect.resources(k) for k in inspect.kernel_names()]))
+
+The same from the shell: ``python -m numba_ce inspect --help`` and ``python -m numba_ce roofline
+--help``. Compiling needs a process without NUMBA_ENABLE_CUDASIM=1, NVVM (pip
+``cuda-toolkit[nvvm,nvrtc]==13.0.*``), and for resources and SASS ptxas and nvdisasm (see
+:mod:`numba_ce.inspect.tools`). ``shape`` (N, V) decides what launch.py would run: 8-byte packed
+loads when V fills whole words, else one element a load; and the block size.
+"""
+from .compiler import compiled, default_arch, sass
+from .launches import DEFAULT_SHAPE, DTYPES, KERNELS, kernel_names, kernel_source, planned_launch
+from .resource_table import Resources, format_table, resources
+from .tools import ToolMissing
+
+
+def ptx(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE):
+    """The PTX of ``kernel`` (a name from :func:`kernel_names`) as a call on ``shape`` logits of
+    ``dtype`` launches it, for ``arch`` ('sm_90'; default: the visible GPU, else sm_90)."""
+    return compiled(kernel, dtype, arch, shape).ptx
+
+
+def source(kernel):
+    """The Python source of ``kernel``, headed by its file and line."""
+    path, line, text = kernel_source(kernel)
+    return f"# {path}:{line}\n{text}"
+
+
+__all__ = ["DEFAULT_SHAPE", "DTYPES", "KERNELS", "Resources", "ToolMissing", "compiled",
+           "default_arch", "format_table", "kernel_names", "planned_launch", "ptx", "resources",
+           "sass", "source"]

@@ -1,0 +1,104 @@
+"""The ``inspect`` and ``roofline`` commands of ``python -m numba_ce``: arguments and printing."""
+import argparse
+import sys
+
+from . import compiler, resource_table, roofline, tools
+from .launches import DEFAULT_SHAPE, DTYPES, KERNELS, kernel_source
+
+SECTIONS = ("source", "ptx", "sass", "resources")
+
+
+def add_commands(commands):
+    """Add the two commands to ``python -m numba_ce``'s subparsers."""
+    kernels_help = "; ".join(f"{name}: {spec.summary}" for name, spec in KERNELS.items())
+    inspect = commands.add_parser(
+        "inspect", help="source, PTX, SASS and resource use of the kernels (no GPU needed)",
+        description="Compile the kernels as a call on (N, V) logits would launch them (int64 "
+                    "targets, reduction 'mean') and print what is asked; without --source, "
+                    "--ptx or --sass, the resource table. Needs no GPU, and a shell without "
+                    "NUMBA_ENABLE_CUDASIM=1.")
+    inspect.add_argument("--kernel", action="append", choices=[*KERNELS, "all"],
+                         help=f"repeatable; default all. {kernels_help}")
+    inspect.add_argument("--dtype", action="append", choices=[*DTYPES, "all"],
+                         help="logits dtype, repeatable (default bfloat16)")
+    inspect.add_argument("--arch", help="target architecture such as sm_90 or sm_80 "
+                                        "(default: the visible GPU's, else sm_90)")
+    inspect.add_argument("--shape", nargs=2, type=int, metavar=("N", "V"), default=DEFAULT_SHAPE,
+                         help="logits shape: it picks packed 8-byte loads (V fills whole words) "
+                              "or one element a load, and the block size (default %(default)s)")
+    for section, what in [("source", "the kernel's Python source"), ("ptx", "its PTX"),
+                          ("sass", "its SASS (needs nvdisasm or cuobjdump)"),
+                          ("resources", "the resource table (needs ptxas)")]:
+        inspect.add_argument(f"--{section}", action="store_true", help=f"print {what}")
+
+    report = commands.add_parser(
+        "roofline", help="bytes moved, effective bandwidth and share of the bandwidth ceiling",
+        description=roofline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("--shape", nargs=2, type=int, metavar=("N", "V"), default=DEFAULT_SHAPE,
+                        help="logits shape (default %(default)s)")
+    report.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    report.add_argument("--mode", choices=list(roofline.ARRAYS_MOVED), default="fused")
+    timing = report.add_mutually_exclusive_group(required=True)
+    timing.add_argument("--time-ms", type=float, help="the measured time of one call, ms")
+    timing.add_argument("--measure", action="store_true",
+                        help="time the call on the GPU (median of --repeats)")
+    report.add_argument("--repeats", type=int, default=20)
+    report.add_argument("--ceiling-tbs", type=float, default=roofline.H200_COPY_CEILING / 1e12,
+                        help="bandwidth ceiling, TB/s (default: %(default)s, a measured H200 copy)")
+
+
+def run(args):
+    """Run a parsed ``inspect`` or ``roofline`` command; returns the exit status."""
+    try:
+        return _inspect(args) if args.command == "inspect" else _roofline(args)
+    except (ValueError, RuntimeError) as error:  # ToolMissing included
+        print(f"python -m numba_ce {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _inspect(args):
+    sections = [s for s in SECTIONS if getattr(args, s)] or ["resources"]
+    names = list(KERNELS) if args.kernel is None or "all" in args.kernel else args.kernel
+    dtypes = args.dtype or ["bfloat16"]
+    dtypes = list(DTYPES) if "all" in dtypes else dtypes
+    if "sass" in sections:
+        tools.find_disassembler()
+    if "sass" in sections or "resources" in sections:
+        tools.find_tool("ptxas")
+    capability = compiler.parse_arch(args.arch)
+    arch = compiler.arch_name(capability)
+    shape = tuple(args.shape)
+    print(f"numba_ce kernels for {compiler.describe_arch(capability)}; "
+          f"logits {shape[0]} x {shape[1]}, int64 targets, reduction 'mean'")
+    table = []
+    for name in names:
+        if "source" in sections:
+            path, line, text = kernel_source(name)
+            _section(f"source: {name}  ({path}:{line})", text)
+        for dtype in dtypes if KERNELS[name].per_dtype else dtypes[:1]:
+            label = f"{name} {dtype if KERNELS[name].per_dtype else ''}".rstrip()
+            if "ptx" in sections:
+                _section(f"PTX: {label} {arch}", compiler.compiled(name, dtype, arch, shape).ptx)
+            if "sass" in sections:
+                _section(f"SASS: {label} {arch}", compiler.sass(name, dtype, arch, shape))
+            if "resources" in sections:
+                table.append(resource_table.resources(name, dtype, arch, shape))
+    if table:
+        _section(f"resources: {arch}", resource_table.format_table(table))
+    return 0
+
+
+def _section(title, text):
+    print(f"\n===== {title} =====")
+    print(text.rstrip("\n"))
+
+
+def _roofline(args):
+    shape = tuple(args.shape)
+    if args.measure:
+        seconds = roofline.measure(shape, args.dtype, args.mode, args.repeats)
+        timed = f"measured: median of {args.repeats} calls"
+    else:
+        seconds, timed = args.time_ms / 1e3, "given"
+    print(roofline.roofline(shape, args.dtype, args.mode, seconds, args.ceiling_tbs * 1e12, timed))
+    return 0

@@ -1,0 +1,212 @@
+"""The inspect and roofline commands and the numba_ce.inspect module.
+
+Compiling is impossible with the simulator on, so the inspect command runs in a subprocess
+without NUMBA_ENABLE_CUDASIM (it compiles offline for sm_90); the parts that need no compiler
+(ptxas report parsing, occupancy, roofline, missing-tool hints, kernel sources) run here.
+"""
+import functools
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from numba_ce import devices, inspect, teaching
+from numba_ce.__main__ import main
+from numba_ce.inspect import occupancy, roofline, tools
+from numba_ce.inspect.launches import DTYPES, KERNELS, numpy_dtype
+from numba_ce.portable import SIMULATOR
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROW_KERNELS = tuple(name for name, spec in KERNELS.items() if spec.per_dtype)
+# Each dtype's row kernels, with the dtype-independent kernels in the bfloat16 run: one process
+# each, for the command's default shape (4096 x 128256: packed 8-byte loads).
+GROUPS = {dtype: ROW_KERNELS for dtype in DTYPES}
+GROUPS["bfloat16"] = tuple(KERNELS)
+
+
+@functools.lru_cache(maxsize=None)
+def inspect_command(kernels, dtype, *sections):
+    """The sections {title: text} that `python -m numba_ce inspect` prints for sm_90, run in a
+    process without the simulator."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    args = [f"--kernel={k}" for k in kernels] + [f"--dtype={dtype}", "--arch=sm_90", *sections]
+    done = subprocess.run([sys.executable, "-m", "numba_ce", "inspect", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"inspect {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
+    parts = re.split(r"^===== (.*) =====$", done.stdout, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def table_rows(text):
+    """The resource table as {kernel: {column: cell}} (columns are 2+ spaces apart)."""
+    header, *lines = text.strip().splitlines()
+    columns = re.split(r"\s{2,}", header)
+    rows = [dict(zip(columns, re.split(r"\s{2,}", line))) for line in lines]
+    return {row["kernel"]: row for row in rows}
+
+
+def require_ptxas():
+    try:
+        tools.find_tool("ptxas")
+    except tools.ToolMissing as missing:
+        pytest.skip(f"the resource table needs ptxas: {missing}")
+
+
+@pytest.mark.parametrize("dtype", GROUPS)
+def test_inspect_command_prints_sm90_ptx_and_resources(dtype):
+    require_ptxas()
+    kernels = GROUPS[dtype]
+    parts = inspect_command(kernels, dtype, "--ptx", "--resources")
+    rows = table_rows(parts["resources: sm_90"])
+    problems = []
+    for name in kernels:
+        label = f"{name} {dtype}" if KERNELS[name].per_dtype else name
+        ptx = parts[f"PTX: {label} sm_90"]
+        if ".target sm_90" not in ptx:
+            problems.append(f"{label}: no .target sm_90 in its PTX")
+        doubles = [line.strip() for line in ptx.splitlines() if ".f64" in line]
+        if doubles:
+            problems.append(f"{label}: float64 in its PTX: {doubles[:3]}")
+        row = rows[name]
+        if not int(row["registers"]) > 0:
+            problems.append(f"{label}: no registers in {row}")
+        if row["local"] != "0 B" or row["spills st/ld"] != "0/0 B":
+            problems.append(f"{label} uses local memory: {row['local']} a thread, spill "
+                            f"stores/loads {row['spills st/ld']} ({row['registers']} registers)")
+        # the default shape's rows fill whole 8-byte words: packed loads
+        if KERNELS[name].per_dtype and row["pack"] != str(8 // numpy_dtype(dtype).itemsize):
+            problems.append(f"{label}: expected packed loads, got pack {row['pack']}")
+    if dtype == "bfloat16":  # the walkthrough's excerpt is of this PTX: checked here, compiled once
+        problems += walkthrough_excerpt_problems(parts["PTX: fused bfloat16 sm_90"])
+    assert not problems, "\n".join(problems)
+
+
+def walkthrough_excerpt_problems(ptx):
+    """The instructions WALKTHROUGH.md shows that the fused bf16 kernel's ``ptx`` lacks."""
+    present = set(re.findall(r"^\s+(?:@!?%p\d+\s+)?([a-z][\w.]*)", ptx, re.M))
+    walkthrough = pathlib.Path(teaching.__file__).with_name("WALKTHROUGH.md").read_text()
+    shown = set()
+    for block in re.findall(r"^```ptx\n(.*?)^```", walkthrough, re.M | re.S):
+        for line in block.splitlines():
+            code = re.sub(r"^@!?%p\d+\s+", "", line.split("//")[0].strip())
+            if code and code != "..." and not code.endswith(":"):
+                shown.add(code.split()[0])
+    if not shown:
+        return ["WALKTHROUGH.md has no ptx excerpt"]
+    missing = sorted(shown - present)
+    return [f"WALKTHROUGH.md shows instructions that the fused bf16 PTX no longer has: "
+            f"{missing}; update the excerpt"] if missing else []
+
+
+def test_sass_of_a_kernel():
+    require_ptxas()
+    try:
+        tools.find_disassembler()
+    except tools.ToolMissing as missing:
+        pytest.skip(f"no SASS disassembler on this machine: {missing}")
+    sass = inspect_command(("reduce_rows",), "bfloat16", "--sass")[
+        "SASS: reduce_rows sm_90"]
+    assert "EXIT" in sass and "SHFL.BFLY" in sass, sass[:2000]
+
+
+def test_kernel_names_and_sources():
+    assert inspect.kernel_names() == ["fused", "loss", "target_stats", "reduce_rows"]
+    assert "def row_kernel(" in inspect.source("fused") and "def kernel(" in inspect.source("loss")
+    source = inspect.source("target_stats")
+    assert source.startswith("# ") and "kernels.py:" in source and "def target_stats(" in source
+    with pytest.raises(ValueError, match=r"kernel must be one of .* \(got 'row'\)"):
+        inspect.source("row")
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="the message that the simulator gives")
+def test_compiling_in_the_simulator_says_how_to_get_a_compiler(capsys):
+    assert main(["inspect"]) == 1
+    assert "without NUMBA_ENABLE_CUDASIM" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="without NUMBA_ENABLE_CUDASIM"):
+        inspect.ptx("fused")
+
+
+def test_missing_tools_name_their_package(monkeypatch):
+    monkeypatch.setattr(tools, "_locate", lambda name: None)
+    with pytest.raises(tools.ToolMissing, match=r"cuda-toolkit\[nvcc\]==13\.0"):
+        tools.find_tool("ptxas")
+    with pytest.raises(tools.ToolMissing, match="nvidia-cuda-nvdisasm.*nvidia-cuda-cuobjdump"):
+        tools.find_disassembler()
+
+
+PTXAS_REPORT = """\
+ptxas info    : 144 bytes gmem
+ptxas info    : Compiling entry function 'helper_entry' for 'sm_90'
+ptxas info    : Function properties for helper_entry
+    8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 20 registers
+ptxas info    : Compiling entry function 'main_entry' for 'sm_90'
+ptxas info    : Function properties for main_entry
+    16 bytes stack frame, 20 bytes spill stores, 36 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 256 bytes smem
+ptxas info    : Compile time = 937.961 ms
+"""
+
+
+def test_ptxas_report_is_read_for_the_right_entry():
+    assert tools.parse_report(PTXAS_REPORT, "main_entry") == tools.PtxasReport(
+        registers=64, shared_bytes=256, local_bytes=16, spill_stores=20, spill_loads=36,
+        barriers=1)
+    assert tools.parse_report(PTXAS_REPORT, "helper_entry").registers == 20
+    with pytest.raises(ValueError, match="'missing'"):
+        tools.parse_report(PTXAS_REPORT, "missing")
+
+
+@pytest.mark.parametrize("threads,registers,shared,blocks,fraction,limited_by", [
+    (1024, 64, 256, 1, 0.5, "registers"),           # the row kernels: 64 x 1024 fills the file
+    (1024, 32, 256, 2, 1.0, "threads and registers"),
+    (128, 255, 0, 2, 0.125, "registers"),           # 255 -> 256 a thread, 32 K a warp group
+    (256, 16, 100 * 1024, 2, 0.25, "shared memory"),  # 101 KB a block with the reserved 1 KB
+    (32, 16, 0, 32, 0.5, "blocks"),
+])
+def test_occupancy_on_sm90(threads, registers, shared, blocks, fraction, limited_by):
+    fits = occupancy.occupancy((9, 0), threads, registers, shared)
+    assert (fits.blocks_per_sm, fits.fraction, fits.limited_by) == (blocks, fraction, limited_by)
+
+
+def test_occupancy_of_an_unknown_architecture():
+    with pytest.raises(ValueError, match=r"known for sm_80.*sm_90 \(got sm_75\)"):
+        occupancy.occupancy((7, 5), 256, 32, 0)
+
+
+def test_roofline_byte_model_and_report():
+    shape = (4096, 128256)
+    assert roofline.bytes_moved(shape, "bfloat16", "loss") == 4096 * 128256 * 2
+    assert roofline.bytes_moved(shape, "bfloat16", "fused") == 2 * 4096 * 128256 * 2
+    assert roofline.bytes_moved(shape, "float32", "fused") == 2 * 4096 * 128256 * 4
+    report = roofline.roofline(shape, "bfloat16", "fused", seconds=1e-3)
+    assert report.bandwidth == pytest.approx(2.101e12, rel=1e-3)
+    assert report.share == pytest.approx(2.101 / 4.23, rel=1e-3)
+    with pytest.raises(ValueError, match=r"mode must be one of \['loss', 'fused'\] \(got 'both'\)"):
+        roofline.bytes_moved(shape, "bfloat16", "both")
+    with pytest.raises(ValueError, match=r"time must be > 0 seconds \(got 0\)"):
+        roofline.roofline(shape, "bfloat16", "fused", seconds=0)
+
+
+def test_roofline_command(capsys):
+    assert main(["roofline", "--shape", "4096", "128256", "--dtype", "bfloat16", "--mode",
+                 "loss", "--time-ms", "0.5", "--ceiling-tbs", "4.0"]) == 0
+    out = capsys.readouterr().out
+    assert "bytes moved  1.051 GB  (byte model: N * V * itemsize)" in out
+    assert "bandwidth    2.101 TB/s = 52.5% of the 4.00 TB/s ceiling" in out
+
+
+@pytest.mark.skipif(devices.gpu_available(), reason="a GPU is present: it measures")
+def test_roofline_measure_needs_a_gpu(capsys):
+    assert main(["roofline", "--measure"]) == 1
+    assert "measuring needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not devices.gpu_available(), reason="measuring needs a CUDA GPU with CuPy")
+def test_roofline_measures_a_call(capsys):
+    assert main(["roofline", "--measure", "--shape", "64", "4096", "--repeats", "3"]) == 0
+    assert "(measured: median of 3 calls)" in capsys.readouterr().out
