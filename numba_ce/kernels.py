@@ -212,15 +212,15 @@ def row_kernel(fmt, pack, with_grad):
         return total
 
     @device_function
-    def gradient_word(word, k, label, lse, coef_p, coef_w, coef_y, weight, has_weight, softcap,
-                      inv_softcap):
+    def gradient_word(word, k, label, row_max, log_s, coef_p, coef_w, coef_y, weight, has_weight,
+                      softcap, inv_softcap):
         """The packed gradient of word k: dL/dx_j = P * p_j - Q * w_j - T * [j == y], times the
         softcap derivative, each element rounded once to the logits' format."""
         out = 0
         label_here = k == label // pack  # one comparison a word; the element is label % pack
         for i in range(pack):
             x = element(word, i, softcap, inv_softcap)
-            d = coef_p * exp2((x - lse) * LOG2E)
+            d = coef_p * exp2(((x - row_max) - log_s) * LOG2E)
             if coef_w != ZERO:
                 d -= coef_w * weight[k * pack + i] if has_weight else coef_w
             if label_here and i == label % pack:
@@ -311,17 +311,25 @@ def row_kernel(fmt, pack, with_grad):
             row_max, row_sum = block_lse(row_max, row_sum, lane_a, lane_b, warp_a, warp_b)
             if need_dot:
                 weighted_x, _ = block_sum2(weighted_x, ZERO, lane_a, lane_b, warp_a, warp_b)
-            lse = row_max if row_max == NEG_INF else row_max + math.log(row_sum)
-            if lse == POS_INF:  # a +inf logit: the row's loss and gradient are NaN, as PyTorch's
-                lse = NAN
+            # log p_j = (x_j - m) - log(s): lse - x_j would lose log(s) to an ulp of lse
+            # (1e-3 at |x| = 1e4, 2e31 at bf16's largest values).
+            if row_max == POS_INF or row_sum != row_sum:  # a +inf or NaN logit: the row's
+                row_max = NAN                               # loss and gradient are NaN, as
+                log_s = NAN                                 # PyTorch's
+            elif row_sum == ZERO:  # every logit -inf: lse = -inf, loss and gradient NaN
+                log_s = ZERO
+            else:
+                log_s = math.log(row_sum)
+            lse = row_max + log_s
 
             # 4. The row's loss.
             label_weight = weight[label] if has_weight else ONE
             ce_part_weight = one_minus_eps * label_weight
             if tid == 0:
                 z_part = z_loss * lse * lse
-                ce = (ce_part_weight * (lse - x_label)
-                      + eps_over_v * (all_weights * lse - weighted_x))
+                ce = ce_part_weight * ((row_max - x_label) + log_s)
+                if need_dot:  # (eps / V) * S_w first: V * lse alone can overflow fp32
+                    ce += (eps_over_v * all_weights) * lse - eps_over_v * weighted_x
                 row_loss[row] = ce + z_part
                 row_z[row] = z_part
                 row_lse[row] = lse
@@ -346,19 +354,19 @@ def row_kernel(fmt, pack, with_grad):
                 w1 = load(row_words, k + step, n_words)
                 w2 = load(row_words, k + 2 * step, n_words)
                 w3 = load(row_words, k + 3 * step, n_words)
-                grad_row[k] = gradient_word(w0, k, label, lse, coef_p, coef_w, coef_y, weight,
-                                            has_weight, softcap, inv_softcap)
+                grad_row[k] = gradient_word(w0, k, label, row_max, log_s, coef_p, coef_w,
+                                            coef_y, weight, has_weight, softcap, inv_softcap)
                 if k + step < n_words:
-                    grad_row[k + step] = gradient_word(w1, k + step, label, lse, coef_p, coef_w,
-                                                       coef_y, weight, has_weight, softcap,
-                                                       inv_softcap)
+                    grad_row[k + step] = gradient_word(w1, k + step, label, row_max, log_s,
+                                                       coef_p, coef_w, coef_y, weight,
+                                                       has_weight, softcap, inv_softcap)
                 if k + 2 * step < n_words:
-                    grad_row[k + 2 * step] = gradient_word(w2, k + 2 * step, label, lse, coef_p,
-                                                           coef_w, coef_y, weight, has_weight,
-                                                           softcap, inv_softcap)
+                    grad_row[k + 2 * step] = gradient_word(w2, k + 2 * step, label, row_max,
+                                                           log_s, coef_p, coef_w, coef_y, weight,
+                                                           has_weight, softcap, inv_softcap)
                 if k + 3 * step < n_words:
-                    grad_row[k + 3 * step] = gradient_word(w3, k + 3 * step, label, lse, coef_p,
-                                                           coef_w, coef_y, weight, has_weight,
-                                                           softcap, inv_softcap)
+                    grad_row[k + 3 * step] = gradient_word(w3, k + 3 * step, label, row_max,
+                                                           log_s, coef_p, coef_w, coef_y, weight,
+                                                           has_weight, softcap, inv_softcap)
 
     return kernel

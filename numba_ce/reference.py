@@ -5,31 +5,47 @@ NumPy arrays only. Read it top to bottom as the definition of what the kernels c
 """
 import numpy as np
 
+from . import validation
 from .results import CrossEntropyResult
 
 
-def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, validate):
     """Per-row pieces of the loss, in float64."""
     raw = np.asarray(logits).astype(np.float64)
     x = raw if softcap is None else softcap * np.tanh(raw / softcap)
     n_rows, n_classes = x.shape
     w = np.ones(n_classes) if weight is None else np.asarray(weight, dtype=np.float64)
-    valid = np.asarray(target) != ignore_index
+    target = np.asarray(target)
+    ignored = target == ignore_index
+    out_of_range = ~ignored & ((target < 0) | (target >= n_classes))
+    if validate and out_of_range.any():
+        row = int(np.argmax(out_of_range))
+        raise validation.target_out_of_range(row, int(target[row]), n_classes, ignore_index)
+    valid = ~ignored & ~out_of_range  # the rows that count, in the loss and in "mean"'s denominator
     label = np.where(valid, target, 0)
     rows = np.arange(n_rows)
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        # log p_j = (x_j - m) - log(s), s = sum_j exp(x_j - m): exact for logits of any size
+        # (lse - x_j would cancel: at |x| = 3e38, lse = m + log(2) rounds to m even in float64).
         m = x.max(axis=1, initial=-np.inf, keepdims=True)
         m_safe = np.where(np.isfinite(m), m, 0.0)  # a row of -inf keeps lse = -inf
-        lse = (m_safe + np.log(np.exp(x - m_safe).sum(axis=1, keepdims=True)))[:, 0]
-        p = np.exp(x - lse[:, None])
-        # ce = (1 - eps) * w_y * (lse - x_y) + (eps / V) * sum_j w_j * (lse - x_j)
-        nll = w[label] * (lse - x[rows, label])
-        smooth = (w * (lse[:, None] - x)).sum(axis=1) if label_smoothing else 0.0  # inf at -inf x
+        shifted = x - m_safe
+        log_s = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        log_p = shifted - log_s
+        lse = (m_safe + log_s)[:, 0]
+        p = np.exp(log_p)
+        # ce = (1 - eps) * w_y * (lse - x_y) + (eps / V) * sum_j w_j * (lse - x_j), lse - x = -log p
+        nll = -w[label] * log_p[rows, label]
+        smooth = -(w * log_p).sum(axis=1) if label_smoothing else 0.0  # inf at -inf x
         ce = (1 - label_smoothing) * nll + label_smoothing / n_classes * smooth
         zl = z_loss * lse**2
     ce, zl, lse = (np.where(valid, a, 0.0) for a in (ce, zl, lse))
-    return x, raw, w, valid, label, p, lse, ce, zl
+    # NaN rows, as in PyTorch: a NaN or +inf logit (after softcap) makes the row's loss, lse and
+    # gradient NaN, and so does an out-of-range target when unchecked. Ignored rows are not read.
+    nan_rows = out_of_range | (~ignored & (np.isnan(x) | np.isposinf(x)).any(axis=1))
+    ce, zl, lse = (np.where(nan_rows, np.nan, a) for a in (ce, zl, lse))
+    return x, raw, w, valid, nan_rows, label, p, lse, ce, zl
 
 
 def _reduce(ce, zl, w_label, valid, reduction):
@@ -43,19 +59,21 @@ def _reduce(ce, zl, w_label, valid, reduction):
 
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0, softcap=None):
-    _, _, w, valid, label, _, _, ce, zl = _forward(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+                  label_smoothing=0.0, z_loss=0.0, softcap=None, validate=True):
+    _, _, w, valid, _, label, _, _, ce, zl = _forward(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, validate)
     return _reduce(ce, zl, w[label], valid, reduction)[0]
 
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
                             label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=None,
-                            inplace=False):
+                            inplace=False, validate=True):
     """float64 loss, gradient (float64, whatever the logits' dtype), z-loss part and lse.
-    ``inplace`` is accepted for signature parity and ignored: the reference never writes."""
-    x, raw, w, valid, label, p, lse, ce, zl = _forward(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    ``inplace`` is accepted for signature parity and ignored: the reference never writes.
+    ``validate`` as in the kernels: the same ValueError for a target outside [0, V), or with
+    False NaN loss, lse and gradient in such rows (left out of "mean"'s denominator)."""
+    x, raw, w, valid, nan_rows, label, p, lse, ce, zl = _forward(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, validate)
     loss, z_part = _reduce(ce, zl, w[label], valid, reduction)
     n_rows, n_classes = x.shape
     g = np.broadcast_to(np.float64(1.0) if grad_output is None else
@@ -77,4 +95,5 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
         if softcap is not None:
             grad *= 1 - np.tanh(raw / softcap) ** 2
     grad[~valid] = 0.0
+    grad[nan_rows] = np.nan
     return CrossEntropyResult(loss, grad, z_part, lse)
