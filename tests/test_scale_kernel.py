@@ -2,8 +2,13 @@
 import numpy as np
 import pytest
 
+from numba_ce.portable import SIMULATOR
 from numba_ce.scale_kernel import scale_rows
 from helpers import DTYPES, random_logits
+
+pytestmark = pytest.mark.skipif(
+    not SIMULATOR, reason="these tests hand the kernel NumPy buffers (read-only ones among them), "
+    "which only the simulator runs on; on a GPU tests/test_torch_gpu.py covers the scale kernel")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
