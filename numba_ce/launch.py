@@ -12,6 +12,7 @@ from .devices import data_pointer, synchronize_read
 from .floatbits import FORMATS
 from .launcher import launch
 from .portable import SIMULATOR, WARP_SIZE
+from .validation import target_out_of_range
 
 WORD_BYTES = 8  # packed loads and stores: 4 x 16-bit or 2 x 32-bit elements a word
 # The simulator runs every thread as a Python thread and each block costs a thread start-up and
@@ -92,6 +93,4 @@ def check_targets(bad_row, target, n_classes, ignore_index):
     row = int(synchronize_read(bad_row)[0])
     if row < target.shape[0]:
         value = int(synchronize_read(target[row:row + 1])[0])
-        raise ValueError(
-            f"target[{row}] = {value} is outside [0, {n_classes}) and is not ignore_index "
-            f"({ignore_index}); pass validate=False to skip this check (such rows then give NaN)")
+        raise target_out_of_range(row, value, n_classes, ignore_index)
