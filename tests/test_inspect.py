@@ -55,6 +55,20 @@ def require_ptxas():
         pytest.skip(f"the resource table needs ptxas: {missing}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_element_a_word_row_kernels_have_no_f64_or_local_memory(dtype):
+    """An odd V gives the other specialisation of each row kernel: one element a load."""
+    require_ptxas()
+    parts = inspect_command(ROW_KERNELS, dtype, "--shape", "4096", "128257", "--ptx",
+                            "--resources")
+    rows = table_rows(parts["resources: sm_90"])
+    for name in ROW_KERNELS:
+        ptx = parts[f"PTX: {name} {dtype} sm_90"]
+        assert ".f64" not in ptx, f"{name} {dtype}: float64 in its PTX"
+        assert rows[name]["pack"] == "1", rows[name]
+        assert rows[name]["local"] == "0 B" and rows[name]["spills st/ld"] == "0/0 B", rows[name]
+
+
 @pytest.mark.parametrize("dtype", GROUPS)
 def test_inspect_command_prints_sm90_ptx_and_resources(dtype):
     require_ptxas()
