@@ -82,7 +82,8 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
         grad = logits if inplace else empty(xp, logits.shape, logits.dtype)
     row_loss, row_z, row_lse = (empty(xp, n_rows, np.float32) for _ in range(3))
     reduced = reduction != "none"
-    loss_out, z_out = (empty(xp, 1, np.float32), empty(xp, 1, np.float32)) if reduced else (None, None)
+    loss_out, z_out = ((empty(xp, 1, np.float32), empty(xp, 1, np.float32)) if reduced
+                       else (None, None))
     run_or_fill(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
                 row_lse, loss_out, z_out, validate)
 

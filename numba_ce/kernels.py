@@ -26,7 +26,7 @@ again and writes the gradient. The row is only 2 * V bytes (bf16), so with one b
 per row on each SM, the second read is served from L2 rather than from DRAM.
 
 Three kernels make one call, all on one stream, without host synchronisation:
-    target_stats   1 block    sums over the targets: reduction denominators, S_w; resets the bad-row flag
+    target_stats   1 block    sums over the targets: reduction denominators, S_w; the first bad row
     row_kernel     N blocks   lse, row losses and (fused variant) the gradient
     reduce_rows    1 block    sum of the row losses for reduction "sum" / "mean"
 """

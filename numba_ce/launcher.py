@@ -9,11 +9,13 @@ arguments already in the layout Numba's kernel ABI expects:
     an array of ndim d  ->  meminfo, parent, nitems, itemsize, data, shape[0..d), strides[0..d)
     a scalar            ->  its value (int64, int32, float32 ...)
 
-so one launch costs tens of microseconds of Python. One edit to the PTX: ``ex2.approx.ftz``, exp2
-without the subnormal fix-up instructions. The kernels take exp2 of x - m <= 0 only, so the one
-difference is that a probability below 2**-126 becomes 0. (Blocks stay at kernels.MAX_THREADS =
-256 threads, so ptxas may use up to 255 registers a thread and the kernels never spill.) Arrays are NumPy in the simulator and CuPy
+so one launch costs tens of microseconds of Python. Arrays are NumPy in the simulator and CuPy
 (or anything CuPy wraps without a copy) on a GPU; the launch goes on CuPy's current stream.
+
+One edit to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions. The
+kernels take exp2 of x - m <= 0 only, so the one difference is that a probability below 2**-126
+becomes 0. (Blocks stay at kernels.MAX_THREADS = 256 threads, so ptxas may use up to 255
+registers a thread and the kernels never spill.)
 """
 import functools
 import re

@@ -1,4 +1,5 @@
-"""A float64 NumPy implementation of both public functions: the test oracle and the math in plain code.
+"""A float64 NumPy implementation of both public functions: the test oracle, and the math in
+plain code.
 
 Same signatures as :func:`numba_ce.cross_entropy` and :func:`numba_ce.cross_entropy_with_grad`,
 NumPy arrays only. Read it top to bottom as the definition of what the kernels compute.
@@ -88,7 +89,8 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     onehot = np.zeros_like(x)
     onehot[np.arange(n_rows), label] = 1.0
     with np.errstate(invalid="ignore", over="ignore"):
-        # dce/dx_j = (1 - eps) w_y (p_j - [j == y]) + (eps / V) (S_w p_j - w_j);  dzl/dx_j = 2 z lse p_j
+        # dce/dx_j = (1 - eps) w_y (p_j - [j == y]) + (eps / V) (S_w p_j - w_j)
+        # dzl/dx_j = 2 z lse p_j
         d_ce = (1 - eps) * w[label][:, None] * (p - onehot) + eps / n_classes * (w.sum() * p - w)
         d_z = 2 * z_loss * lse[:, None] * p
         grad = g_ce[:, None] * d_ce + g_z[:, None] * d_z

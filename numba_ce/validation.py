@@ -135,4 +135,5 @@ def check_grad_output(grad_output, reduction, n_rows):
     if reduction == "none" and shape == (n_rows,):
         return shape
     expected = f"a scalar or shape ({n_rows},)" if reduction == "none" else "a scalar"
-    raise ValueError(f"grad_output for reduction={reduction!r} must be {expected} (got shape {shape})")
+    raise ValueError(
+        f"grad_output for reduction={reduction!r} must be {expected} (got shape {shape})")

@@ -24,7 +24,7 @@ ROTATION = list(DTYPES)
 def check_once(rng, dtype, n_rows, n_classes, *, reduction="mean", ignored=0.0, weighted=False,
                smoothing=0.0, z_loss=0.0, softcap=None, upstream="ones", inplace=False,
                ignore_index=-100, against_torch=True):
-    """One call of cross_entropy_with_grad and cross_entropy compared with the reference and torch."""
+    """cross_entropy_with_grad and cross_entropy once, against the reference and torch."""
     logits = random_logits(rng, n_rows, n_classes, dtype)
     target = random_target(rng, n_rows, n_classes, ignore_index, ignored)
     weight = (rng.random(n_classes) + 0.5).astype(np.float32) if weighted else None
