@@ -1,0 +1,19 @@
+"""The README's quick starts run as written (they allocate 2 GB on a GPU, so the GPU only)."""
+import pathlib
+import re
+
+import pytest
+
+from numba_ce.portable import SIMULATOR
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SIMULATOR, reason="the quick starts use CuPy and CUDA tensors")
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_quick_start_runs(index):
+    namespace = {}
+    exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), namespace)
+    assert float(namespace["loss"]) > 0
