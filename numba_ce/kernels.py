@@ -148,6 +148,12 @@ NAN_CODES = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
 UNROLL = 4
 
 
+@device_function
+def load(row_words, k, n_words):
+    """Word k of a row as a 64-bit integer (0 past the row's end, never used)."""
+    return int(row_words[k]) if k < n_words else 0
+
+
 @functools.lru_cache(maxsize=None)
 def row_kernel(fmt, pack, with_grad):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
@@ -171,11 +177,6 @@ def row_kernel(fmt, pack, with_grad):
     def element(word, i, softcap, inv_softcap):
         """Element i of a word as float32, softcapped when softcap > 0."""
         return capped(raw(word, i), softcap, inv_softcap)
-
-    @device_function
-    def load(row_words, k, n_words):
-        """Word k of the row as a 64-bit integer (0 past the row's end, never used)."""
-        return int(row_words[k]) if k < n_words else 0
 
     @device_function
     def absorb(row_max, row_sum, word, k, n_words, softcap, inv_softcap):

@@ -43,6 +43,11 @@ def single_block_threads():
     return SIMULATOR_THREADS if SIMULATOR else kernels.MAX_THREADS
 
 
+def row_blocks(n_rows):
+    """Blocks for a row kernel: one a row on a GPU, two striding over the rows in the simulator."""
+    return min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR else MAX_ROW_BLOCKS)
+
+
 def threads_per_row(n_words):
     if SIMULATOR:
         return SIMULATOR_THREADS
@@ -76,8 +81,7 @@ def run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, r
     words = logits.view(word_dtype)
     grad_words = words[:1, :1] if grad is None else grad.view(word_dtype)
     reduction_code = {"none": kernels.NONE, "sum": kernels.SUM, "mean": kernels.MEAN}[reduction]
-    row_blocks = min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR else MAX_ROW_BLOCKS)
-    launch(kernels.row_kernel(fmt, pack, grad is not None), row_blocks,
+    launch(kernels.row_kernel(fmt, pack, grad is not None), row_blocks(n_rows),
            threads_per_row(words.shape[1]), words, target, weight_arg, grad_words, row_loss,
            row_z, row_lse, stats, grad_output, np.int64(n_classes), np.int64(ignore_index),
            np.float32(1.0 - label_smoothing), np.float32(label_smoothing / n_classes),

@@ -18,9 +18,10 @@ import numpy as np
 from numba import cuda
 
 from .floatbits import FORMATS
-from .launch import MAX_ROW_BLOCKS, SIMULATOR_ROW_BLOCKS, threads_per_row, word_layout
+from .kernels import load
+from .launch import row_blocks, threads_per_row, word_layout
 from .launcher import launch
-from .portable import SIMULATOR, device_function
+from .portable import device_function
 
 ONE = np.float32(1.0)
 
@@ -31,11 +32,6 @@ def scale_kernel(fmt, pack):
     bits, decode, encode = FORMATS[fmt]
     mask = (1 << bits) - 1
     top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
-
-    @device_function
-    def load(row_words, k, n_words):
-        """Word k of the row as a 64-bit integer (0 past the row's end, never stored)."""
-        return int(row_words[k]) if k < n_words else 0
 
     @device_function
     def store_scaled(row_words, k, n_words, word, g):
@@ -90,6 +86,5 @@ def scale_rows(grad, fmt, grad_output, per_row):
         return
     pack, word_dtype = word_layout(grad, fmt)
     words = grad.view(word_dtype)
-    row_blocks = min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR else MAX_ROW_BLOCKS)
-    launch(scale_kernel(fmt, pack), row_blocks, threads_per_row(words.shape[1]), words,
+    launch(scale_kernel(fmt, pack), row_blocks(n_rows), threads_per_row(words.shape[1]), words,
            grad_output, np.int32(per_row))
