@@ -2,10 +2,14 @@
 
     loss = numba_ce.cross_entropy(logits, target)
     res = numba_ce.cross_entropy_with_grad(logits, target)  # res.loss, .grad, .z_loss, .lse
+    res = numba_ce.linear_cross_entropy_with_grad(hidden, head_weight, target)  # no N x V logits
 """
 from . import reference
 from .api import cross_entropy, cross_entropy_with_grad
-from .results import CrossEntropyResult
+from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
+from .results import CrossEntropyResult, LinearCrossEntropyResult
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyResult", "reference"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "linear_cross_entropy",
+           "linear_cross_entropy_with_grad", "CrossEntropyResult", "LinearCrossEntropyResult",
+           "reference"]
 __version__ = "0.1.0"

@@ -57,7 +57,8 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
     options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     validate = validation.check_flag("validate", validate)
     inplace = validation.check_flag("inplace", inplace)
-    xp, on_host = _array_kind(logits, target, weight, grad_output)
+    xp, on_host = array_kind(logits=logits, target=target, weight=weight,
+                             grad_output=grad_output)
     fmt = validation.check_logits(logits)
     n_rows, n_classes = logits.shape
     validation.check_target(target, n_rows)
@@ -75,7 +76,7 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
             grad_output = devices.to_device(grad_output)
     if weight is not None:
         weight = xp.ascontiguousarray(weight, dtype=np.float32)
-    grad_output = _upstream(xp, grad_output, go_shape)
+    grad_output = upstream(xp, grad_output, go_shape)
 
     grad = None
     if with_grad:
@@ -118,16 +119,14 @@ def empty(xp, shape, dtype):
     return xp.empty(shape, dtype)
 
 
-def _array_kind(logits, target, weight, grad_output):
-    """(array module, whether inputs are NumPy arrays that must travel to a GPU and back).
-    Checked before anything reads an array's shape, dtype or strides: those mean other things in
-    other frameworks (torch strides count elements)."""
+def array_kind(**arrays):
+    """(array module, whether the inputs are NumPy arrays that must travel to a GPU and back) of
+    the named arguments (None and plain numbers are skipped). Checked before anything reads an
+    array's shape, dtype or strides: those mean other things in other frameworks (torch strides
+    count elements)."""
     devices.require_backend()
-    arrays = {"logits": logits, "target": target}
-    if weight is not None:
-        arrays["weight"] = weight
-    if grad_output is not None and not isinstance(grad_output, numbers.Real):
-        arrays["grad_output"] = grad_output
+    arrays = {name: a for name, a in arrays.items()
+              if a is not None and not isinstance(a, numbers.Real)}
     kinds = ", ".join(f"{name}: {_kind(a)}" for name, a in arrays.items())
     hint = ("; for torch tensors use numba_ce.torch"
             if any(type(a).__module__.split(".")[0] == "torch" for a in arrays.values()) else "")
@@ -154,7 +153,7 @@ def _kind(array):
     return name if module == "builtins" else f"{module}.{name}"
 
 
-def _upstream(xp, grad_output, shape):
+def upstream(xp, grad_output, shape):
     """grad_output as a float32 device array of shape (1,) or (N,)."""
     if grad_output is None:
         return devices.ones(xp)

@@ -23,6 +23,7 @@ SIMULATOR_ROW_BLOCKS = 2
 WORDS_PER_THREAD = 2 * kernels.UNROLL  # a row block grows until each thread has about this many
 MAX_ROW_THREADS = kernels.MAX_THREADS
 MAX_ROW_BLOCKS = 2**31 - 1  # one block a row; fewer blocks stride over the rows
+REDUCTION_CODES = {"none": kernels.NONE, "sum": kernels.SUM, "mean": kernels.MEAN}
 
 
 def word_layout(array, fmt):
@@ -62,17 +63,34 @@ def run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, r
     """Fill the outputs. ``grad`` is None for the loss-only kernel, or an (N, V) array of the
     logits' format (``logits`` itself for in-place). ``grad_output`` is a float32 array of shape
     (1,) or (N,). ``loss_out``/``z_out`` are (1,) float32 for "sum"/"mean", None for "none"."""
+    stats = target_statistics(xp, target, weight, options[0], logits.shape[1], validate)
+    rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_loss, row_z, row_lse)
+    if loss_out is not None:
+        reduce(row_loss, row_z, stats, options[1], loss_out, z_out)
+
+
+def target_statistics(xp, target, weight, ignore_index, n_classes, validate):
+    """The reduction denominators of a batch (kernels.target_stats) as a float32 device array;
+    with ``validate``, first raise for a target outside [0, V). A batch processed in chunks of
+    rows (numba_ce.linear) computes them once, so every chunk's gradient has the batch's scale."""
+    stats = xp.empty(3, np.float32)
+    bad_row = xp.empty(1, np.int64)
+    has_weight = weight is not None
+    launch(kernels.target_stats, 1, single_block_threads(), target,
+           weight if has_weight else stats, np.int32(has_weight), np.int64(ignore_index),
+           np.int64(n_classes), stats, bad_row)
+    if validate:
+        check_targets(bad_row, target, n_classes, ignore_index)
+    return stats
+
+
+def rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_loss, row_z,
+         row_lse):
+    """The row kernel over ``logits`` (N, V) with the batch's ``stats``: row losses, z parts,
+    lse and (unless ``grad`` is None) the gradient."""
     ignore_index, reduction, label_smoothing, z_loss, softcap = options
     n_rows, n_classes = logits.shape
     has_weight = weight is not None
-    stats = xp.empty(3, np.float32)
-    weight_arg = weight if has_weight else stats  # any float32 array: never read
-    bad_row = xp.empty(1, np.int64)
-    launch(kernels.target_stats, 1, single_block_threads(), target, weight_arg,
-           np.int32(has_weight), np.int64(ignore_index), np.int64(n_classes), stats, bad_row)
-    if validate:
-        check_targets(bad_row, target, n_classes, ignore_index)
-
     pack, word_dtype = word_layout(logits, fmt)
     if grad is not None:
         grad_pack, _ = word_layout(grad, fmt)
@@ -80,16 +98,19 @@ def run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, r
             pack, word_dtype = 1, np.int16 if FORMATS[fmt][0] == 16 else np.int32
     words = logits.view(word_dtype)
     grad_words = words[:1, :1] if grad is None else grad.view(word_dtype)
-    reduction_code = {"none": kernels.NONE, "sum": kernels.SUM, "mean": kernels.MEAN}[reduction]
     launch(kernels.row_kernel(fmt, pack, grad is not None), row_blocks(n_rows),
-           threads_per_row(words.shape[1]), words, target, weight_arg, grad_words, row_loss,
-           row_z, row_lse, stats, grad_output, np.int64(n_classes), np.int64(ignore_index),
-           np.float32(1.0 - label_smoothing), np.float32(label_smoothing / n_classes),
-           np.float32(z_loss), np.float32(softcap or 0.0), np.int32(has_weight),
-           np.int32(reduction_code), np.int32(grad_output.shape[0] > 1))
-    if loss_out is not None:
-        launch(kernels.reduce_rows, 1, single_block_threads(), row_loss, row_z, stats,
-               np.int32(reduction_code), loss_out, z_out)
+           threads_per_row(words.shape[1]), words, target, weight if has_weight else stats,
+           grad_words, row_loss, row_z, row_lse, stats, grad_output, np.int64(n_classes),
+           np.int64(ignore_index), np.float32(1.0 - label_smoothing),
+           np.float32(label_smoothing / n_classes), np.float32(z_loss),
+           np.float32(softcap or 0.0), np.int32(has_weight), np.int32(REDUCTION_CODES[reduction]),
+           np.int32(grad_output.shape[0] > 1))
+
+
+def reduce(row_loss, row_z, stats, reduction, loss_out, z_out):
+    """loss_out[0], z_out[0] = the row losses and z parts reduced by "sum" or "mean"."""
+    launch(kernels.reduce_rows, 1, single_block_threads(), row_loss, row_z, stats,
+           np.int32(REDUCTION_CODES[reduction]), loss_out, z_out)
 
 
 def check_targets(bad_row, target, n_classes, ignore_index):

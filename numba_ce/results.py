@@ -1,4 +1,4 @@
-"""The result type of :func:`numba_ce.cross_entropy_with_grad`."""
+"""The result types of :func:`numba_ce.cross_entropy_with_grad` and of the linear variant."""
 from typing import Any, NamedTuple
 
 
@@ -10,3 +10,14 @@ class CrossEntropyResult(NamedTuple):
     grad: Any
     z_loss: Any
     lse: Any
+
+
+class LinearCrossEntropyResult(NamedTuple):
+    """The result of :func:`numba_ce.linear_cross_entropy_with_grad`. loss and z_loss as in
+    CrossEntropyResult; each gradient has the shape and dtype of what it differentiates (None
+    for an absent bias, or one not asked for)."""
+    loss: Any
+    grad_input: Any
+    grad_linear_weight: Any
+    grad_linear_bias: Any
+    z_loss: Any

@@ -107,11 +107,46 @@ def target_out_of_range(row, value, n_classes, ignore_index):
         f"({ignore_index}); pass validate=False to skip this check (such rows then give NaN)")
 
 
-def check_target(target, n_rows):
+def check_matrix(name, array, expected, hint):
+    """The format name of a float32/float16/bfloat16 2-D ``array`` that matrix products can read
+    in place: row-major, or the transpose of a row-major array."""
+    shape = getattr(array, "shape", None)
+    if shape is None or len(shape) != 2:
+        got = "no shape" if shape is None else f"shape {tuple(shape)}"
+        raise ValueError(f"{name} must be 2-D {expected} (got {got}); {hint}")
+    if array.dtype.name not in FORMATS:
+        raise TypeError(
+            f"{name} dtype must be float32, float16 or bfloat16 (got {array.dtype.name})")
+    rows, cols = shape
+    row_stride, col_stride = (s // array.itemsize for s in array.strides)
+    if not (col_stride == 1 or row_stride == 1 or rows <= 1 or cols <= 1) or min(
+            row_stride, col_stride) < 0 or any(s % array.itemsize for s in array.strides):
+        raise ValueError(f"{name} must be row-major or the transpose of a row-major array (got "
+                         f"strides {tuple(array.strides)} bytes); pass a contiguous copy")
+    return array.dtype.name
+
+
+def check_same_dtype(name, array, input):
+    if array.dtype != input.dtype:
+        raise TypeError(f"{name} dtype must match input's {input.dtype.name} "
+                        f"(got {array.dtype.name})")
+
+
+def check_chunk_size(chunk_size):
+    """None (the default) or a positive int number of rows."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be None or an int (got {type(chunk_size).__name__})")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 row (got {chunk_size})")
+
+
+def check_target(target, n_rows, rows_of="logits"):
     shape = getattr(target, "shape", None)
     if shape is None or tuple(shape) != (n_rows,):
         got = "no shape" if shape is None else f"shape {tuple(shape)}"
-        raise ValueError(f"target must have shape ({n_rows},) to match logits (got {got})")
+        raise ValueError(f"target must have shape ({n_rows},) to match {rows_of} (got {got})")
     if target.dtype not in (np.int32, np.int64):
         raise TypeError(f"target dtype must be int32 or int64 (got {target.dtype.name})")
 

@@ -53,24 +53,54 @@ def assert_close(actual, expected, rtol, atol, what):
             f"(error {error[worst]:.3g}, allowed {atol + rtol * abs(expected[worst]):.3g})")
 
 
-def torch_loss_and_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                        label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=None):
+def torch_loss_and_grad(logits, target, *, grad_output=None, **options):
     """PyTorch's cross_entropy in float64 (CPU), plus z-loss and softcap written out, and its
     autograd gradient: an implementation independent of ours."""
     import torch
-    import torch.nn.functional as F
 
     x = torch.tensor(np.asarray(logits).astype(np.float64), requires_grad=True)
+    total = torch_total_loss(x, target, **options)
+    (grad,) = _torch_grads(total, [x], grad_output) if x.shape[0] else (torch.zeros_like(x),)
+    return total.detach().numpy(), grad.numpy()
+
+
+def torch_linear_loss_and_grads(input, linear_weight, target, *, linear_bias=None,
+                                grad_output=None, **options):
+    """The unfused linear + cross-entropy in torch float64 (CPU): logits = x @ W^T + b, the loss
+    of :func:`torch_total_loss`, and the autograd gradients of x, W and b (None without b)."""
+    import torch
+
+    leaves = [torch.tensor(np.asarray(a).astype(np.float64), requires_grad=True)
+              for a in (input, linear_weight)]
+    if linear_bias is not None:
+        leaves.append(torch.tensor(np.asarray(linear_bias).astype(np.float64),
+                                   requires_grad=True))
+    logits = leaves[0] @ leaves[1].T + (leaves[2] if linear_bias is not None else 0.0)
+    total = torch_total_loss(logits, target, **options)
+    grads = [g.numpy() for g in _torch_grads(total, leaves, grad_output)]
+    return (total.detach().numpy(), *grads, *([None] if linear_bias is None else []))
+
+
+def torch_total_loss(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                     label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """F.cross_entropy of float64 ``logits`` (a tensor), plus z-loss and softcap written out."""
+    import torch
+    import torch.nn.functional as F
+
     t = torch.tensor(np.asarray(target), dtype=torch.int64)
     w = None if weight is None else torch.tensor(np.asarray(weight, dtype=np.float64))
-    capped = x if softcap is None else softcap * torch.tanh(x / softcap)
+    capped = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(capped, t, weight=w, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
     valid = t != ignore_index
     z_rows = z_loss * torch.logsumexp(capped, dim=1) ** 2 * valid
     z_part = {"none": z_rows, "sum": z_rows.sum(), "mean": z_rows.sum() / valid.sum()}[reduction]
-    total = loss + z_part
+    return loss + z_part
+
+
+def _torch_grads(total, leaves, grad_output):
+    import torch
+
     upstream = torch.ones_like(total) if grad_output is None else torch.as_tensor(
         np.asarray(grad_output, dtype=np.float64)).expand_as(total)
-    (grad,) = torch.autograd.grad(total, x, upstream) if x.shape[0] else (torch.zeros_like(x),)
-    return total.detach().numpy(), grad.numpy()
+    return torch.autograd.grad(total, leaves, upstream)

@@ -1,0 +1,249 @@
+"""Fused linear cross-entropy: the loss of a language-model head, logits = x @ W^T + b, without
+ever holding all N x V logits.
+
+    stats = target_stats(target)                     once: the batch's reduction denominators
+    for each chunk c of C rows:                      one C x V logits buffer, reused
+        z     = x_c @ W^T (+ b)                      cuBLAS, fp32 sums, rounded to x's format
+        z    <- dL/dz in place                       numba_ce's row kernel: row loss, lse and
+                                                     gradient, scaled by the batch's stats
+        dx_c  = dz @ W                               cuBLAS (sum over V in fp32)
+        dW   += dz^T @ x_c                           cuBLAS into a float32 accumulator
+        db   += dz^T @ 1                             cuBLAS (a matrix-vector product)
+    loss = reduce(row losses);  dW, db rounded once to W's format (numba_ce.rounding)
+
+The matrix products are the three of an unfused ``linear`` + ``cross_entropy`` (one forward,
+two backward), so the work is theirs plus one pass of our kernel per chunk. The weight gradient
+sums N / C chunk products: in the weight's bf16 each addition would round (Liger-Kernel issue
+1391), so the sum is kept in float32 (V x H x 4 bytes; for float32 weights it is the output
+itself) and rounded once at the end.
+
+Memory beyond the inputs and the returned gradients: the C x V logits chunk and, for fp16/bf16
+weights, the float32 accumulators (V x H x 4 bytes, the floor of this design). The default chunk
+is 4096 rows (CHUNK_ROWS), fewer when its logits would exceed 1 GiB.
+fp16 keeps the "mean" gradient's small entries by forming the chunk gradient S_w times larger
+(see ``compute``).
+"""
+import numbers
+
+import numpy as np
+
+from . import api, devices, launch, validation
+from .kernels import STAT_WEIGHT_SUM
+from .matmul import matmul
+from .results import LinearCrossEntropyResult
+from .rounding import round_into
+from .scale_kernel import scale_rows
+
+# The default chunk: 4096 rows, halved while its logits exceed 1 GiB. Each chunk's weight-gradient
+# product reads and writes the float32 accumulator (8 * V * H bytes) for 2 * V * H * C flops:
+# with C = 4096 it stays compute-bound (H200, N x H x V = 8192 x 4096 x 128256 bf16: 42.7 ms at
+# 4096 rows, 44.6 at 2048, 47.6 at 1024; bench/NOTES.md).
+CHUNK_ROWS = 4096
+CHUNK_BYTES = 2**30
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, chunk_size=None, validate=True):
+    """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` against ``target``,
+    computed chunk by chunk of rows, so that no N x V array is ever allocated.
+
+    Parameters
+    ----------
+    input : float32, float16 or bfloat16 array (N, H): the hidden states.
+    linear_weight : (V, H) array of input's dtype, as nn.Linear's weight.
+    target : int32 or int64 array (N,).
+    linear_bias : (V,) array of input's dtype, optional.
+    weight, ignore_index, reduction, label_smoothing, z_loss, softcap, validate : as
+        :func:`numba_ce.cross_entropy`.
+    chunk_size : rows per chunk (default: 4096, fewer when C x V logits would exceed 1 GiB).
+
+    Returns
+    -------
+    float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'.
+    """
+    return _api_call(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                     label_smoothing, z_loss, softcap, chunk_size, validate, None, False).loss
+
+
+def linear_cross_entropy_with_grad(input, linear_weight, target, *, linear_bias=None,
+                                   weight=None, ignore_index=-100, reduction="mean",
+                                   label_smoothing=0.0, z_loss=0.0, softcap=None,
+                                   chunk_size=None, grad_output=None, validate=True):
+    """The loss of :func:`linear_cross_entropy` and its gradients in one pass over the chunks.
+
+    grad_output : None (ones), a scalar, or an (N,) array for reduction='none'.
+
+    Returns
+    -------
+    LinearCrossEntropyResult(loss, grad_input, grad_linear_weight, grad_linear_bias, z_loss):
+    gradients in the dtype of what they differentiate (grad_linear_bias None without a bias);
+    the weight and bias gradients are summed over the rows in float32 and rounded once.
+    """
+    return _api_call(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                     label_smoothing, z_loss, softcap, chunk_size, validate, grad_output, True)
+
+
+def _api_call(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+              label_smoothing, z_loss, softcap, chunk_size, validate, grad_output, with_grad):
+    options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    validate = validation.check_flag("validate", validate)
+    xp, on_host = api.array_kind(input=input, linear_weight=linear_weight, target=target,
+                                 linear_bias=linear_bias, weight=weight, grad_output=grad_output)
+    fmt = check_arguments(input, linear_weight, target, linear_bias, weight, chunk_size)
+    go_shape = (validation.check_grad_output(grad_output, reduction, input.shape[0])
+                if with_grad else ())
+    arrays = [input, linear_weight, target, linear_bias, weight, grad_output]
+    if on_host:
+        arrays = [a if a is None or isinstance(a, numbers.Real) else devices.to_device(a)
+                  for a in arrays]
+    input, linear_weight, target, linear_bias, weight, grad_output = arrays
+    if weight is not None:
+        weight = xp.ascontiguousarray(weight, dtype=np.float32)
+    grad_output = api.upstream(xp, grad_output, go_shape)
+    needed = (with_grad, with_grad, with_grad and linear_bias is not None)
+    result = compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt,
+                     chunk_size, grad_output, needed, validate)
+    if on_host:
+        result = LinearCrossEntropyResult(*(None if a is None else devices.cupy.asnumpy(a)
+                                            for a in result))
+    return result
+
+
+def check_arguments(input, linear_weight, target, linear_bias, weight, chunk_size):
+    """Check shapes, dtypes and layouts; return the format name of input (and of the weight)."""
+    fmt = validation.check_matrix("input", input, "(N, H)",
+                                  "for (batch, seq, H) hidden states pass input.reshape(-1, H)")
+    n_rows, n_features = input.shape
+    validation.check_matrix("linear_weight", linear_weight, "(V, H)", "as nn.Linear's weight")
+    n_classes, weight_features = linear_weight.shape
+    if weight_features != n_features or n_classes < 1:
+        raise ValueError(f"linear_weight must have shape (V, {n_features}) with V >= 1 to match "
+                         f"input (got shape {tuple(linear_weight.shape)})")
+    validation.check_same_dtype("linear_weight", linear_weight, input)
+    validation.check_target(target, n_rows, "input")
+    if linear_bias is not None:
+        shape = getattr(linear_bias, "shape", None)
+        if shape is None or tuple(shape) != (n_classes,):
+            got = "no shape" if shape is None else f"shape {tuple(shape)}"
+            raise ValueError(f"linear_bias must have shape ({n_classes},) (got {got})")
+        validation.check_same_dtype("linear_bias", linear_bias, input)
+    if weight is not None:
+        validation.check_weight(weight, n_classes)
+    validation.check_chunk_size(chunk_size)
+    return fmt
+
+
+def compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt, chunk_size,
+            grad_output, needed, validate):
+    """The loss and the gradients named by ``needed`` = (input, weight, bias) of checked arrays
+    on the compute device (shared with numba_ce.torch). ``weight`` is float32 or None,
+    ``grad_output`` a float32 array (1,) or (N,). Launches on the current stream; synchronises
+    only for ``validate``."""
+    ignore_index, reduction = options[:2]
+    n_rows, n_features = input.shape
+    n_classes = linear_weight.shape[0]
+    dtype = input.dtype
+    need_input, need_weight, need_bias = needed
+    with_grad = any(needed)
+    chunk = min(chunk_size or default_chunk(n_classes, dtype.itemsize), max(n_rows, 1))
+
+    row_loss, row_z, row_lse = (api.empty(xp, n_rows, np.float32) for _ in range(3))
+    grad_input = api.empty(xp, (n_rows, n_features), dtype) if need_input else None
+    weight_sum = _zeros(xp, (n_classes, n_features)) if need_weight else None
+    bias_sum = _zeros(xp, (n_classes, 1)) if need_bias else None
+    ones = _ones(xp, (chunk, 1), dtype) if need_bias else None
+    logits = api.empty(xp, (chunk, n_classes), dtype)
+    stats = (launch.target_statistics(xp, target, weight, ignore_index, n_classes, validate)
+             if n_rows else None)
+    # fp16 only: its smallest subnormal is 6e-8, so the entries p_j / S_w of a "mean" gradient
+    # (S_w = the batch's sum of w_y) would flush to zero in the fp16 logits chunk. The chunk
+    # gradient is formed for an upstream of g * S_w instead (entries ~ p_j) and the products
+    # are divided by S_w afterwards, in fp32.
+    rescale = bool(with_grad and n_rows and fmt == "float16" and reduction == "mean")
+    unscale = _ones(xp, (1,), np.dtype(np.float32))
+    if rescale:
+        grad_output = _rescaled_upstream(xp, grad_output, stats, unscale)
+
+    for start in range(0, n_rows, chunk):
+        rows = slice(start, min(start + chunk, n_rows))
+        x = input[rows]
+        z = logits[:x.shape[0]]
+        if linear_bias is not None:
+            _broadcast_rows(z, linear_bias)
+        matmul(x, linear_weight.T, z, accumulate=linear_bias is not None)
+        launch.rows(z, fmt, target[rows], weight, options, stats, z if with_grad else None,
+                    grad_output[rows] if grad_output.shape[0] > 1 else grad_output,
+                    row_loss[rows], row_z[rows], row_lse[rows])
+        if need_input:
+            matmul(z, linear_weight, grad_input[rows])
+        if need_weight:
+            matmul(z.T, x, weight_sum, accumulate=True)
+        if need_bias:
+            matmul(z.T, ones[:x.shape[0]], bias_sum, accumulate=True)
+
+    if reduction == "none":
+        loss, z_part = row_loss, row_z
+    else:
+        loss, z_part = api.empty(xp, 1, np.float32), api.empty(xp, 1, np.float32)
+        if n_rows:
+            launch.reduce(row_loss, row_z, stats, reduction, loss, z_part)
+        else:  # as PyTorch: the sum of nothing is 0, its mean 0 / 0
+            for out in (loss, z_part):
+                out.fill(np.nan if reduction == "mean" else 0.0)
+        loss, z_part = loss.reshape(()), z_part.reshape(())
+    if rescale and need_input:
+        scale_rows(grad_input, fmt, unscale, False)
+    grad_weight = None if weight_sum is None else _rounded(xp, weight_sum, unscale, dtype, fmt)
+    grad_bias = (None if bias_sum is None
+                 else _rounded(xp, bias_sum, unscale, dtype, fmt).reshape(-1))
+    return LinearCrossEntropyResult(loss, grad_input, grad_weight, grad_bias, z_part)
+
+
+def default_chunk(n_classes, itemsize):
+    rows = CHUNK_ROWS
+    while rows > 1 and rows * n_classes * itemsize > CHUNK_BYTES:
+        rows //= 2
+    return rows
+
+
+def _rescaled_upstream(xp, grad_output, stats, unscale):
+    """grad_output * S_w as a new array, and unscale[0] = 1 / S_w (0 rows counted: 1 / tiny,
+    whose products with the all-zero gradient stay 0), on the device."""
+    array_module = np if isinstance(stats, np.ndarray) else devices.cupy
+    weight_sum = array_module.maximum(stats[STAT_WEIGHT_SUM:STAT_WEIGHT_SUM + 1],
+                                      np.float32(1e-30))
+    array_module.divide(unscale, weight_sum, out=unscale)
+    scaled = api.empty(xp, grad_output.shape, np.float32)
+    array_module.multiply(grad_output, weight_sum, out=scaled)
+    return scaled
+
+
+def _zeros(xp, shape):
+    out = api.empty(xp, shape, np.float32)
+    out.fill(0)
+    return out
+
+
+def _ones(xp, shape, dtype):
+    """An array of ones in ``dtype`` (fp16/bf16 too), written through an integer view of it."""
+    out = api.empty(xp, shape, dtype)
+    bits = np.dtype(f"int{8 * dtype.itemsize}")
+    out.view(bits).fill(np.ones(1, dtype).view(bits)[0])
+    return out
+
+
+def _broadcast_rows(out, row):
+    """Every row of ``out`` = ``row`` (bits copied through an integer view, any format)."""
+    bits = np.dtype(f"int{8 * row.dtype.itemsize}")
+    out.view(bits)[...] = row.view(bits)
+
+
+def _rounded(xp, sums, scale, dtype, fmt):
+    """The float32 ``sums`` times scale[0] in ``dtype``: the sums themselves for float32 (scale
+    is 1 there), else rounded once."""
+    if dtype == np.float32:
+        return sums
+    out = api.empty(xp, sums.shape, dtype)
+    round_into(sums, scale, out, fmt)
+    return out
