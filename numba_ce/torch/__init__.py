@@ -4,11 +4,13 @@
     loss = nce.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)  # (N, V), (N,)
     loss.backward()                      # the gradient was computed by the forward's kernel
     crit = nce.CrossEntropyLoss(ignore_index=-100, softcap=30.0)
+    loss = nce.linear_cross_entropy(hidden, head.weight, target)  # (N, H), (V, H): no N x V logits
 
 CUDA tensors on a GPU (kernels on torch's current stream, memory from torch's allocator), or CPU
 tensors in the CUDA simulator (NUMBA_ENABLE_CUDASIM=1). See :func:`cross_entropy`.
 """
 from .functional import cross_entropy
-from .module import CrossEntropyLoss
+from .linear import linear_cross_entropy
+from .module import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["cross_entropy", "CrossEntropyLoss"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]

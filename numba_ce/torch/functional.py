@@ -120,24 +120,26 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
         weight_array = tensors.as_array(weight)
         validation.check_weight(weight_array, n_classes)
 
-    def new(*shape):
-        return torch.empty(shape, dtype=torch.float32, device=input.device)
-
-    row_loss, row_z, row_lse = new(n_rows), new(n_rows), new(n_rows)
+    # One float32 buffer for the row losses, z parts, lse and the reduced loss and z part: one
+    # allocation and one array view instead of five (host work is what small shapes pay for).
+    outputs = torch.empty(3 * n_rows + 2, dtype=torch.float32, device=input.device)
+    rows = [slice(i * n_rows, (i + 1) * n_rows) for i in range(3)]
+    reduced_at = [3 * n_rows, 3 * n_rows + 1]
     reduced = options[1] != "none"
-    loss, z_part = (new(), new()) if reduced else (row_loss, row_z)
+    loss, z_part = ((outputs[reduced_at[0]], outputs[reduced_at[1]]) if reduced
+                    else (outputs[rows[0]], outputs[rows[1]]))
     grad = None
     if with_grad:
         grad = logits if inplace else torch.empty((n_rows, n_classes), dtype=logits.dtype,
                                                   device=input.device)
-    view = tensors.as_array
+    out = tensors.as_array(outputs)
     with tensors.on_torch_stream(input.device):
         api.run_or_fill(
             tensors.TorchArrays(input.device), logits_array, fmt, target_array, weight_array,
-            options, None if grad is None else view(grad), tensors.ones(input.device),
-            view(row_loss),
-            view(row_z), view(row_lse), view(loss).reshape(1) if reduced else None,
-            view(z_part).reshape(1) if reduced else None, validate)
+            options, None if grad is None else tensors.as_array(grad),
+            tensors.ones(input.device), out[rows[0]], out[rows[1]], out[rows[2]],
+            out[reduced_at[0]:reduced_at[0] + 1] if reduced else None,
+            out[reduced_at[1]:reduced_at[1] + 1] if reduced else None, validate)
     if grad is logits and not copied:
         torch.autograd.graph.increment_version(input)  # the kernel wrote the caller's tensor
     return loss, z_part, grad, fmt

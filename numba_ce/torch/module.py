@@ -1,8 +1,10 @@
-"""``CrossEntropyLoss``: the module form of :func:`numba_ce.torch.cross_entropy`."""
+"""The module forms: ``CrossEntropyLoss`` of :func:`numba_ce.torch.cross_entropy`, and
+``LinearCrossEntropyLoss`` of :func:`numba_ce.torch.linear_cross_entropy`."""
 import torch
 
 from .. import validation
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -31,3 +33,36 @@ class CrossEntropyLoss(torch.nn.Module):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """As :class:`torch.nn.LinearCrossEntropyLoss` (torch 2.13): owns the head ``self.linear``
+    (an nn.Linear from ``in_features`` to ``num_classes``) and returns the cross-entropy of its
+    logits, ``crit(input, target)``, through :func:`numba_ce.torch.linear_cross_entropy`; plus
+    z-loss, softcap, chunk_size and the target check."""
+
+    def __init__(self, in_features, num_classes, *, bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=-100, label_smoothing=0.0,
+                 z_loss=0.0, softcap=None, chunk_size=None, validate=True):
+        super().__init__()
+        (self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
+         self.softcap) = validation.check_options(ignore_index, reduction, label_smoothing,
+                                                  z_loss, softcap)
+        validation.check_chunk_size(chunk_size)
+        self.chunk_size = chunk_size
+        self.validate = validation.check_flag("validate", validate)
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
+                                      dtype=dtype)
+        self.register_buffer("weight", weight)
+
+    def forward(self, input, target):
+        return linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            chunk_size=self.chunk_size, validate=self.validate)
+
+    def extra_repr(self):
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, chunk_size={self.chunk_size}")

@@ -73,6 +73,8 @@ def _numpy_dtype(torch_dtype):
 
 @functools.lru_cache(maxsize=None)
 def _torch_dtype(numpy_dtype):
+    if numpy_dtype == BFLOAT16:
+        return torch.bfloat16
     return torch.from_numpy(np.empty(0, numpy_dtype)).dtype
 
 
@@ -84,18 +86,26 @@ def ones(device):
 
 
 class TorchArrays:
-    """The array module handed to :func:`numba_ce.launch.run` for its small work arrays
-    (it calls ``empty`` only): torch tensors on ``device``, seen as arrays. So every byte a call
-    uses comes from torch's caching allocator, which orders reuse by stream and keeps memory
-    allocated during CUDA-graph capture for the graph's replays; CuPy's pool would hand such
-    memory to later calls, and would call cudaMalloc in the middle of a capture."""
+    """The array module handed to the core (numba_ce.launch, numba_ce.linear) for the buffers it
+    allocates (it calls ``empty`` only): torch tensors on ``device``, seen as arrays. So every
+    byte a call uses comes from torch's caching allocator, which orders reuse by stream and keeps
+    memory allocated during CUDA-graph capture for the graph's replays; CuPy's pool would hand
+    such memory to later calls, and would call cudaMalloc in the middle of a capture.
+    :meth:`tensor` gives back the tensor behind an array it made (outputs to return)."""
 
     def __init__(self, device):
         self.device = device
+        self._made = {}
 
     def empty(self, shape, dtype):
-        return as_array(torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)),
-                                    device=self.device))
+        tensor = torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)), device=self.device)
+        array = as_array(tensor)
+        self._made[devices.data_pointer(array)] = tensor
+        return array
+
+    def tensor(self, array):
+        """The tensor made for ``array`` (or for the array it reshapes), in its shape."""
+        return self._made[devices.data_pointer(array)].view(array.shape)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,120 @@
+"""``linear_cross_entropy`` for torch tensors: an autograd function around numba_ce.linear.
+
+    forward   "mean"/"sum": one pass over the chunks computes the loss and every gradient asked
+              for (input, linear weight, bias) for an upstream gradient of 1; they are saved.
+              "none": the loss only (the per-row upstream gradient is not known yet).
+    backward  "mean"/"sum": scales the saved gradients by the upstream gradient on the device
+              (numba_ce.scale_kernel; nothing to do when it is 1, and no host synchronisation).
+              "none": a second pass over the chunks with the per-row upstream gradient.
+
+No math lives here: tensors become array views (numba_ce.torch.tensors) and the core does the rest.
+Under torch.autocast the input, weight and bias are cast to the autocast dtype first, as
+torch.nn.functional.linear would be.
+"""
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import linear, validation
+from ..scale_kernel import scale_rows
+from . import tensors
+
+
+@torch.compiler.disable  # the kernels are opaque to TorchDynamo: a graph break, run eagerly
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, chunk_size=None, validate=True):
+    """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` against ``target``,
+    as :func:`torch.nn.functional.linear_cross_entropy` (same leading signature), plus z-loss and
+    softcap, computed chunk by chunk of rows so that no N x V logits are ever stored.
+
+    Parameters
+    ----------
+    input : float32, float16 or bfloat16 tensor (N, H) on the GPU (CPU in the simulator).
+    linear_weight : (V, H) tensor of input's dtype. linear_bias : (V,) tensor or None.
+    target : int64 or int32 tensor (N,).
+    weight, reduction, ignore_index, label_smoothing, z_loss, softcap, validate : as
+        :func:`numba_ce.torch.cross_entropy`.
+    chunk_size : rows per chunk (default: 4096, fewer when C x V logits would exceed 1 GiB).
+
+    Returns
+    -------
+    float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'. Gradients reach input,
+    linear_weight and linear_bias in their dtypes; the weight and bias gradients are summed over
+    the rows in float32 and rounded once.
+    """
+    options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    validation.check_chunk_size(chunk_size)
+    validate = validation.check_flag("validate", validate)
+    tensors.check_devices(input, linear_weight=linear_weight, target=target,
+                          linear_bias=linear_bias, weight=weight)
+    if torch.is_autocast_enabled(input.device.type):
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight = input.to(dtype), linear_weight.to(dtype)
+        linear_bias = None if linear_bias is None else linear_bias.to(dtype)
+    needed = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
+                   for t in (input, linear_weight, linear_bias))
+    return _FusedLinearCrossEntropy.apply(input, linear_weight, linear_bias, target, weight,
+                                          options, chunk_size, validate, needed)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, options, chunk_size,
+                validate, needed):
+        ctx.per_row = options[1] == "none"
+        ctx.arguments = (options, chunk_size, validate, needed)
+        eager = any(needed) and not ctx.per_row
+        loss, grads = _run(input, linear_weight, linear_bias, target, weight, options,
+                           chunk_size, validate, needed if eager else (False,) * 3, None)
+        if eager:
+            ctx.save_for_backward(*grads)
+        elif any(needed):
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
+        ctx.scaled = False
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        options, chunk_size, validate, needed = ctx.arguments
+        upstream = grad_loss.detach().float().reshape(-1)  # (1,), or (N,) for reduction="none"
+        if ctx.per_row:
+            _, grads = _run(*ctx.saved_tensors, options, chunk_size, False, needed, upstream)
+        else:
+            if ctx.scaled:
+                raise RuntimeError(
+                    "numba_ce.torch.linear_cross_entropy: backward ran twice on one forward "
+                    "(retain_graph=True?); the first scaled the saved gradients in place, so "
+                    "compute the loss again")
+            ctx.scaled = True
+            grads = ctx.saved_tensors
+            with tensors.on_torch_stream(upstream.device):
+                for grad in grads:
+                    if grad is not None:
+                        array = tensors.as_array(grad)
+                        scale_rows(array.reshape(-1, array.shape[-1]), array.dtype.name,
+                                   tensors.as_array(upstream), False)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _run(input, linear_weight, linear_bias, target, weight, options, chunk_size, validate,
+         needed, upstream):
+    """(loss tensor, (grad_input, grad_linear_weight, grad_linear_bias), each None unless
+    ``needed``) for an upstream gradient ``upstream`` (None: 1)."""
+    view = tensors.as_array
+    arrays = [None if t is None else view(t) for t in (input, linear_weight, target, linear_bias)]
+    fmt = linear.check_arguments(*arrays, None if weight is None else view(weight), chunk_size)
+    input_array, weight_array, target_array, bias_array = arrays
+    class_weight = None
+    if weight is not None:  # the kernels read float32 class weights
+        class_weight = view(weight.detach().float().contiguous())
+    device = input.device
+    xp = tensors.TorchArrays(device)
+    with tensors.on_torch_stream(device):
+        result = linear.compute(
+            xp, input_array, weight_array, bias_array, target_array, class_weight, options, fmt,
+            chunk_size, tensors.ones(device) if upstream is None else view(upstream), needed,
+            validate)
+    grads = tuple(None if a is None else xp.tensor(a) for a in result[1:4])
+    return xp.tensor(result.loss), grads

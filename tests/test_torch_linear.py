@@ -1,0 +1,125 @@
+"""numba_ce.torch.linear_cross_entropy and LinearCrossEntropyLoss against torch's unfused
+linear + cross_entropy (float64 autograd): options, reductions with an upstream gradient, which
+parameters require grad, autocast and errors. CPU tensors in the simulator, CUDA tensors on a GPU.
+"""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import numba_ce.torch as nce
+from numba_ce.portable import SIMULATOR
+from helpers import DTYPES, assert_close, random_target, torch_linear_loss_and_grads
+from test_linear import N_CLASSES, N_FEATURES, N_ROWS, RELATIVE, random_head
+from torch_helpers import from_torch, to_torch
+
+DEVICE = "cpu" if SIMULATOR else "cuda"
+CASES = [
+    dict(reduction="mean", bias=True, chunk_size=4),
+    dict(reduction="sum", ignored=0.3, weighted=True, smoothing=0.1, z_loss=1e-3, upstream=0.37),
+    dict(reduction="none", bias=True, softcap=5.0, chunk_size=2, upstream="rows"),
+    dict(reduction="none", ignored=0.3, z_loss=1e-3, upstream="rows", frozen_input=True),
+    dict(reduction="mean", bias=True, frozen_weight=True, target_dtype=torch.int32),
+]
+
+
+def check(rng, dtype, *, reduction="mean", bias=False, ignored=0.0, weighted=False,
+          smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, upstream=None,
+          frozen_input=False, frozen_weight=False, target_dtype=torch.int64):
+    x, w, b = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, dtype, bias)
+    target = random_target(rng, N_ROWS, N_CLASSES, ignored_share=ignored)
+    weight = (rng.random(N_CLASSES) + 0.5).astype(np.float32) if weighted else None
+    grad_output = {None: None, "rows": rng.standard_normal(N_ROWS)}.get(upstream, upstream)
+    options = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
+                   softcap=softcap)
+    leaves = [to_torch(a, DEVICE).requires_grad_(not frozen) for a, frozen in
+              ((x, frozen_input), (w, frozen_weight), (b, False)) if a is not None]
+    torch_options = {**options, "weight": None if weight is None else to_torch(weight, DEVICE)}
+    loss = nce.linear_cross_entropy(leaves[0], leaves[1], to_torch(target, DEVICE, target_dtype),
+                                    linear_bias=leaves[2] if bias else None,
+                                    chunk_size=chunk_size, **torch_options)
+    assert loss.dtype == torch.float32
+    loss.backward(torch.ones_like(loss) if grad_output is None else
+                  torch.as_tensor(grad_output, dtype=torch.float32, device=DEVICE))
+
+    expected = torch_linear_loss_and_grads(x, w, target, linear_bias=b, grad_output=grad_output,
+                                           **options)
+    tolerance = RELATIVE[dtype]
+    assert_close(from_torch(loss), expected[0], 0.0, tolerance * np.abs(expected[0]).max(),
+                 "loss")
+    for name, leaf, want in zip(["input", "linear_weight", "linear_bias"], leaves, expected[1:]):
+        if not leaf.requires_grad:
+            assert leaf.grad is None
+            continue
+        assert leaf.grad.dtype == leaf.dtype, f"{name}.grad dtype"
+        assert_close(from_torch(leaf.grad), want, 0.0, tolerance * np.abs(want).max(),
+                     f"{name}.grad")
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_unfused_torch(rng, case, dtype):
+    check(rng, dtype, **CASES[case])
+
+
+def test_module_owns_the_head(rng):
+    """LinearCrossEntropyLoss(in_features, num_classes, bias=...) as torch 2.13's module: the
+    head's parameters get the gradients of the unfused computation."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    crit = nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, bias=True, device=DEVICE,
+                                      label_smoothing=0.1, chunk_size=4)
+    x = torch.randn(N_ROWS, N_FEATURES, device=DEVICE)
+    target = random_target(rng, N_ROWS, N_CLASSES, ignored_share=0.3)
+    crit(x, to_torch(target, DEVICE)).backward()
+    head = crit.linear
+    expected = torch_linear_loss_and_grads(
+        from_torch(x), from_torch(head.weight), target, linear_bias=from_torch(head.bias),
+        label_smoothing=0.1)
+    assert_close(from_torch(head.weight.grad), expected[2], 0.0, 1e-5, "weight.grad")
+    assert_close(from_torch(head.bias.grad), expected[3], 0.0, 1e-5, "bias.grad")
+    assert "chunk_size=4" in repr(crit)
+
+
+def test_autocast_casts_the_head_like_linear(rng):
+    """float32 parameters under autocast: the product runs in the autocast dtype (as F.linear's
+    would), the gradients come back in float32."""
+    x, w, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
+    target = to_torch(random_target(rng, N_ROWS, N_CLASSES), DEVICE)
+    xt, wt = (to_torch(a, DEVICE).requires_grad_() for a in (x, w))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = nce.linear_cross_entropy(xt, wt, target)
+    loss.backward()
+    assert xt.grad.dtype == torch.float32 and wt.grad.dtype == torch.float32
+    expected = torch_linear_loss_and_grads(x, w, from_torch(target).astype(np.int64))
+    assert_close(from_torch(loss), expected[0], 0.0, 1e-2 * abs(expected[0]), "loss")
+    assert_close(from_torch(wt.grad), expected[2], 0.0, 1e-2 * np.abs(expected[2]).max(),
+                 "weight.grad")
+
+
+def test_second_backward_is_refused(rng):
+    x, w, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
+    xt = to_torch(x, DEVICE).requires_grad_()
+    loss = nce.linear_cross_entropy(xt, to_torch(w, DEVICE),
+                                    to_torch(random_target(rng, N_ROWS, N_CLASSES), DEVICE))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice on one forward"):
+        loss.backward()
+
+
+def test_errors_name_what_arrived(rng):
+    x, w, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
+    xt, wt = to_torch(x, DEVICE), to_torch(w, DEVICE)
+    target = to_torch(random_target(rng, N_ROWS, N_CLASSES), DEVICE)
+    with pytest.raises(TypeError, match=re.escape(
+            "linear_weight dtype must match input's float32 (got float16)")):
+        nce.linear_cross_entropy(xt, wt.half(), target)
+    with pytest.raises(TypeError, match=re.escape("linear_weight must be a torch.Tensor (got "
+                                                  "ndarray)")):
+        nce.linear_cross_entropy(xt, w, target)
+    with pytest.raises(ValueError, match=re.escape("chunk_size must be at least 1 row (got 0)")):
+        nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, chunk_size=0)
+    if not SIMULATOR:
+        with pytest.raises(ValueError, match=re.escape(
+                "linear_weight must be on the same device as input (expected cuda:0, got cpu)")):
+            nce.linear_cross_entropy(xt, wt.cpu(), target)
