@@ -1,9 +1,10 @@
 """The results CSV: its columns, the environment every row records, appending and reading.
 
-bench/results/results.csv is committed; each run appends its rows (--smoke never does). A run on
-the device machine writes its rows under --out as well; bring them into the committed file with
+bench/results/results.csv (bench.run) and linear.csv (bench.linear) are committed; each run
+appends its rows (--smoke never does). A run on the device machine writes its rows under --out
+as well; bring them into the committed files with
 
-    python -m bench.results OUT/bench/results.csv
+    python -m bench.results OUT/bench/results.csv OUT/bench/linear.csv
 """
 import csv
 import datetime
@@ -69,19 +70,19 @@ def nvidia_driver():
         return ""
 
 
-def append(path, rows):
-    """Append ``rows`` (dicts with COLUMNS) to the CSV at ``path``, writing the header to a new
-    or empty file; refuses a file whose header is not COLUMNS."""
+def append(path, rows, columns=COLUMNS):
+    """Append ``rows`` (dicts with ``columns``) to the CSV at ``path``, writing the header to a
+    new or empty file; refuses a file whose header is not ``columns``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with open(path, newline="") as f:
             header = tuple(next(csv.reader(f), ()))
-        if header != COLUMNS:
-            raise ValueError(f"{path} has columns {header}; expected {COLUMNS}")
+        if header != tuple(columns):
+            raise ValueError(f"{path} has columns {header}; expected {tuple(columns)}")
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, columns)
         if new:
             writer.writeheader()
         writer.writerows(rows)
@@ -102,17 +103,19 @@ def latest_run(rows):
 
 
 def main(argv=None):
-    """Append the rows of each CSV given to the committed file, skipping rows already there."""
+    """Append the rows of each CSV given to the committed file of the same name (results.csv,
+    linear.csv), skipping rows already there."""
     paths = (sys.argv[1:] if argv is None else argv)
     if not paths:
         print(__doc__)
         return 2
-    present = {tuple(row.values()) for row in read(COMMITTED)} if COMMITTED.exists() else set()
     for path in paths:
-        rows = [row for row in read(path) if tuple(row.values()) not in present]
-        append(COMMITTED, rows)
-        present.update(tuple(row.values()) for row in rows)
-        print(f"{path}: {len(rows)} rows added to {COMMITTED}")
+        committed = COMMITTED.parent / Path(path).name
+        present = {tuple(row.values()) for row in read(committed)} if committed.exists() else set()
+        new = read(path)
+        rows = [row for row in new if tuple(row.values()) not in present]
+        append(committed, rows, tuple(new[0]) if new else COLUMNS)
+        print(f"{path}: {len(rows)} rows added to {committed}")
     return 0
 
 

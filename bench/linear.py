@@ -1,0 +1,250 @@
+"""Benchmark of the fused linear cross-entropy: numba_ce against torch's unfused linear +
+cross_entropy and Liger-Kernel's fused linear cross-entropy, side by side in one run.
+
+    python -m bench.linear [--shape 8192x4096x128256] [--out DIR]
+
+One case, N x H x V (default 8192 x 4096 x 128256, bf16: a Llama-3 8B head over 8192 tokens), the
+mean loss and ``loss.backward()`` with gradients of the input and the head weight. Per provider:
+
+    ms          forward + backward, CUDA events on torch's current stream, p20 / p50 / p80
+    peak_extra  torch.cuda.max_memory_allocated() during a call minus memory_allocated() before
+                (plus CuPy pool growth), so it includes the gradients the call leaves
+    errors      max |value - reference| / max |reference| of the loss, input gradient and weight
+                gradient, against the same computation in float32 torch ops
+
+The time bound of the design is 1.1 x (the three matrix products of the unfused computation, timed
+alone with torch.mm into preallocated outputs, + numba_ce's fused cross-entropy kernel on the
+N x V logits): the rows torch-mm-only and numba_ce-ce-kernel report the two parts.
+Rows are appended to bench/results/linear.csv (and OUT/bench/linear.csv with --out).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import harness, results
+
+DEFAULT_SHAPE = (8192, 4096, 128256)
+MEASUREMENT = ("provider", "n", "h", "v", "dtype", "reps", "ms_p20", "ms_p50", "ms_p80",
+               "first_ms", "peak_extra_mb", "loss", "loss_rel_err", "grad_input_rel_err",
+               "grad_weight_rel_err")
+COLUMNS = results.ENVIRONMENT + MEASUREMENT
+COMMITTED = results.COMMITTED.parent / "linear.csv"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="x".join(map(str, DEFAULT_SHAPE)),
+                        help="N x H x V, e.g. 8192x4096x128256")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--chunk-sizes", default="",
+                        help="also time numba_ce-torch with these chunk sizes, e.g. 2048,4096")
+    parser.add_argument("--out", type=Path, help="also write linear.csv and linear.log here")
+    args = parser.parse_args(argv)
+    args.shape = tuple(int(part) for part in args.shape.lower().split("x"))
+    args.chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c]
+    return args
+
+
+class Head:
+    """Hidden states x (N, H), a head weight W (V, H) scaled for logits of std 2, targets."""
+
+    def __init__(self, torch, n, h, v, dtype):
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        self.x = torch.randn(n, h, device="cuda", generator=generator).to(dtype)
+        self.w = (torch.randn(v, h, device="cuda", generator=generator) * (2 / h**0.5)).to(dtype)
+        self.target = torch.randint(0, v, (n,), device="cuda", generator=generator)
+
+    def leaves(self):
+        """Fresh leaves over the same memory, so each provider's gradients are its own."""
+        return (self.x.detach().requires_grad_(), self.w.detach().requires_grad_())
+
+
+def autograd_step(torch, loss_fn, head, outputs):
+    """A harness Step running loss_fn(x, w, target).backward(); ``outputs`` receives the leaves,
+    whose .grad hold the last call's gradients."""
+    x, w = head.leaves()
+    outputs["leaves"] = (x, w)
+
+    def run():
+        loss = loss_fn(x, w, head.target)
+        loss.backward()
+        return loss.detach()
+
+    def reset():
+        x.grad = w.grad = None
+
+    return harness.Step(run, reset)
+
+
+def providers(torch, chunk_sizes):
+    """(name, factory(head, outputs) -> Step) of each provider; a factory raises when its
+    provider cannot run here."""
+    import torch.nn.functional as F
+
+    import numba_ce
+    import numba_ce.torch as nce
+
+    def unfused(head, outputs):
+        return autograd_step(torch, lambda x, w, t: F.cross_entropy(F.linear(x, w), t), head,
+                             outputs)
+
+    def ours_torch(chunk_size=None):
+        def factory(head, outputs):
+            return autograd_step(torch, lambda x, w, t: nce.linear_cross_entropy(
+                x, w, t, chunk_size=chunk_size), head, outputs)
+        return factory
+
+    def ours_cupy(head, outputs):
+        import cupy
+        from numba_ce.torch.tensors import as_array
+        x, w, t = (as_array(a) for a in (head.x, head.w, head.target))
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+        def run():
+            with stream:
+                res = numba_ce.linear_cross_entropy_with_grad(x, w, t)
+            outputs["arrays"] = res
+            return res.loss
+        return harness.Step(run)
+
+    def liger(accum_dtype):
+        def factory(head, outputs):
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+            return autograd_step(torch, lambda x, w, t: liger_fused_linear_cross_entropy(
+                x, w, t, accum_dtype=accum_dtype), head, outputs)
+        return factory
+
+    return [("torch-unfused", unfused), ("numba_ce-torch", ours_torch()),
+            ("numba_ce-cupy", ours_cupy), ("liger", liger(None)),
+            ("liger-fp32-accum", liger(torch.float32)),
+            *((f"numba_ce-torch-chunk{c}", ours_torch(c)) for c in chunk_sizes)]
+
+
+def matmuls_and_kernel_steps(torch, head):
+    """The two parts of the time bound: the unfused computation's three matrix products alone,
+    and numba_ce's fused cross-entropy kernel (in place) on the N x V logits."""
+    import cupy
+
+    import numba_ce
+    from numba_ce.torch.tensors import as_array
+    x, w = head.x, head.w
+    logits = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device="cuda")
+    grad_x, grad_w = torch.empty_like(x), torch.empty_like(w)
+
+    def matmuls():
+        torch.mm(x, w.T, out=logits)
+        torch.mm(logits, w, out=grad_x)  # the gradient of the logits lives where they did
+        torch.mm(logits.T, x, out=grad_w)
+        return 0.0
+
+    z, t = as_array(logits), as_array(head.target)
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+    def kernel():
+        with stream:
+            return numba_ce.cross_entropy_with_grad(z, t, inplace=True).loss
+    return harness.Step(matmuls), harness.Step(kernel)
+
+
+def as_tensor(torch, array):
+    """A torch view of a CuPy array (bf16 through its 16-bit pattern)."""
+    if array.dtype == np.float32:
+        return torch.as_tensor(array, device="cuda")
+    return torch.as_tensor(array.view(np.int16), device="cuda").view(torch.bfloat16)
+
+
+def relative_error(value, reference):
+    value, reference = value.float(), reference.float()
+    return float((value - reference).abs().max() / reference.abs().max())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import cupy
+    import torch
+    import torch.nn.functional as F
+
+    out_dir = args.out / "bench" if args.out else None
+    log_lines = []
+
+    def say(text):
+        print(text, flush=True)
+        log_lines.append(text)
+
+    n, h, v = args.shape
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    env = results.environment(torch.cuda.get_device_name(), results.nvidia_driver())
+    for key, value in env.items():
+        say(f"{key}: {value}")
+    head = Head(torch, n, h, v, dtype)
+    timer, pool = harness.CudaTimer(torch), cupy.get_default_memory_pool()
+
+    x32, w32 = (a.float().requires_grad_() for a in (head.x, head.w))
+    ref_loss = F.cross_entropy(x32 @ w32.T, head.target)
+    ref_loss.backward()
+    reference = (ref_loss.detach(), x32.grad, w32.grad)
+    del x32, w32
+    harness.free_device_memory(torch, pool)
+
+    rows = []
+
+    def record(name, timing, peak, errors=(np.nan,) * 3):
+        row = dict(env, provider=name, n=n, h=h, v=v, dtype=args.dtype, reps=timing.reps,
+                   ms_p20=f"{timing.ms[0]:.4f}", ms_p50=f"{timing.ms[1]:.4f}",
+                   ms_p80=f"{timing.ms[2]:.4f}", first_ms=f"{timing.first_ms:.1f}",
+                   peak_extra_mb="" if peak is None else f"{peak / 2**20:.1f}",
+                   loss=f"{timing.loss:.6f}", loss_rel_err=f"{errors[0]:.3e}",
+                   grad_input_rel_err=f"{errors[1]:.3e}", grad_weight_rel_err=f"{errors[2]:.3e}")
+        rows.append(row)
+        peak_text = "" if peak is None else f", peak extra {peak / 2**30:.2f} GiB"
+        say(f"{name:>22}: {timing.ms[1]:8.3f} ms (p20 {timing.ms[0]:.3f}, p80 "
+            f"{timing.ms[2]:.3f}){peak_text}; rel. errors loss {errors[0]:.1e}, "
+            f"grad_input {errors[1]:.1e}, grad_weight {errors[2]:.1e}")
+
+    for name, factory in providers(torch, args.chunk_sizes):
+        outputs = {}
+        try:
+            step = factory(head, outputs)
+            timing = harness.measure(step, timer, harness.FULL)
+            peak = harness.peak_extra_bytes(step, torch, pool)
+            if step.reset:
+                step.reset()
+            loss = step.run()
+            if "arrays" in outputs:
+                res = outputs["arrays"]
+                loss, *grads = [as_tensor(torch, a) for a in
+                                (res.loss, res.grad_input, res.grad_linear_weight)]
+            else:
+                grads = [leaf.grad for leaf in outputs["leaves"]]
+            errors = [relative_error(a, b) for a, b in zip((loss, *grads), reference)]
+            record(name, timing, peak, errors)
+        except Exception as exc:  # e.g. Liger not installed: the others still run
+            say(f"{name:>22}: skipped ({type(exc).__name__}: {exc})")
+        del outputs
+        harness.free_device_memory(torch, pool)
+
+    matmuls, kernel = matmuls_and_kernel_steps(torch, head)
+    mm_timing = harness.measure(matmuls, timer, harness.FULL)
+    record("torch-mm-only", mm_timing, None)
+    ce_timing = harness.measure(kernel, timer, harness.FULL)
+    record("numba_ce-ce-kernel", ce_timing, None)
+    bound = mm_timing.ms[1] + ce_timing.ms[1]
+    say(f"time bound 1.1 x (mm {mm_timing.ms[1]:.3f} + ce {ce_timing.ms[1]:.3f} ms) = "
+        f"{1.1 * bound:.3f} ms")
+
+    results.append(COMMITTED, rows, COLUMNS)
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results.append(out_dir / "linear.csv", rows, COLUMNS)
+        (out_dir / "linear.log").write_text("\n".join(log_lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    code = main()
+    print(f"bench.linear: {time.perf_counter() - started:.1f} s")
+    sys.exit(code)
