@@ -108,10 +108,14 @@ def run_or_fill(xp, logits, fmt, target, weight, options, grad, grad_output, row
         launch.run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
                    row_lse, loss_out, z_out, validate)
     elif loss_out is not None:
-        reduction = options[1]
-        fill = np.nan if reduction == "mean" else 0.0
-        loss_out.fill(fill)
-        z_out.fill(fill)
+        fill_no_rows(options[1], loss_out, z_out)
+
+
+def fill_no_rows(reduction, *outputs):
+    """The reduced outputs of a batch of no rows, as PyTorch gives them: "sum" is 0 and "mean"
+    is 0 / 0 = NaN."""
+    for out in outputs:
+        out.fill(np.nan if reduction == "mean" else 0.0)
 
 
 def empty(xp, shape, dtype):

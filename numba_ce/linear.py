@@ -17,11 +17,12 @@ sums N / C chunk products: in the weight's bf16 each addition would round (Liger
 1391), so the sum is kept in float32 (V x H x 4 bytes; for float32 weights it is the output
 itself) and rounded once at the end.
 
-Memory beyond the inputs and the returned gradients: the C x V logits chunk and, for fp16/bf16
-weights, the float32 accumulators (V x H x 4 bytes, the floor of this design). The default chunk
+Memory beyond the inputs and the returned gradients: the C x V logits chunk, three float32 values
+a row (row loss, z part, lse) and, for fp16/bf16 weights, the float32 accumulators (V x H x 4
+bytes, the floor of this design). The default chunk
 is 4096 rows (CHUNK_ROWS), fewer when its logits would exceed 1 GiB.
-fp16 keeps the "mean" gradient's small entries by forming the chunk gradient S_w times larger
-(see ``compute``).
+fp16 "mean" forms the chunk gradient without the 1 / S_w and the upstream factor, which it
+applies afterwards (see ``compute``): p_j / S_w would flush to zero, g * p_j overflow.
 """
 import numbers
 
@@ -156,14 +157,16 @@ def compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt,
     logits = api.empty(xp, (chunk, n_classes), dtype)
     stats = (launch.target_statistics(xp, target, weight, ignore_index, n_classes, validate)
              if n_rows else None)
-    # fp16 only: its smallest subnormal is 6e-8, so the entries p_j / S_w of a "mean" gradient
-    # (S_w = the batch's sum of w_y) would flush to zero in the fp16 logits chunk. The chunk
-    # gradient is formed for an upstream of g * S_w instead (entries ~ p_j) and the products
-    # are divided by S_w afterwards, in fp32.
+    # fp16 only: its smallest subnormal is 6e-8 and its largest value 65504, so the entries
+    # g * p_j / S_w of a "mean" gradient (S_w = the batch's sum of w_y, g the scalar upstream)
+    # would flush to zero for a large batch, or overflow for a loss-scaled g. The chunk gradient
+    # is formed for an upstream of S_w instead (entries ~ p_j - [j == y], within [-1, 1]); the
+    # input gradient is then scaled by g / S_w once more, and the float32 weight and bias sums
+    # are scaled by it as they are rounded.
     rescale = bool(with_grad and n_rows and fmt == "float16" and reduction == "mean")
     unscale = _ones(xp, (1,), np.dtype(np.float32))
     if rescale:
-        grad_output = _rescaled_upstream(xp, grad_output, stats, unscale)
+        grad_output = _undo_mean(xp, grad_output, stats, unscale)
 
     for start in range(0, n_rows, chunk):
         rows = slice(start, min(start + chunk, n_rows))
@@ -188,9 +191,8 @@ def compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt,
         loss, z_part = api.empty(xp, 1, np.float32), api.empty(xp, 1, np.float32)
         if n_rows:
             launch.reduce(row_loss, row_z, stats, reduction, loss, z_part)
-        else:  # as PyTorch: the sum of nothing is 0, its mean 0 / 0
-            for out in (loss, z_part):
-                out.fill(np.nan if reduction == "mean" else 0.0)
+        else:
+            api.fill_no_rows(reduction, loss, z_part)
         loss, z_part = loss.reshape(()), z_part.reshape(())
     if rescale and need_input:
         scale_rows(grad_input, fmt, unscale, False)
@@ -207,16 +209,15 @@ def default_chunk(n_classes, itemsize):
     return rows
 
 
-def _rescaled_upstream(xp, grad_output, stats, unscale):
-    """grad_output * S_w as a new array, and unscale[0] = 1 / S_w (0 rows counted: 1 / tiny,
-    whose products with the all-zero gradient stay 0), on the device."""
+def _undo_mean(xp, grad_output, stats, unscale):
+    """The upstream S_w for the row kernel, and unscale[0] = g / S_w, on the device. With no
+    row counted, S_w = 0 is replaced by a tiny value: the gradient is all zeros either way."""
     array_module = np if isinstance(stats, np.ndarray) else devices.cupy
-    weight_sum = array_module.maximum(stats[STAT_WEIGHT_SUM:STAT_WEIGHT_SUM + 1],
-                                      np.float32(1e-30))
-    array_module.divide(unscale, weight_sum, out=unscale)
-    scaled = api.empty(xp, grad_output.shape, np.float32)
-    array_module.multiply(grad_output, weight_sum, out=scaled)
-    return scaled
+    weight_sum = api.empty(xp, 1, np.float32)
+    array_module.maximum(stats[STAT_WEIGHT_SUM:STAT_WEIGHT_SUM + 1], np.float32(1e-30),
+                         out=weight_sum)
+    array_module.divide(grad_output, weight_sum, out=unscale)
+    return weight_sum
 
 
 def _zeros(xp, shape):

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import devices
 from .portable import SIMULATOR
+from .validation import matrix_layout
 
 # cudaDataType of each format (library_types.h)
 CUDA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}
@@ -44,8 +45,8 @@ def _gemm(a, b, out, accumulate):
 
     cupy = devices.cupy
     (m, k), n = a.shape, b.shape[1]
-    op_b, ld_b = _layout(b)
-    op_a, ld_a = _layout(a)
+    op_b, ld_b = _operation(b, cublas)
+    op_a, ld_a = _operation(a, cublas)
     alpha = np.ones(1, np.float32)
     beta = np.full(1, 1.0 if accumulate else 0.0, np.float32)
     if k == 0:  # an empty sum: cuBLAS leaves C alone when k = 0 and beta = 1 anyway
@@ -58,20 +59,16 @@ def _gemm(a, b, out, accumulate):
         handle, op_b, op_a, n, m, k, alpha.ctypes.data,
         b.data.ptr, CUDA_TYPES[b.dtype.name], ld_b,
         a.data.ptr, CUDA_TYPES[a.dtype.name], ld_a,
-        beta.ctypes.data, out.data.ptr, CUDA_TYPES[out.dtype.name], _layout(out)[1],
+        beta.ctypes.data, out.data.ptr, CUDA_TYPES[out.dtype.name], _operation(out, cublas)[1],
         cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
 
 
-def _layout(array):
-    """(cuBLAS operation, leading dimension in elements) of a row-major array or of the
-    transpose of one."""
-    from cupy_backends.cuda.libs import cublas
-
-    rows, cols = array.shape
-    row_stride, col_stride = (s // array.itemsize for s in array.strides)
-    if col_stride == 1 or cols == 1:
-        return cublas.CUBLAS_OP_N, max(row_stride, cols, 1)
-    if row_stride == 1 or rows == 1:
-        return cublas.CUBLAS_OP_T, max(col_stride, rows, 1)
-    raise ValueError(f"matmul operands must be row-major or transposed row-major arrays "
-                     f"(got strides {array.strides})")
+def _operation(array, cublas):
+    """(cuBLAS operation, leading dimension) of an operand checked by
+    validation.check_matrix."""
+    layout = matrix_layout(array)
+    if layout is None:  # the public API refuses such arrays before any product
+        raise ValueError(f"matmul operand of shape {array.shape} and strides {array.strides} is "
+                         "neither row-major nor a transposed row-major array")
+    transposed, leading = layout
+    return (cublas.CUBLAS_OP_T if transposed else cublas.CUBLAS_OP_N), leading

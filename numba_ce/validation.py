@@ -109,7 +109,7 @@ def target_out_of_range(row, value, n_classes, ignore_index):
 
 def check_matrix(name, array, expected, hint):
     """The format name of a float32/float16/bfloat16 2-D ``array`` that matrix products can read
-    in place: row-major, or the transpose of a row-major array."""
+    in place (see :func:`matrix_layout`)."""
     shape = getattr(array, "shape", None)
     if shape is None or len(shape) != 2:
         got = "no shape" if shape is None else f"shape {tuple(shape)}"
@@ -117,13 +117,29 @@ def check_matrix(name, array, expected, hint):
     if array.dtype.name not in FORMATS:
         raise TypeError(
             f"{name} dtype must be float32, float16 or bfloat16 (got {array.dtype.name})")
-    rows, cols = shape
-    row_stride, col_stride = (s // array.itemsize for s in array.strides)
-    if not (col_stride == 1 or row_stride == 1 or rows <= 1 or cols <= 1) or min(
-            row_stride, col_stride) < 0 or any(s % array.itemsize for s in array.strides):
-        raise ValueError(f"{name} must be row-major or the transpose of a row-major array (got "
+    if matrix_layout(array) is None:
+        raise ValueError(f"{name} must be row-major or the transpose of a row-major array, "
+                         f"without broadcast or overlapping rows (got shape {tuple(shape)}, "
                          f"strides {tuple(array.strides)} bytes); pass a contiguous copy")
     return array.dtype.name
+
+
+def matrix_layout(array):
+    """(transposed, leading dimension in elements) of a 2-D array that is row-major (unit
+    stride along a row, rows at least a row apart) or the transpose of one; None for any other
+    layout (broadcast, overlapping or misaligned). A dimension of size 1 takes any stride, an
+    array of no elements any layout (nothing is read)."""
+    rows, cols = array.shape
+    if rows == 0 or cols == 0:
+        return False, max(cols, 1)
+    if any(s % array.itemsize for s in array.strides):
+        return None
+    row_stride, col_stride = (s // array.itemsize for s in array.strides)
+    if (cols <= 1 or col_stride == 1) and (rows <= 1 or row_stride >= max(cols, 1)):
+        return False, max(row_stride if rows > 1 else cols, 1)
+    if (rows <= 1 or row_stride == 1) and (cols <= 1 or col_stride >= max(rows, 1)):
+        return True, max(col_stride if cols > 1 else rows, 1)
+    return None
 
 
 def check_same_dtype(name, array, input):

@@ -224,3 +224,41 @@ def test_roofline_measure_needs_a_gpu(capsys):
 def test_roofline_measures_a_call(capsys):
     assert main(["roofline", "--measure", "--shape", "64", "4096", "--repeats", "3"]) == 0
     assert "(measured: median of 3 calls)" in capsys.readouterr().out
+
+
+HELPER_KERNELS_SCRIPT = """
+import numpy as np
+from numba_ce import launcher
+from numba_ce.inspect import compiler, tools
+from numba_ce.rounding import round_kernel
+from numba_ce.scale_kernel import scale_kernel
+
+cases = []
+for fmt, packs in (("float32", (2, 1)), ("float16", (4, 1)), ("bfloat16", (4, 1))):
+    for pack in packs:
+        word = np.int64 if pack > 1 else (np.int32 if fmt == "float32" else np.int16)
+        args = (np.zeros((2, 3), word), np.ones(1, np.float32), np.int32(0))
+        cases.append((f"scale {fmt} pack {pack}", scale_kernel(fmt, pack), args))
+for fmt in ("float16", "bfloat16"):
+    args = (np.zeros(4, np.float32), np.ones(1, np.float32), np.zeros(4, np.int16))
+    cases.append((f"round {fmt}", round_kernel(fmt), args))
+for name, kernel, args in cases:
+    ptx, entry = compiler.compile_signature(kernel, launcher.argument_types(args), (9, 0))
+    report = tools.parse_report(tools.assemble(ptx, "sm_90").report, entry)
+    print(name, ".f64" in ptx, report.local_bytes, report.spill_stores, report.spill_loads)
+"""
+
+
+def test_scale_and_rounding_kernels_have_no_f64_or_local_memory():
+    """The backward's scale kernel and the linear cross-entropy's rounding kernel, compiled for
+    sm_90 offline with the signatures their launches use: no float64, no local memory."""
+    require_ptxas()
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-c", HELPER_KERNELS_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 8, lines
+    for line in lines:
+        *name, f64, local, spill_st, spill_ld = line.split()
+        assert (f64, local, spill_st, spill_ld) == ("False", "0", "0", "0"), line

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 import numba_ce
-from numba_ce import api, devices
+from numba_ce import api, devices, validation
 from helpers import DTYPES, assert_close, random_target, to_numpy, torch_linear_loss_and_grads
 
 # Largest error allowed, relative to the largest |expected| value of each output: the issue's
-# 1e-2 in bf16 and 1e-5 in fp32 (fp16 keeps 3 more bits than bf16). The logits are rounded to
-# the input's format before the loss, as torch's unfused computation rounds them.
+# 1e-2 in bf16 and 1e-5 in fp32 (fp16 keeps 3 more bits than bf16). numba_ce rounds each chunk's
+# logits and gradient to the input's format (as torch's unfused computation does); the float64
+# reference rounds nothing, hence these tolerances.
 RELATIVE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 N_ROWS, N_FEATURES, N_CLASSES = 9, 8, 24
 
@@ -47,9 +48,8 @@ def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ign
     x, w, b = random_head(rng, n_rows, N_FEATURES, N_CLASSES, dtype, bias)
     target = random_target(rng, n_rows, N_CLASSES, ignored_share=ignored).astype(target_dtype)
     weight = (rng.random(N_CLASSES) + 0.5).astype(np.float32) if weighted else None
-    grad_output = None
-    if upstream == "given":
-        grad_output = rng.standard_normal(n_rows) if reduction == "none" else 0.37
+    grad_output = {"ones": None, "scaled": 65536.0,
+                   "given": rng.standard_normal(n_rows) if reduction == "none" else 0.37}[upstream]
     options = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
                    softcap=softcap)
     originals = [a.copy() for a in (x, w, b) if a is not None]
@@ -117,6 +117,30 @@ def test_poisoned_outputs_are_all_written(rng, dtype, monkeypatch):
     check_linear(rng, dtype, bias=True, ignored=0.3, chunk_size=4)
 
 
+def test_fp16_mean_with_a_loss_scale(rng):
+    """fp16 "mean" with a GradScaler-sized upstream (65536): g * p_j would overflow fp16 and
+    p_j / N flush, so the chunk gradient is formed without both and they are applied in fp32."""
+    check_linear(rng, "float16", bias=True, upstream="scaled", chunk_size=4)
+
+
+def test_layouts_that_products_read_in_place():
+    """(transposed, leading dimension) of each operand the chunk loop passes to cuBLAS, and the
+    layouts refused (broadcast or overlapping rows)."""
+    z = np.zeros((4, 24), np.float32)
+    w = np.zeros((24, 8), np.float32)
+    ones = np.zeros((4, 1), np.float32)
+    assert validation.matrix_layout(z) == (False, 24)
+    assert validation.matrix_layout(w.T) == (True, 8)
+    assert validation.matrix_layout(z.T) == (True, 24)
+    assert validation.matrix_layout(ones) == (False, 1)
+    assert validation.matrix_layout(np.zeros((24, 1), np.float32)[:, :1]) == (False, 1)
+    assert validation.matrix_layout(z[:1]) == (False, 24)
+    assert validation.matrix_layout(np.broadcast_to(w[:1], w.shape)) is None
+    overlapping = np.lib.stride_tricks.as_strided(z, shape=(4, 8), strides=(8, 4))
+    assert validation.matrix_layout(overlapping) is None
+    assert validation.matrix_layout(z[:, ::2]) is None
+
+
 def test_transposed_weight_is_read_in_place(rng):
     """A (V, H) weight that is the transpose of an (H, V) array (a tied embedding stored the
     other way) gives the same result as its contiguous copy."""
@@ -162,8 +186,11 @@ BAD_ARGUMENTS = [
     (lambda x, w, t: (x, w, t[:3]), ValueError,
      "target must have shape (4,) to match input (got shape (3,))"),
     (lambda x, w, t: (x[:, ::2], w[:, :4], t), ValueError,
-     "input must be row-major or the transpose of a row-major array (got strides (32, 8) "
-     "bytes); pass a contiguous copy"),
+     "input must be row-major or the transpose of a row-major array, without broadcast or "
+     "overlapping rows (got shape (4, 4), strides (32, 8) bytes); pass a contiguous copy"),
+    (lambda x, w, t: (x, np.broadcast_to(w[:1], w.shape), t), ValueError,
+     "linear_weight must be row-major or the transpose of a row-major array, without broadcast "
+     "or overlapping rows (got shape (24, 8), strides (0, 4) bytes); pass a contiguous copy"),
 ]
 
 

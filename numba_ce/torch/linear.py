@@ -40,7 +40,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     -------
     float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'. Gradients reach input,
     linear_weight and linear_bias in their dtypes; the weight and bias gradients are summed over
-    the rows in float32 and rounded once.
+    the rows in float32 and rounded once (a backward whose upstream gradient is not 1 rounds them
+    once more as it scales them).
     """
     options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     validation.check_chunk_size(chunk_size)

@@ -104,7 +104,11 @@ class TorchArrays:
         return array
 
     def tensor(self, array):
-        """The tensor made for ``array`` (or for the array it reshapes), in its shape."""
+        """The tensor made for ``array`` (or for the array it reshapes), in its shape. Arrays of
+        no elements may share a pointer (0): they get a new empty tensor, which is all they
+        hold."""
+        if array.size == 0:
+            return torch.empty(array.shape, dtype=_torch_dtype(array.dtype), device=self.device)
         return self._made[devices.data_pointer(array)].view(array.shape)
 
 
