@@ -56,6 +56,15 @@ def _reason(exc):
     return f"{type(exc).__name__}: {exc}"
 
 
+def _import_problem(module, label):
+    """None when ``module`` imports, else why not."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return f"{label} does not import ({_reason(exc)})"
+    return None
+
+
 class Provider:
     """Base: every mode, every case, always available."""
     name = ""
@@ -84,13 +93,11 @@ class NumbaArrays(Provider):
             "" if validate else "-novalidate")
 
     def unavailable(self):
-        try:
-            from numba_ce import devices
-        except Exception as exc:
-            return f"numba_ce does not import ({_reason(exc)})"
-        if not self.simulator and not devices.gpu_available():
-            return "needs CuPy and a GPU"
-        return None
+        problem = _import_problem("numba_ce.devices", "numba_ce")
+        if problem or self.simulator:
+            return problem
+        return None if importlib.import_module("numba_ce.devices").gpu_available() else (
+            "needs CuPy and a GPU")
 
     def step(self, mode, inputs, target, options):
         import numba_ce
@@ -140,11 +147,7 @@ class NumbaTorch(Provider):
             self.modes = tuple(m for m in MODES if m != "loss")
 
     def unavailable(self):
-        try:
-            importlib.import_module("numba_ce.torch")
-        except Exception as exc:
-            return f"numba_ce.torch does not import ({_reason(exc)})"
-        return None
+        return _import_problem("numba_ce.torch", "numba_ce.torch")
 
     def step(self, mode, inputs, target, options):
         nce = importlib.import_module("numba_ce.torch")
@@ -208,11 +211,7 @@ class Liger(Provider):
     def unavailable(self):
         if self.simulator:
             return "GPU only"
-        try:
-            importlib.import_module("liger_kernel.transformers.functional")
-        except Exception as exc:
-            return f"liger-kernel does not import ({_reason(exc)})"
-        return None
+        return _import_problem("liger_kernel.transformers.functional", "liger-kernel")
 
     def step(self, mode, inputs, target, options):
         from liger_kernel.transformers.functional import liger_cross_entropy

@@ -28,6 +28,19 @@ def random_target(rng, n_rows, n_classes, ignore_index=-100, ignored_share=0.0):
     return target
 
 
+def random_weight(rng, n_classes, weighted):
+    """Class weights in [0.5, 1.5) as float32, or None."""
+    return (rng.random(n_classes) + 0.5).astype(np.float32) if weighted else None
+
+
+def random_upstream(rng, n_rows, reduction, upstream):
+    """The grad_output of a case: None for "ones"; for "given", 0.37, or a random (N,) array
+    under reduction "none"; for "scaled", a GradScaler-sized 65536."""
+    if upstream == "given":
+        return rng.standard_normal(n_rows) if reduction == "none" else 0.37
+    return {"ones": None, "scaled": 65536.0}[upstream]
+
+
 def to_numpy(a):
     """NumPy arrays and scalars as they are, CuPy arrays copied to the host."""
     return a.get() if hasattr(a, "__cuda_array_interface__") else a

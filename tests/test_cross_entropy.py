@@ -6,8 +6,8 @@ import pytest
 
 import numba_ce
 from numba_ce import api, reference
-from helpers import (DTYPES, TOLERANCES, assert_close, random_logits, random_target, to_numpy,
-                     torch_loss_and_grad)
+from helpers import (DTYPES, TOLERANCES, assert_close, random_logits, random_target,
+                     random_upstream, random_weight, to_numpy, torch_loss_and_grad)
 
 # Every combination of the options; the logits dtype rotates through the combinations so that
 # each dtype meets every option value (the full product with dtypes triples the simulator time).
@@ -27,10 +27,8 @@ def check_once(rng, dtype, n_rows, n_classes, *, reduction="mean", ignored=0.0, 
     """cross_entropy_with_grad and cross_entropy once, against the reference and torch."""
     logits = random_logits(rng, n_rows, n_classes, dtype)
     target = random_target(rng, n_rows, n_classes, ignore_index, ignored)
-    weight = (rng.random(n_classes) + 0.5).astype(np.float32) if weighted else None
-    grad_output = None
-    if upstream == "given":
-        grad_output = rng.standard_normal(n_rows) if reduction == "none" else 0.37
+    weight = random_weight(rng, n_classes, weighted)
+    grad_output = random_upstream(rng, n_rows, reduction, upstream)
     options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
                    label_smoothing=smoothing, z_loss=z_loss, softcap=softcap)
     original = logits.copy()

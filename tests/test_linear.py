@@ -8,7 +8,8 @@ import pytest
 
 import numba_ce
 from numba_ce import api, devices, validation
-from helpers import DTYPES, assert_close, random_target, to_numpy, torch_linear_loss_and_grads
+from helpers import (DTYPES, assert_close, random_target, random_upstream, random_weight, to_numpy,
+                     torch_linear_loss_and_grads)
 
 # Largest error allowed, relative to the largest |expected| value of each output: the issue's
 # 1e-2 in bf16 and 1e-5 in fp32 (fp16 keeps 3 more bits than bf16). numba_ce rounds each chunk's
@@ -47,9 +48,8 @@ def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ign
                  chunk_size=None, target_dtype=np.int64):
     x, w, b = random_head(rng, n_rows, N_FEATURES, N_CLASSES, dtype, bias)
     target = random_target(rng, n_rows, N_CLASSES, ignored_share=ignored).astype(target_dtype)
-    weight = (rng.random(N_CLASSES) + 0.5).astype(np.float32) if weighted else None
-    grad_output = {"ones": None, "scaled": 65536.0,
-                   "given": rng.standard_normal(n_rows) if reduction == "none" else 0.37}[upstream]
+    weight = random_weight(rng, N_CLASSES, weighted)
+    grad_output = random_upstream(rng, n_rows, reduction, upstream)
     options = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
                    softcap=softcap)
     originals = [a.copy() for a in (x, w, b) if a is not None]

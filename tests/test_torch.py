@@ -6,13 +6,13 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import numba_ce.torch as nce
 from numba_ce import devices
 from numba_ce.portable import SIMULATOR
 from helpers import TOLERANCES, assert_close, random_logits, random_target, torch_loss_and_grad
-from torch_helpers import CASES, ROTATION, check_against_torch, from_torch, to_torch
+from torch_helpers import (CASES, ROTATION, check_against_torch, check_autocast, from_torch,
+                           to_torch)
 
 pytestmark = pytest.mark.skipif(not SIMULATOR, reason="CPU tensors run in the simulator only; "
                                 "test_torch_gpu.py covers the GPU")
@@ -157,26 +157,7 @@ def test_backward_twice_raises(rng):
 
 
 def test_autocast(rng):
-    """Under autocast the linear layer gives bf16 logits, read as bf16 with fp32 math: loss and
-    the weights' gradient agree with torch's loss on the logits cast to fp32 (whose backward
-    rounds the gradient to bf16 once, as ours does)."""
-    torch.manual_seed(int(rng.integers(2**31)))
-    head = torch.nn.Linear(16, 40)
-    hidden = torch.randn(6, 16)
-    target = torch.randint(0, 40, (6,))
-    grads = []
-    for loss_fn in (nce.cross_entropy, lambda x, t: F.cross_entropy(x.float(), t)):
-        head.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = head(hidden)
-            assert logits.dtype == torch.bfloat16
-            loss = loss_fn(logits, target)
-        loss.backward()
-        grads.append((loss.detach().float(), head.weight.grad.clone()))
-    (ours, ours_grad), (theirs, theirs_grad) = grads
-    assert_close(ours.numpy(), theirs.numpy(), 1e-5, 1e-6, "loss")
-    assert_close(ours_grad.numpy(), theirs_grad.numpy(), 2e-2,
-                 2e-2 * float(theirs_grad.abs().max()), "weight grad")
+    check_autocast(rng, "cpu", 6, 16, 40)
 
 
 def test_torch_compile(rng):

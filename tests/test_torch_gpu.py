@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
 from helpers import TOLERANCES, assert_close, random_logits, random_target
-from torch_helpers import CASES, ROTATION, check_against_torch, from_torch, to_torch
+from torch_helpers import (CASES, ROTATION, check_against_torch, check_autocast, from_torch,
+                           to_torch)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -173,25 +174,7 @@ def test_torch_compile_inductor(rng):
 
 
 def test_autocast(rng):
-    """bf16 logits from a linear layer under CUDA autocast, read as bf16 with fp32 math: loss and
-    the head's gradient agree with torch's loss on the logits cast to fp32 (whose backward rounds
-    the gradient to bf16 once, as ours does)."""
-    torch.manual_seed(int(rng.integers(2**31)))
-    head = torch.nn.Linear(64, 1000).to(CUDA)
-    hidden = torch.randn(128, 64, device=CUDA)
-    target = torch.randint(0, 1000, (128,), device=CUDA)
-    results = []
-    for loss_fn in (nce.cross_entropy, lambda x, t: F.cross_entropy(x.float(), t)):
-        head.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = head(hidden)
-            assert logits.dtype == torch.bfloat16
-            loss = loss_fn(logits, target)
-        loss.backward()
-        results.append((from_torch(loss), from_torch(head.weight.grad)))
-    (ours, ours_grad), (theirs, theirs_grad) = results
-    assert_close(ours, theirs, 1e-4, 1e-6, "loss")
-    assert_close(ours_grad, theirs_grad, 2e-2, 2e-2 * np.abs(theirs_grad).max(), "weight grad")
+    check_autocast(rng, CUDA, 128, 64, 1000)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

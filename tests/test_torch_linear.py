@@ -10,27 +10,28 @@ import torch
 
 import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
-from helpers import DTYPES, assert_close, random_target, torch_linear_loss_and_grads
+from helpers import (DTYPES, assert_close, random_target, random_upstream, random_weight,
+                     torch_linear_loss_and_grads)
 from test_linear import N_CLASSES, N_FEATURES, N_ROWS, RELATIVE, random_head
 from torch_helpers import from_torch, to_torch
 
 DEVICE = "cpu" if SIMULATOR else "cuda"
 CASES = [
     dict(reduction="mean", bias=True, chunk_size=4),
-    dict(reduction="sum", ignored=0.3, weighted=True, smoothing=0.1, z_loss=1e-3, upstream=0.37),
-    dict(reduction="none", bias=True, softcap=5.0, chunk_size=2, upstream="rows"),
-    dict(reduction="none", ignored=0.3, z_loss=1e-3, upstream="rows", frozen_input=True),
+    dict(reduction="sum", ignored=0.3, weighted=True, smoothing=0.1, z_loss=1e-3, upstream="given"),
+    dict(reduction="none", bias=True, softcap=5.0, chunk_size=2, upstream="given"),
+    dict(reduction="none", ignored=0.3, z_loss=1e-3, upstream="given", frozen_input=True),
     dict(reduction="mean", bias=True, frozen_weight=True, target_dtype=torch.int32),
 ]
 
 
 def check(rng, dtype, *, reduction="mean", bias=False, ignored=0.0, weighted=False,
-          smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, upstream=None,
+          smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, upstream="ones",
           frozen_input=False, frozen_weight=False, target_dtype=torch.int64):
     x, w, b = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, dtype, bias)
     target = random_target(rng, N_ROWS, N_CLASSES, ignored_share=ignored)
-    weight = (rng.random(N_CLASSES) + 0.5).astype(np.float32) if weighted else None
-    grad_output = {None: None, "rows": rng.standard_normal(N_ROWS)}.get(upstream, upstream)
+    weight = random_weight(rng, N_CLASSES, weighted)
+    grad_output = random_upstream(rng, N_ROWS, reduction, upstream)
     options = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
                    softcap=softcap)
     leaves = [to_torch(a, DEVICE).requires_grad_(not frozen) for a, frozen in

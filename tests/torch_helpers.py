@@ -6,7 +6,7 @@ import torch
 import numba_ce.torch as nce
 from numba_ce import reference
 from helpers import (DTYPES, TOLERANCES, assert_close, random_logits, random_target,
-                     torch_loss_and_grad)
+                     random_upstream, random_weight, torch_loss_and_grad)
 
 # Option sets checked for every reduction; the logits dtype rotates with (reduction, case) so
 # that each reduction meets each dtype and each option set meets each dtype. Each case is one
@@ -48,12 +48,10 @@ def check_against_torch(rng, device, dtype, n_rows, n_classes, *, reduction="mea
     input was written (in-place) or left alone."""
     logits = random_logits(rng, n_rows, n_classes, dtype)
     target = random_target(rng, n_rows, n_classes, ignore_index, ignored)
-    weight = (rng.random(n_classes) + 0.5).astype(np.float32) if weighted else None
-    grad_output = None
-    if upstream == "given":
-        grad_output = rng.standard_normal(n_rows) if reduction == "none" else 0.37
-        if reduction == "none" and n_rows > 1:
-            grad_output[0] = 1.0  # a row whose upstream is 1 keeps its gradient unscaled
+    weight = random_weight(rng, n_classes, weighted)
+    grad_output = random_upstream(rng, n_rows, reduction, upstream)
+    if upstream == "given" and reduction == "none" and n_rows > 1:
+        grad_output[0] = 1.0  # a row whose upstream is 1 keeps its gradient unscaled
     options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
                    label_smoothing=smoothing, z_loss=z_loss, softcap=softcap)
     expected_loss, expected_grad = torch_loss_and_grad(logits, target, grad_output=grad_output,
@@ -88,3 +86,27 @@ def check_against_torch(rng, device, dtype, n_rows, n_classes, *, reduction="mea
         assert torch.equal(x.detach(), x.grad), "the gradient is not in the input's memory"
     else:
         assert torch.equal(x.detach(), original), "the input was modified"
+
+
+def check_autocast(rng, device, n_rows, n_features, n_classes):
+    """Under autocast a linear layer gives bf16 logits, which numba_ce reads as bf16 with fp32
+    math: the loss and the head's gradient agree with torch's loss on the logits cast to fp32
+    (whose backward rounds the gradient to bf16 once, as ours does)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(int(rng.integers(2**31)))
+    head = torch.nn.Linear(n_features, n_classes).to(device)
+    hidden = torch.randn(n_rows, n_features, device=device)
+    target = torch.randint(0, n_classes, (n_rows,), device=device)
+    results = []
+    for loss_fn in (nce.cross_entropy, lambda x, t: F.cross_entropy(x.float(), t)):
+        head.zero_grad()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            logits = head(hidden)
+            assert logits.dtype == torch.bfloat16
+            loss = loss_fn(logits, target)
+        loss.backward()
+        results.append((from_torch(loss), from_torch(head.weight.grad)))
+    (ours, ours_grad), (theirs, theirs_grad) = results
+    assert_close(ours, theirs, 1e-4, 1e-6, "loss")
+    assert_close(ours_grad, theirs_grad, 2e-2, 2e-2 * np.abs(theirs_grad).max(), "weight grad")
