@@ -36,7 +36,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from .floatbits import FORMATS
+from .floatbits import kernel_codec, tag
 from .portable import device_function, exp2
 from .reductions import LOG2E, NEG_INF, ZERO, block_lse, block_sum2
 
@@ -158,7 +158,7 @@ def load(row_words, k, n_words):
 def row_kernel(fmt, pack, with_grad):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
     the gradient. Specialised at compile time: the loops over a word's elements unroll."""
-    bits, decode, encode = FORMATS[fmt]
+    bits, decode, encode, rewrites = kernel_codec(fmt)
     mask = (1 << bits) - 1
     top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
     nan_word = _pack_word([NAN_CODES[fmt]] * pack, bits)
@@ -370,4 +370,4 @@ def row_kernel(fmt, pack, with_grad):
                                                            log_s, coef_p, coef_w, coef_y, weight,
                                                            has_weight, softcap, inv_softcap)
 
-    return kernel
+    return tag(kernel, rewrites)

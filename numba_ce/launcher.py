@@ -16,10 +16,11 @@ argument handling spent about a microsecond per parameter, and a row-kernel laun
 Arrays are NumPy in the simulator and CuPy (or anything CuPy wraps without a copy) on a GPU; the
 launch goes on CuPy's current stream.
 
-One edit to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions. The
+Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions (the
 kernels take exp2 of x - m <= 0 only, so the one difference is that a probability below 2**-126
-becomes 0. (Blocks stay at kernels.MAX_THREADS = 256 threads, so ptxas may use up to 255
-registers a thread and the kernels never spill.)
+becomes 0); and a kernel's own ``ptx_rewrites`` (bf16 kernels: cvt.rn.f16.f32 ->
+cvt.rn.bf16.f32, see numba_ce.floatbits.kernel_codec). Blocks stay at kernels.MAX_THREADS = 256
+threads, so ptxas may use up to 255 registers a thread and the kernels never spill.
 """
 import ctypes
 import functools
@@ -92,6 +93,8 @@ def compile_ptx(kernel, signature, capability):
     """(PTX, entry name) of a Numba kernel for one signature and compute capability."""
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
     ptx = ptx.replace("ex2.approx.f32 ", "ex2.approx.ftz.f32 ")
+    for old, new in getattr(kernel, "ptx_rewrites", ()):  # floatbits.kernel_codec
+        ptx = ptx.replace(old, new)
     return ptx, _ENTRY.search(ptx).group(1)
 
 

@@ -11,6 +11,9 @@ lacks through this module:
   (the same combine order, so the same result), at the cost of two barriers instead of ten.
 * ``exp2``: 2**x in one instruction on the GPU (``ex2.approx``, 2 ulp), Python's pow in the
   simulator; the kernels write exp(x) as exp2(x * log2(e)) to keep the per-element work small;
+* ``half_bits`` / ``half_value`` (GPU only): fp32 -> fp16 bits and back in one conversion
+  instruction each (``cvt.rn.f16.f32``, ``cvt.f32.f16``); :func:`numba_ce.floatbits.kernel_codec`
+  picks them over the integer routines that the simulator runs;
 * ``device_function``: the decorator for device functions that use no thread index, barrier or
   shared memory. On the GPU it is ``cuda.jit(device=True)``; in the simulator it leaves the plain
   Python function, which skips the simulator's per-call module swap (a lock and a scan of the
@@ -112,6 +115,18 @@ else:
     @cuda.jit(device=True)
     def exp2(x):
         return cuda.libdevice.exp2f(x)
+
+    @cuda.jit(device=True)
+    def half_bits(value):
+        """The fp16 bits of float32 ``value``, rounded to nearest even, overflowing to inf,
+        subnormals kept: one cvt.rn.f16.f32 (a bf16 kernel's PTX turns it into cvt.rn.bf16.f32:
+        floatbits.kernel_codec)."""
+        return cuda.libdevice.float2half_rn(value)
+
+    @cuda.jit(device=True)
+    def half_value(bits):
+        """The float32 value of fp16 ``bits`` (exact): one cvt.f32.f16."""
+        return cuda.libdevice.half2float(numba.uint16(bits))
 
     def make_warp_allreduce(combine):
         """A device function ``(a, b, scratch_a, scratch_b) -> (a, b)`` reducing the pair over the
