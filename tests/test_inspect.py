@@ -5,6 +5,7 @@ without NUMBA_ENABLE_CUDASIM (it compiles offline for sm_90); the parts that nee
 (ptxas report parsing, occupancy, roofline, missing-tool hints, kernel sources) run here.
 """
 import functools
+import json
 import os
 import pathlib
 import re
@@ -93,9 +94,24 @@ def test_inspect_command_prints_sm90_ptx_and_resources(dtype):
         # the default shape's rows fill whole 8-byte words: packed loads
         if KERNELS[name].per_dtype and row["pack"] != str(8 // numpy_dtype(dtype).itemsize):
             problems.append(f"{label}: expected packed loads, got pack {row['pack']}")
+        problems += conversion_problems(label, dtype, ptx, KERNELS[name].with_grad and
+                                        KERNELS[name].per_dtype)
     if dtype == "bfloat16":  # the walkthrough's excerpt is of this PTX: checked here, compiled once
         problems += walkthrough_excerpt_problems(parts["PTX: fused bfloat16 sm_90"])
     assert not problems, "\n".join(problems)
+
+
+def conversion_problems(label, dtype, ptx, rounds):
+    """A kernel that rounds to bf16 must use cvt.rn.bf16.f32 and nothing of fp16 (a kernel
+    built with floatbits.kernel_codec but not tagged with its PTX rewrite would round to fp16);
+    an fp16 one, cvt.rn.f16.f32."""
+    if not rounds or dtype == "float32":
+        return []
+    wanted = {"bfloat16": "cvt.rn.bf16.f32", "float16": "cvt.rn.f16.f32"}[dtype]
+    problems = [] if wanted in ptx else [f"{label}: no {wanted} in its PTX"]
+    if dtype == "bfloat16" and "f16.f32" in ptx.replace("bf16.f32", ""):
+        problems.append(f"{label}: an fp16 conversion in a bf16 kernel's PTX")
+    return problems
 
 
 def walkthrough_excerpt_problems(ptx):
@@ -227,6 +243,8 @@ def test_roofline_measures_a_call(capsys):
 
 
 HELPER_KERNELS_SCRIPT = """
+import json
+
 import numpy as np
 from numba_ce import launcher
 from numba_ce.inspect import compiler, tools
@@ -245,20 +263,23 @@ for fmt in ("float16", "bfloat16"):
 for name, kernel, args in cases:
     ptx, entry = compiler.compile_signature(kernel, launcher.argument_types(args), (9, 0))
     report = tools.parse_report(tools.assemble(ptx, "sm_90").report, entry)
-    print(name, ".f64" in ptx, report.local_bytes, report.spill_stores, report.spill_loads)
+    print(json.dumps([name, name.split()[1], ".f64" in ptx, report.local_bytes,
+                      report.spill_stores, report.spill_loads, ptx]))
 """
 
 
 def test_scale_and_rounding_kernels_have_no_f64_or_local_memory():
     """The backward's scale kernel and the linear cross-entropy's rounding kernel, compiled for
-    sm_90 offline with the signatures their launches use: no float64, no local memory."""
+    sm_90 offline with the signatures their launches use: no float64, no local memory, and the
+    conversion instruction of their format."""
     require_ptxas()
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     done = subprocess.run([sys.executable, "-c", HELPER_KERNELS_SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == 8, lines
+    assert len(lines) == 8, [line[:80] for line in lines]
     for line in lines:
-        *name, f64, local, spill_st, spill_ld = line.split()
-        assert (f64, local, spill_st, spill_ld) == ("False", "0", "0", "0"), line
+        name, fmt, f64, local, spill_st, spill_ld, ptx = json.loads(line)
+        assert (f64, local, spill_st, spill_ld) == (False, 0, 0, 0), line[:120]
+        assert not conversion_problems(name, fmt, ptx, True), name
