@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import harness, results
+from .providers import array_view
 
 DEFAULT_SHAPE = (8192, 4096, 128256)
 MEASUREMENT = ("provider", "n", "h", "v", "dtype", "reps", "ms_p20", "ms_p50", "ms_p80",
@@ -99,8 +100,7 @@ def providers(torch, chunk_sizes):
 
     def ours_cupy(head, outputs):
         import cupy
-        from numba_ce.torch.tensors import as_array
-        x, w, t = (as_array(a) for a in (head.x, head.w, head.target))
+        x, w, t = (array_view(cupy, a) for a in (head.x, head.w, head.target))
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
 
         def run():
@@ -129,7 +129,6 @@ def matmuls_and_kernel_steps(torch, head):
     import cupy
 
     import numba_ce
-    from numba_ce.torch.tensors import as_array
     x, w = head.x, head.w
     logits = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device="cuda")
     grad_x, grad_w = torch.empty_like(x), torch.empty_like(w)
@@ -140,7 +139,7 @@ def matmuls_and_kernel_steps(torch, head):
         torch.mm(logits.T, x, out=grad_w)
         return 0.0
 
-    z, t = as_array(logits), as_array(head.target)
+    z, t = array_view(cupy, logits), array_view(cupy, head.target)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
 
     def kernel():

@@ -69,13 +69,8 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
         validation.check_writeable(logits)
 
     caller_logits = logits
-    if on_host:  # a GPU is present but the inputs are NumPy: compute on device copies
-        logits, target = devices.to_device(logits), devices.to_device(target)
-        weight = None if weight is None else devices.to_device(weight)
-        if not isinstance(grad_output, (numbers.Real, type(None))):
-            grad_output = devices.to_device(grad_output)
-    if weight is not None:
-        weight = xp.ascontiguousarray(weight, dtype=np.float32)
+    logits, target, weight, grad_output = on_device(on_host, logits, target, weight, grad_output)
+    weight = class_weights(xp, weight)
     grad_output = upstream(xp, grad_output, go_shape)
 
     grad = None
@@ -155,6 +150,20 @@ def _kind(array):
     module = type(array).__module__.split(".")[0]
     name = type(array).__name__
     return name if module == "builtins" else f"{module}.{name}"
+
+
+def on_device(on_host, *arrays):
+    """The arrays where the kernels run: with ``on_host`` (a GPU is present but the inputs are
+    NumPy) device copies of them; None and plain numbers as they are."""
+    if not on_host:
+        return arrays
+    return [a if a is None or isinstance(a, numbers.Real) else devices.to_device(a)
+            for a in arrays]
+
+
+def class_weights(xp, weight):
+    """The class weights as the kernels read them: contiguous float32 (or None)."""
+    return None if weight is None else xp.ascontiguousarray(weight, dtype=np.float32)
 
 
 def upstream(xp, grad_output, shape):

@@ -24,8 +24,6 @@ is 4096 rows (CHUNK_ROWS), fewer when its logits would exceed 1 GiB.
 fp16 "mean" forms the chunk gradient without the 1 / S_w and the upstream factor, which it
 applies afterwards (see ``compute``): p_j / S_w would flush to zero, g * p_j overflow.
 """
-import numbers
-
 import numpy as np
 
 from . import api, devices, launch, validation
@@ -94,13 +92,9 @@ def _api_call(input, linear_weight, target, linear_bias, weight, ignore_index, r
     fmt = check_arguments(input, linear_weight, target, linear_bias, weight, chunk_size)
     go_shape = (validation.check_grad_output(grad_output, reduction, input.shape[0])
                 if with_grad else ())
-    arrays = [input, linear_weight, target, linear_bias, weight, grad_output]
-    if on_host:
-        arrays = [a if a is None or isinstance(a, numbers.Real) else devices.to_device(a)
-                  for a in arrays]
-    input, linear_weight, target, linear_bias, weight, grad_output = arrays
-    if weight is not None:
-        weight = xp.ascontiguousarray(weight, dtype=np.float32)
+    input, linear_weight, target, linear_bias, weight, grad_output = api.on_device(
+        on_host, input, linear_weight, target, linear_bias, weight, grad_output)
+    weight = api.class_weights(xp, weight)
     grad_output = api.upstream(xp, grad_output, go_shape)
     needed = (with_grad, with_grad, with_grad and linear_bias is not None)
     result = compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt,

@@ -113,11 +113,8 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
     n_rows, n_classes = logits_array.shape
     target_array = tensors.as_array(target)
     validation.check_target(target_array, n_rows)
-    weight_array = None
-    if weight is not None:
-        if weight.is_floating_point():  # the kernels read float32 class weights
-            weight = weight.detach().float().contiguous()
-        weight_array = tensors.as_array(weight)
+    weight_array = tensors.class_weights(weight)
+    if weight_array is not None:
         validation.check_weight(weight_array, n_classes)
 
     # One float32 buffer for the row losses, z parts, lse and the reduced loss and z part: one

@@ -105,11 +105,9 @@ def _run(input, linear_weight, linear_bias, target, weight, options, chunk_size,
     ``needed``) for an upstream gradient ``upstream`` (None: 1)."""
     view = tensors.as_array
     arrays = [None if t is None else view(t) for t in (input, linear_weight, target, linear_bias)]
-    fmt = linear.check_arguments(*arrays, None if weight is None else view(weight), chunk_size)
+    class_weight = tensors.class_weights(weight)
+    fmt = linear.check_arguments(*arrays, class_weight, chunk_size)
     input_array, weight_array, target_array, bias_array = arrays
-    class_weight = None
-    if weight is not None:  # the kernels read float32 class weights
-        class_weight = view(weight.detach().float().contiguous())
     device = input.device
     xp = tensors.TorchArrays(device)
     with tensors.on_torch_stream(device):

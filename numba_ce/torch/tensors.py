@@ -66,6 +66,16 @@ def _cupy_view(tensor):
                         tuple(s * itemsize for s in tensor.stride()))
 
 
+def class_weights(weight):
+    """Class weights (a tensor or None) as the array the kernels read: float32 and contiguous
+    when they are floating point; other dtypes as they are, for validation to refuse."""
+    if weight is None:
+        return None
+    if weight.is_floating_point():
+        weight = weight.detach().float().contiguous()
+    return as_array(weight)
+
+
 @functools.lru_cache(maxsize=None)
 def _numpy_dtype(torch_dtype):
     return torch.empty(0, dtype=torch_dtype).numpy().dtype
