@@ -109,6 +109,22 @@ def kernel_codec(fmt):
     return bits, decode, portable.half_bits, BF16_PTX_REWRITES
 
 
+def pair_encoder(fmt):
+    """``pair(lo, hi)``: two float32 values rounded to a 16-bit format, as the signed 32-bit word
+    holding ``lo`` in its low half; one cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 on a GPU."""
+    bits, _, encode = FORMATS[fmt]
+    if bits != 16:
+        raise ValueError(f"pairs are of 16-bit formats (got {fmt})")
+    if not SIMULATOR:
+        return portable.bf16x2_bits if fmt == "bfloat16" else portable.f16x2_bits
+
+    def pair(lo, hi):
+        word = encode(lo) | (encode(hi) << 16)
+        return word - (1 << 32) if word >> 31 else word
+
+    return pair
+
+
 def tag(kernel, rewrites):
     """``kernel`` with the PTX rewrites its conversions need (numba_ce.launcher reads them)."""
     kernel.ptx_rewrites = rewrites

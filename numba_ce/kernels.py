@@ -22,12 +22,20 @@ non-ignored rows for its z part):
 P * p_y - T forms p_y - 1 in fp32; the result is rounded to the logits' format once.
 
 Memory traffic of the fused kernel: pass 1 reads the row (online max and sum), pass 2 reads it
-again and writes the gradient. The row is only 2 * V bytes (bf16), so with one block of many threads
-per row on each SM, the second read is served from L2 rather than from DRAM.
+again and writes the gradient. A row (256 KB for 128256 bf16 logits) does not fit a block's share
+of shared memory, so each block keeps the first words of its row there (up to ~113 KB with two
+blocks a multiprocessor): pass 2 reads those from chip and only the rest from L2 or DRAM. The
+blocks stay resident and stride over the rows; while pass 2 consumes a cached word, the word of
+the block's next row is already copied into its slot (cp.async), so that row's loads overlap
+this row's gradient stores. Loss-only kernels read each row once and cache nothing.
+
+Per element the plain kernels do: decode, max, exp2 (pass 1); decode, exp2, one multiply, one
+rounding of a pair (pass 2). Softcap and label smoothing are compiled in only where asked for.
 
 Three kernels make one call, all on one stream, without host synchronisation:
     target_stats   1 block    sums over the targets: reduction denominators, S_w; the first bad row
-    row_kernel     N blocks   lse, row losses and (fused variant) the gradient
+    row_kernel     N blocks (loss only), or as many as are resident (gradient), striding over rows:
+                              lse, row losses and (fused variant) the gradient
     reduce_rows    1 block    sum of the row losses for reduction "sum" / "mean"
 """
 import functools
@@ -36,17 +44,17 @@ import math
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec, tag
-from .portable import device_function, exp2
+from .floatbits import kernel_codec, pair_encoder, tag
+from .portable import copy_word, device_function, exp2, load_word, store_word, wait_copies
 from .reductions import LOG2E, NEG_INF, ZERO, block_lse, block_sum2
 
 ONE = np.float32(1.0)
 TWO = np.float32(2.0)
 NAN = np.float32(np.nan)
 POS_INF = np.float32(np.inf)
-# The largest block; numba_ce.launcher compiles every kernel for it. 256 threads a row measured
-# fastest on the H200 (bench/NOTES.md) and leave ptxas up to 255 registers, so nothing spills.
-MAX_THREADS = 256
+# The largest block (numba_ce.launcher compiles every kernel for it: at most 64 registers a
+# thread, so that 2048 threads, a full multiprocessor, fit its register file).
+MAX_THREADS = 1024
 WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
 
 # reduction codes, the kernels' argument `reduction`
@@ -146,6 +154,13 @@ NAN_CODES = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
 # Pass loops issue UNROLL independent word loads before using any, so each thread keeps
 # UNROLL * 8 bytes in flight: one load at a time left the kernel latency-bound at ~1 TB/s.
 UNROLL = 4
+# The running maximum starts finite, so exp(m_old - m_new) never meets -inf - (-inf) = NaN and
+# the pass loops need no test for an empty state; a row of -inf logits is recognised at the end
+# by its sum of 0.
+LOWEST = np.float32(np.finfo(np.float32).min)
+
+# What label smoothing adds per element (compile-time, so the plain kernel carries none of it)
+NO_SMOOTHING, SMOOTHING, WEIGHTED_SMOOTHING = 0, 1, 2
 
 
 @device_function
@@ -154,14 +169,34 @@ def load(row_words, k, n_words):
     return int(row_words[k]) if k < n_words else 0
 
 
+@device_function
+def kept(label, ignore_index, n_classes):
+    """Whether a row with this target counts: not ignored, and a class in [0, V)."""
+    return label != ignore_index and 0 <= label < n_classes
+
+
+@device_function
+def join(lo, hi):
+    """The 64-bit word of two signed 32-bit halves, ``lo`` in the low half."""
+    return (int(hi) << 32) | (int(lo) & 0xFFFFFFFF)
+
+
 @functools.lru_cache(maxsize=None)
-def row_kernel(fmt, pack, with_grad):
+def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
-    the gradient. Specialised at compile time: the loops over a word's elements unroll."""
+    the gradient, with or without softcap (``capped``) and label smoothing (``smoothing``, class
+    weighted or not). Each is fixed at compile time: the loops over a word's elements unroll and
+    the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element."""
     bits, decode, encode, rewrites = kernel_codec(fmt)
     mask = (1 << bits) - 1
     top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
     nan_word = _pack_word([NAN_CODES[fmt]] * pack, bits)
+    smoothed = smoothing != NO_SMOOTHING
+    weighted = smoothing == WEIGHTED_SMOOTHING
+    if pack == 4:
+        pair = pair_encoder(fmt)
+    # Gradient kernels of 8-byte words keep the first words of each row in shared memory.
+    cached = with_grad and pack > 1
 
     @device_function
     def raw(word, i):
@@ -169,71 +204,135 @@ def row_kernel(fmt, pack, with_grad):
         return decode((word >> (bits * i)) & mask)
 
     @device_function
-    def capped(x, softcap, inv_softcap):
-        """softcap * tanh(x / softcap) when softcap > 0, else x."""
-        return softcap * math.tanh(x * inv_softcap) if softcap > ZERO else x
+    def cap(x, softcap, inv_softcap):
+        """softcap * tanh(x / softcap) (the kernel for capped logits), else x."""
+        return softcap * math.tanh(x * inv_softcap) if capped else x
 
     @device_function
     def element(word, i, softcap, inv_softcap):
-        """Element i of a word as float32, softcapped when softcap > 0."""
-        return capped(raw(word, i), softcap, inv_softcap)
+        """Element i of a word as float32, softcapped in the capped kernel."""
+        return cap(raw(word, i), softcap, inv_softcap)
 
     @device_function
-    def absorb(row_max, row_sum, word, k, n_words, softcap, inv_softcap):
-        """The online-softmax state (m, s = sum exp(x - m)) after word k (unchanged past the
-        row's end), without branches that diverge inside a warp:
-            m' = max(m, max_i x_i);  s' = s * exp(m - m') + sum_i exp(x_i - m')
-        (one exp per element plus one per word). softcap is increasing, so the word's maximum
-        is softcapped once. A word that leaves m = -inf adds nothing (exp(-inf + inf) would be
-        NaN) unless it holds a NaN; a NaN elsewhere reaches s through its exp."""
-        if k >= n_words:
-            return row_max, row_sum
-        raw_max = NEG_INF
-        for i in range(pack):
-            raw_max = max(raw_max, raw(word, i))
-        new_max = max(row_max, capped(raw_max, softcap, inv_softcap))
-        if new_max == NEG_INF:
-            for i in range(pack):
-                if raw(word, i) != raw(word, i):
-                    row_sum = NAN
-            return row_max, row_sum
-        row_sum *= exp2((row_max - new_max) * LOG2E)
-        for i in range(pack):
-            row_sum += exp2((element(word, i, softcap, inv_softcap) - new_max) * LOG2E)
-        return new_max, row_sum
+    def word_max(word):
+        """The largest raw element of a word (softcap is increasing: cap the maximum once)."""
+        top = raw(word, 0)
+        for i in range(1, pack):
+            top = max(top, raw(word, i))
+        return top
 
     @device_function
-    def weighted_sum(word, k, n_words, weight, has_weight, softcap, inv_softcap):
-        """sum_i w_j x_j over the word's elements j = k * pack + i (0 past the row's end)."""
+    def word_exp_sum(word, row_max, softcap, inv_softcap):
+        """sum_i exp(x_i - m) over the word's elements."""
         total = ZERO
-        if k < n_words:
-            for i in range(pack):
-                x = element(word, i, softcap, inv_softcap)
-                total += x * weight[k * pack + i] if has_weight else x
+        for i in range(pack):
+            total += exp2((element(word, i, softcap, inv_softcap) - row_max) * LOG2E)
         return total
 
     @device_function
-    def gradient_word(word, k, label, row_max, log_s, coef_p, coef_w, coef_y, weight, has_weight,
-                      softcap, inv_softcap):
-        """The packed gradient of word k: dL/dx_j = P * p_j - Q * w_j - T * [j == y], times the
-        softcap derivative, each element rounded once to the logits' format."""
-        out = 0
-        label_here = k == label // pack  # one comparison a word; the element is label % pack
+    def rescaled(row_max, row_sum, top, softcap, inv_softcap):
+        """(m', s * exp(m - m')) for m' = max(m, cap(top)): the state before new terms join."""
+        new_max = max(row_max, cap(top, softcap, inv_softcap))
+        return new_max, row_sum * exp2((row_max - new_max) * LOG2E)
+
+    @device_function
+    def weighted_sum(word, k, weight, softcap, inv_softcap):
+        """sum_i w_j x_j over the word's elements j = k * pack + i (w = 1 unless weighted)."""
+        total = ZERO
         for i in range(pack):
             x = element(word, i, softcap, inv_softcap)
-            d = coef_p * exp2(((x - row_max) - log_s) * LOG2E)
-            if coef_w != ZERO:
-                d -= coef_w * weight[k * pack + i] if has_weight else coef_w
-            if label_here and i == label % pack:
-                d -= coef_y
-            if softcap > ZERO:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
-                t = x * inv_softcap
-                d *= ONE - t * t
-            code = encode(d) & mask
-            if i == pack - 1:
-                code = (code ^ top_sign) - top_sign
-            out |= code << (bits * i)
-        return out
+            total += x * weight[k * pack + i] if weighted else x
+        return total
+
+    @device_function
+    def element_gradient(word, k, i, at, row_max, log2_s, coef_p, coef_w, coef_y, weight,
+                         softcap, inv_softcap):
+        """dL/dx_j = P * p_j - Q * w_j - T * [j == y] for j = k * pack + i (``at`` = y - k * pack,
+        the label's place in the word, or ``pack`` when the word does not hold it), times the
+        softcap derivative; float32. p_j = 2 ** ((x_j - m) * log2(e) - log2(s))."""
+        x = element(word, i, softcap, inv_softcap)
+        d = coef_p * exp2((x - row_max) * LOG2E - log2_s)
+        if smoothed:
+            d -= coef_w * weight[k * pack + i] if weighted else coef_w
+        if i == at:
+            d -= coef_y
+        if capped:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
+            t = x * inv_softcap
+            d *= ONE - t * t
+        return d
+
+    if pack == 4:  # four 16-bit elements: two rounded pairs
+        @device_function
+        def gradient_word(word, k, at, row_max, log2_s, coef_p, coef_w, coef_y, weight, softcap,
+                          inv_softcap):
+            """The word of the gradient of word k, each element rounded once."""
+            d0 = element_gradient(word, k, 0, at, row_max, log2_s, coef_p, coef_w, coef_y,
+                                  weight, softcap, inv_softcap)
+            d1 = element_gradient(word, k, 1, at, row_max, log2_s, coef_p, coef_w, coef_y,
+                                  weight, softcap, inv_softcap)
+            d2 = element_gradient(word, k, 2, at, row_max, log2_s, coef_p, coef_w, coef_y,
+                                  weight, softcap, inv_softcap)
+            d3 = element_gradient(word, k, 3, at, row_max, log2_s, coef_p, coef_w, coef_y,
+                                  weight, softcap, inv_softcap)
+            return join(pair(d0, d1), pair(d2, d3))
+    else:  # two float32 elements, or one element of any format: codes shifted into place
+        @device_function
+        def gradient_word(word, k, at, row_max, log2_s, coef_p, coef_w, coef_y, weight, softcap,
+                          inv_softcap):
+            """The word of the gradient of word k, each element rounded once."""
+            out = 0
+            for i in range(pack):
+                code = encode(element_gradient(word, k, i, at, row_max, log2_s, coef_p, coef_w,
+                                               coef_y, weight, softcap, inv_softcap)) & mask
+                if i == pack - 1:
+                    code = (code ^ top_sign) - top_sign
+                out |= code << (bits * i)
+            return out
+
+    @device_function
+    def store_gradient(grad, row, word, k, label, row_max, log2_s, coef_p, coef_w, coef_y,
+                       weight, softcap, inv_softcap):
+        """grad[row, k] = the gradient of word k. One comparison a word finds the label's word;
+        the other words get a copy of the code with no label test per element."""
+        if k == label // pack:
+            out = gradient_word(word, k, label % pack, row_max, log2_s, coef_p, coef_w, coef_y,
+                                weight, softcap, inv_softcap)
+        else:
+            out = gradient_word(word, k, pack, row_max, log2_s, coef_p, coef_w, coef_y, weight,
+                                softcap, inv_softcap)
+        store_word(grad, row, k, out)
+
+    @device_function
+    def absorb_group(row_max, row_sum, weighted_x, w0, w1, w2, w3, k, step, weight, softcap,
+                     inv_softcap):
+        """The state (m, s, sum_j w_j x_j) after words k, k + step, k + 2 step, k + 3 step:
+            m' = max(m, max_i x_i),  s' = s * exp(m - m') + sum_i exp(x_i - m')
+        with one rescale for the group."""
+        top = max(max(word_max(w0), word_max(w1)), max(word_max(w2), word_max(w3)))
+        row_max, row_sum = rescaled(row_max, row_sum, top, softcap, inv_softcap)
+        row_sum += ((word_exp_sum(w0, row_max, softcap, inv_softcap)
+                     + word_exp_sum(w1, row_max, softcap, inv_softcap))
+                    + (word_exp_sum(w2, row_max, softcap, inv_softcap)
+                       + word_exp_sum(w3, row_max, softcap, inv_softcap)))
+        if smoothed:
+            weighted_x += ((weighted_sum(w0, k, weight, softcap, inv_softcap)
+                            + weighted_sum(w1, k + step, weight, softcap, inv_softcap))
+                           + (weighted_sum(w2, k + 2 * step, weight, softcap, inv_softcap)
+                              + weighted_sum(w3, k + 3 * step, weight, softcap, inv_softcap)))
+        return row_max, row_sum, weighted_x
+
+    @device_function
+    def store_group(grad, row, w0, w1, w2, w3, k, step, label, row_max, log2_s, coef_p, coef_w,
+                    coef_y, weight, softcap, inv_softcap):
+        """The gradient of words k, k + step, k + 2 step, k + 3 step."""
+        store_gradient(grad, row, w0, k, label, row_max, log2_s, coef_p, coef_w, coef_y, weight,
+                       softcap, inv_softcap)
+        store_gradient(grad, row, w1, k + step, label, row_max, log2_s, coef_p, coef_w, coef_y,
+                       weight, softcap, inv_softcap)
+        store_gradient(grad, row, w2, k + 2 * step, label, row_max, log2_s, coef_p, coef_w,
+                       coef_y, weight, softcap, inv_softcap)
+        store_gradient(grad, row, w3, k + 3 * step, label, row_max, log2_s, coef_p, coef_w,
+                       coef_y, weight, softcap, inv_softcap)
 
     @cuda.jit(device=True)
     def fill_row(out_row, n_words, word):
@@ -258,13 +357,22 @@ def row_kernel(fmt, pack, with_grad):
         tid = cuda.threadIdx.x
         step = cuda.blockDim.x
         n_words = logits.shape[1]
-        inv_softcap = ONE / softcap if softcap > ZERO else ZERO
-        need_dot = eps_over_v > ZERO
+        # Words in whole groups of UNROLL per thread (no bounds tests), then the rest one by one.
+        group = UNROLL * step
+        n_grouped = n_words - n_words % group
+        # The first n_cached words of a row (whole groups) live in the launch's dynamic shared
+        # memory. Slot k is only ever touched by the thread that owns word k, so no barrier
+        # guards it: that thread copies the word in (cp.async), reads it in pass 1 and pass 2,
+        # and then copies in word k of the block's next row, which loads while pass 2 goes on.
+        cache = cuda.shared.array(0, np.int64)
+        n_cached = min(n_grouped, cache.shape[0] - cache.shape[0] % group) if cached else 0
+        inv_softcap = ONE / softcap if capped else ZERO
         all_weights = stats[STAT_ALL_WEIGHTS]
+        prefetched = False  # whether this row's cached words are already on their way
         for row in range(cuda.blockIdx.x, logits.shape[0], cuda.gridDim.x):
             # 1. The target: ignored rows are not read; an out-of-range target poisons the row.
             label = int(target[row])
-            if label == ignore_index or not (0 <= label < n_classes):
+            if not kept(label, ignore_index, n_classes):
                 ignored = label == ignore_index
                 fill = ZERO if ignored else NAN
                 if tid == 0:
@@ -275,42 +383,38 @@ def row_kernel(fmt, pack, with_grad):
                     fill_row(grad[row], n_words, 0 if ignored else nan_word)
                 continue
 
-            # 2. Pass 1: online softmax state (m, s) per thread over its words, four loads in
-            #    flight; also sum_j w_j x_j for label smoothing.
-            row_words = logits[row]
-            row_max = NEG_INF
+            # 2. Pass 1: online softmax state per thread over its words, UNROLL words a step;
+            #    also sum_j w_j x_j for label smoothing. Cached words come from shared memory.
+            if not prefetched:
+                for k in range(tid, n_cached, step):
+                    copy_word(cache, k, logits, row, k)
+            wait_copies()
+            row_max = LOWEST
             row_sum = ZERO
             weighted_x = ZERO
-            for k in range(tid, n_words, UNROLL * step):
-                w0 = load(row_words, k, n_words)
-                w1 = load(row_words, k + step, n_words)
-                w2 = load(row_words, k + 2 * step, n_words)
-                w3 = load(row_words, k + 3 * step, n_words)
-                row_max, row_sum = absorb(row_max, row_sum, w0, k, n_words, softcap,
-                                          inv_softcap)
-                row_max, row_sum = absorb(row_max, row_sum, w1, k + step, n_words, softcap,
-                                          inv_softcap)
-                row_max, row_sum = absorb(row_max, row_sum, w2, k + 2 * step, n_words, softcap,
-                                          inv_softcap)
-                row_max, row_sum = absorb(row_max, row_sum, w3, k + 3 * step, n_words, softcap,
-                                          inv_softcap)
-                if need_dot:
-                    weighted_x += (
-                        weighted_sum(w0, k, n_words, weight, has_weight, softcap, inv_softcap)
-                        + weighted_sum(w1, k + step, n_words, weight, has_weight, softcap,
-                                       inv_softcap)
-                        + weighted_sum(w2, k + 2 * step, n_words, weight, has_weight, softcap,
-                                       inv_softcap)
-                        + weighted_sum(w3, k + 3 * step, n_words, weight, has_weight, softcap,
-                                       inv_softcap))
+            for k in range(tid, n_cached, group):
+                row_max, row_sum, weighted_x = absorb_group(
+                    row_max, row_sum, weighted_x, cache[k], cache[k + step], cache[k + 2 * step],
+                    cache[k + 3 * step], k, step, weight, softcap, inv_softcap)
+            for k in range(n_cached + tid, n_grouped, group):
+                row_max, row_sum, weighted_x = absorb_group(
+                    row_max, row_sum, weighted_x, load_word(logits, row, k),
+                    load_word(logits, row, k + step), load_word(logits, row, k + 2 * step),
+                    load_word(logits, row, k + 3 * step), k, step, weight, softcap, inv_softcap)
+            for k in range(n_grouped + tid, n_words, step):
+                w0 = load_word(logits, row, k)
+                row_max, row_sum = rescaled(row_max, row_sum, word_max(w0), softcap, inv_softcap)
+                row_sum += word_exp_sum(w0, row_max, softcap, inv_softcap)
+                if smoothed:
+                    weighted_x += weighted_sum(w0, k, weight, softcap, inv_softcap)
 
             # 3. Thread 0 reads x_y (before the barriers below: in-place, pass 2 overwrites the
             #    row), then the threads combine their states: every thread gets the row's m and s.
             if tid == 0:
-                x_label = element(int(row_words[label // pack]), label % pack, softcap,
+                x_label = element(load_word(logits, row, label // pack), label % pack, softcap,
                                   inv_softcap)
             row_max, row_sum = block_lse(row_max, row_sum, lane_a, lane_b, warp_a, warp_b)
-            if need_dot:
+            if smoothed:
                 weighted_x, _ = block_sum2(weighted_x, ZERO, lane_a, lane_b, warp_a, warp_b)
             # log p_j = (x_j - m) - log(s): lse - x_j would lose log(s) to an ulp of lse
             # (1e-3 at |x| = 1e4, 2e31 at bf16's largest values).
@@ -318,6 +422,7 @@ def row_kernel(fmt, pack, with_grad):
                 row_max = NAN                               # loss and gradient are NaN, as
                 log_s = NAN                                 # PyTorch's
             elif row_sum == ZERO:  # every logit -inf: lse = -inf, loss and gradient NaN
+                row_max = NEG_INF
                 log_s = ZERO
             else:
                 log_s = math.log(row_sum)
@@ -329,7 +434,7 @@ def row_kernel(fmt, pack, with_grad):
             if tid == 0:
                 z_part = z_loss * lse * lse
                 ce = ce_part_weight * ((row_max - x_label) + log_s)
-                if need_dot:  # (eps / V) * S_w first: V * lse alone can overflow fp32
+                if smoothed:  # (eps / V) * S_w first: V * lse alone can overflow fp32
                     ce += (eps_over_v * all_weights) * lse - eps_over_v * weighted_x
                 row_loss[row] = ce + z_part
                 row_z[row] = z_part
@@ -337,7 +442,7 @@ def row_kernel(fmt, pack, with_grad):
             if not with_grad:
                 continue
 
-            # 5. Pass 2: the gradient (module docstring), four loads in flight before the stores.
+            # 5. Pass 2: the gradient (module docstring), UNROLL loads in flight before the stores.
             upstream = grad_output[row] if go_per_row else grad_output[0]
             if reduction == MEAN:
                 grad_ce = upstream / stats[STAT_WEIGHT_SUM]
@@ -349,25 +454,26 @@ def row_kernel(fmt, pack, with_grad):
                       + grad_z * TWO * z_loss * lse)
             coef_w = grad_ce * eps_over_v
             coef_y = grad_ce * ce_part_weight
-            grad_row = grad[row]
-            for k in range(tid, n_words, UNROLL * step):
-                w0 = load(row_words, k, n_words)
-                w1 = load(row_words, k + step, n_words)
-                w2 = load(row_words, k + 2 * step, n_words)
-                w3 = load(row_words, k + 3 * step, n_words)
-                grad_row[k] = gradient_word(w0, k, label, row_max, log_s, coef_p, coef_w,
-                                            coef_y, weight, has_weight, softcap, inv_softcap)
-                if k + step < n_words:
-                    grad_row[k + step] = gradient_word(w1, k + step, label, row_max, log_s,
-                                                       coef_p, coef_w, coef_y, weight,
-                                                       has_weight, softcap, inv_softcap)
-                if k + 2 * step < n_words:
-                    grad_row[k + 2 * step] = gradient_word(w2, k + 2 * step, label, row_max,
-                                                           log_s, coef_p, coef_w, coef_y, weight,
-                                                           has_weight, softcap, inv_softcap)
-                if k + 3 * step < n_words:
-                    grad_row[k + 3 * step] = gradient_word(w3, k + 3 * step, label, row_max,
-                                                           log_s, coef_p, coef_w, coef_y, weight,
-                                                           has_weight, softcap, inv_softcap)
+            log2_s = log_s * LOG2E
+            next_row = row + cuda.gridDim.x
+            prefetched = (next_row < logits.shape[0]
+                          and kept(int(target[next_row]), ignore_index, n_classes))
+            for k in range(tid, n_cached, group):
+                store_group(grad, row, cache[k], cache[k + step], cache[k + 2 * step],
+                            cache[k + 3 * step], k, step, label, row_max, log2_s, coef_p,
+                            coef_w, coef_y, weight, softcap, inv_softcap)
+                if prefetched:
+                    copy_word(cache, k, logits, next_row, k)
+                    copy_word(cache, k + step, logits, next_row, k + step)
+                    copy_word(cache, k + 2 * step, logits, next_row, k + 2 * step)
+                    copy_word(cache, k + 3 * step, logits, next_row, k + 3 * step)
+            for k in range(n_cached + tid, n_grouped, group):
+                store_group(grad, row, load_word(logits, row, k), load_word(logits, row, k + step),
+                            load_word(logits, row, k + 2 * step),
+                            load_word(logits, row, k + 3 * step), k, step, label, row_max, log2_s,
+                            coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
+            for k in range(n_grouped + tid, n_words, step):
+                store_gradient(grad, row, load_word(logits, row, k), k, label, row_max, log2_s,
+                               coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
 
     return tag(kernel, rewrites)

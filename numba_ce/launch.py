@@ -10,7 +10,7 @@ import numpy as np
 from . import kernels
 from .devices import data_pointer, synchronize_read
 from .floatbits import FORMATS
-from .launcher import launch
+from .launcher import launch, max_shared_bytes, multiprocessors
 from .portable import SIMULATOR, WARP_SIZE
 from .validation import target_out_of_range
 
@@ -21,8 +21,13 @@ WORD_BYTES = 8  # packed loads and stores: 4 x 16-bit or 2 x 32-bit elements a w
 SIMULATOR_THREADS = 32
 SIMULATOR_ROW_BLOCKS = 2
 WORDS_PER_THREAD = 2 * kernels.UNROLL  # a row block grows until each thread has about this many
-MAX_ROW_THREADS = kernels.MAX_THREADS
+MAX_ROW_THREADS = 256  # row blocks without a shared-memory cache (measured fastest, bench/NOTES.md)
 MAX_ROW_BLOCKS = 2**31 - 1  # one block a row; fewer blocks stride over the rows
+# Gradient kernels keep the first words of each row in shared memory (kernels.row_kernel): this
+# many blocks of kernels.MAX_THREADS // CACHED_BLOCKS_PER_SM threads share a multiprocessor and
+# its shared memory, and the grid is what fits at once. Two blocks of 512 threads measured
+# fastest on the H200 (against one of 1024 and four of 256: bench/NOTES.md, v8).
+CACHED_BLOCKS_PER_SM = 2
 REDUCTION_CODES = {"none": kernels.NONE, "sum": kernels.SUM, "mean": kernels.MEAN}
 
 
@@ -49,11 +54,21 @@ def row_blocks(n_rows):
     return min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR else MAX_ROW_BLOCKS)
 
 
-def threads_per_row(n_words):
+def resident_row_blocks(n_rows):
+    """Blocks for a cached row kernel: as many as are resident at once, striding over the rows
+    (each prefetches its next row while it finishes the current one)."""
+    return min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR
+               else multiprocessors() * CACHED_BLOCKS_PER_SM)
+
+
+def threads_per_row(n_words, limit=None):
+    """Threads of a row block: a warp, doubled while each thread has over WORDS_PER_THREAD
+    words, up to ``limit`` (MAX_ROW_THREADS)."""
     if SIMULATOR:
         return SIMULATOR_THREADS
+    limit = limit or MAX_ROW_THREADS
     threads = WARP_SIZE
-    while threads < MAX_ROW_THREADS and threads * WORDS_PER_THREAD < n_words:
+    while threads < limit and threads * WORDS_PER_THREAD < n_words:
         threads *= 2
     return threads
 
@@ -98,13 +113,28 @@ def rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_los
             pack, word_dtype = 1, np.int16 if FORMATS[fmt][0] == 16 else np.int32
     words = logits.view(word_dtype)
     grad_words = words[:1, :1] if grad is None else grad.view(word_dtype)
-    launch(kernels.row_kernel(fmt, pack, grad is not None), row_blocks(n_rows),
-           threads_per_row(words.shape[1]), words, target, weight if has_weight else stats,
-           grad_words, row_loss, row_z, row_lse, stats, grad_output, np.int64(n_classes),
+    smoothing = (kernels.NO_SMOOTHING if label_smoothing == 0 else
+                 kernels.WEIGHTED_SMOOTHING if has_weight else kernels.SMOOTHING)
+    kernel = kernels.row_kernel(fmt, pack, grad is not None, softcap is not None, smoothing)
+    n_words = words.shape[1]
+    if grad is not None and pack > 1:  # the cached kernel (kernels.row_kernel)
+        blocks, shared = resident_row_blocks(n_rows), cache_bytes(n_words, words.itemsize)
+        threads = threads_per_row(n_words, kernels.MAX_THREADS // CACHED_BLOCKS_PER_SM)
+    else:
+        blocks, shared, threads = row_blocks(n_rows), 0, threads_per_row(n_words)
+    launch(kernel, blocks, threads, words, target, weight if has_weight else stats, grad_words,
+           row_loss, row_z, row_lse, stats, grad_output, np.int64(n_classes),
            np.int64(ignore_index), np.float32(1.0 - label_smoothing),
            np.float32(label_smoothing / n_classes), np.float32(z_loss),
            np.float32(softcap or 0.0), np.int32(has_weight), np.int32(REDUCTION_CODES[reduction]),
-           np.int32(grad_output.shape[0] > 1))
+           np.int32(grad_output.shape[0] > 1), shared=shared)
+
+
+def cache_bytes(n_words, word_bytes):
+    """Dynamic shared memory of a row block: its share of the multiprocessor's, no more than the
+    row needs; pass 2 reads these words from chip instead of from L2 or DRAM."""
+    budget = max_shared_bytes(CACHED_BLOCKS_PER_SM)
+    return min(budget - budget % word_bytes, n_words * word_bytes)
 
 
 def reduce(row_loss, row_z, stats, reduction, loss_out, z_out):

@@ -19,8 +19,11 @@ launch goes on CuPy's current stream.
 Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions (the
 kernels take exp2 of x - m <= 0 only, so the one difference is that a probability below 2**-126
 becomes 0); and a kernel's own ``ptx_rewrites`` (bf16 kernels: cvt.rn.f16.f32 ->
-cvt.rn.bf16.f32, see numba_ce.floatbits.kernel_codec). Blocks stay at kernels.MAX_THREADS = 256
-threads, so ptxas may use up to 255 registers a thread and the kernels never spill.
+cvt.rn.bf16.f32, see numba_ce.floatbits.kernel_codec); and ``.maxntid`` kernels.MAX_THREADS = 1024,
+so ptxas keeps to 64 registers a thread and two blocks of 512 threads share a multiprocessor.
+
+Dynamic shared memory: ``launch(..., shared=bytes)``; the first such launch of a kernel raises its
+limit to the device's opt-in maximum (48 KiB without asking).
 """
 import ctypes
 import functools
@@ -32,6 +35,7 @@ import numpy as np
 from numba import cuda, types
 
 from .devices import cupy, kernel_array
+from .kernels import MAX_THREADS
 from .portable import SIMULATOR
 
 if cupy is not None:
@@ -54,13 +58,19 @@ def _numba_types(key):
                  types.Array(numba.from_dtype(k[0]), k[1], "A") for k in key)
 
 
-def launch(kernel, grid, block, *args):
-    """kernel[grid, block](*args) on the current stream; ``args`` are arrays and NumPy scalars."""
+def launch(kernel, grid, block, *args, shared=0):
+    """kernel[grid, block](*args) on the current stream; ``args`` are arrays and NumPy scalars,
+    ``shared`` the bytes of dynamic shared memory of each block (at most
+    :func:`max_shared_bytes`)."""
     if SIMULATOR:
-        kernel[grid, block](*(a if isinstance(a, np.generic) else kernel_array(a) for a in args))
+        kernel[grid, block, 0, shared](
+            *(a if isinstance(a, np.generic) else kernel_array(a) for a in args))
         return
     key = _argument_key(args)
-    function = _compiled(kernel, key, cupy.cuda.Device().id)
+    device_id = cupy.cuda.Device().id
+    function = _compiled(kernel, key, device_id)
+    if shared > 0:
+        _allow_shared(function, device_id)
     values = []
     for a in args:
         if isinstance(a, np.generic):
@@ -71,10 +81,57 @@ def launch(kernel, grid, block, *args):
     size = ctypes.c_size_t(len(buffer) - 1)  # create_string_buffer adds a NUL
     extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(buffer),
                                   _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
-    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, 0,
+    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared,
                         cupy.cuda.get_current_stream().ptr, 0, ctypes.addressof(extra))
 
 
+def max_shared_bytes(blocks_per_sm=1):
+    """The dynamic shared memory a block may ask for so that ``blocks_per_sm`` of them fit on a
+    multiprocessor of the current GPU (leaving each 1 KiB for the system and 256 bytes for the
+    kernel's static arrays); a small buffer in the simulator, enough to exercise the code."""
+    if SIMULATOR:
+        return SIMULATOR_SHARED_BYTES
+    per_block, per_sm = (SM90_SHARED_LIMITS if cupy is None  # planning offline (inspect)
+                         else _shared_limits(cupy.cuda.Device().id))
+    return min(per_block, per_sm // blocks_per_sm - 1024) - 256
+
+
+SIMULATOR_SHARED_BYTES = 1024
+SM90_SHARED_LIMITS = (232448, 233472)  # H100 / H200: 227 KiB a block, 228 KiB a multiprocessor
+
+
+def multiprocessors():
+    """The current GPU's multiprocessor count (132 on an H100 or H200, offline)."""
+    if cupy is None:
+        return 132
+    return _multiprocessors(cupy.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_id):
+    return cupy.cuda.runtime.deviceGetAttribute(_MULTIPROCESSOR_COUNT, device_id)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_limits(device_id):
+    """(opt-in bytes a block, bytes a multiprocessor) of shared memory."""
+    attribute = cupy.cuda.runtime.deviceGetAttribute
+    return (attribute(_MAX_SHARED_OPTIN, device_id), attribute(_MAX_SHARED_SM, device_id))
+
+
+@functools.lru_cache(maxsize=None)
+def _allow_shared(function, device_id):
+    """Let ``function`` take up to the device's opt-in limit of dynamic shared memory (48 KiB
+    without asking)."""
+    static = driver.funcGetAttribute(_FUNC_SHARED_SIZE, function.ptr)
+    driver.funcSetAttribute(function.ptr, _FUNC_MAX_DYNAMIC_SHARED,
+                            _shared_limits(device_id)[0] - static)
+
+
+# cudaDevAttrMaxSharedMemoryPerBlockOptin, ...PerMultiprocessor, cudaDevAttrMultiProcessorCount;
+# CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_MAX_SHARED_OPTIN, _MAX_SHARED_SM, _MULTIPROCESSOR_COUNT = 97, 81, 16
+_FUNC_SHARED_SIZE, _FUNC_MAX_DYNAMIC_SHARED = 1, 8
 # cuLaunchKernel's `extra` keys (cuda.h)
 _PARAM_END, _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE = 0, 1, 2
 _SCALAR_CODES = {np.dtype(np.int64): "q", np.dtype(np.int32): "i", np.dtype(np.float32): "f",
@@ -93,12 +150,15 @@ def compile_ptx(kernel, signature, capability):
     """(PTX, entry name) of a Numba kernel for one signature and compute capability."""
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
     ptx = ptx.replace("ex2.approx.f32 ", "ex2.approx.ftz.f32 ")
+    # Every block has at most MAX_THREADS threads: ptxas keeps to 65536 / MAX_THREADS registers.
+    ptx = _ENTRY_BODY.sub(rf"\1.maxntid {MAX_THREADS}, 1, 1\n{{", ptx, count=1)
     for old, new in getattr(kernel, "ptx_rewrites", ()):  # floatbits.kernel_codec
         ptx = ptx.replace(old, new)
     return ptx, _ENTRY.search(ptx).group(1)
 
 
 _ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
+_ENTRY_BODY = re.compile(r"(\.entry\s[^{]*\)\s*)\{")
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,8 +12,20 @@ lacks through this module:
 * ``exp2``: 2**x in one instruction on the GPU (``ex2.approx``, 2 ulp), Python's pow in the
   simulator; the kernels write exp(x) as exp2(x * log2(e)) to keep the per-element work small;
 * ``half_bits`` / ``half_value`` (GPU only): fp32 -> fp16 bits and back in one conversion
-  instruction each (``cvt.rn.f16.f32``, ``cvt.f32.f16``); :func:`numba_ce.floatbits.kernel_codec`
-  picks them over the integer routines that the simulator runs;
+  instruction each (``cvt.rn.f16.f32``, ``cvt.f32.f16``); ``bf16x2_bits`` / ``f16x2_bits`` (GPU
+  only): two float32 values rounded into one 32-bit word by one instruction
+  (``cvt.rn.bf16x2.f32``, ``cvt.rn.f16x2.f32``, sm_80+, inline PTX);
+  :func:`numba_ce.floatbits.kernel_codec` picks them over the integer routines that the simulator
+  runs;
+* ``load_word(words, row, k)`` / ``store_word(words, row, k, value)``: ``words[row, k]`` of a
+  2-D array whose rows are contiguous (the kernels' logits and gradient words). On the GPU the
+  address is ``data + row * strides[0] + k * itemsize``, without the negative-index wraparound
+  and the multiply by a run-time column stride of Numba's indexing (a third of the pass loops'
+  instructions); loads are ``ld.global``, stores ``st.global.cs`` (evict first: a gradient
+  written once should not push out of L2 the logits that a second pass is about to read);
+* ``copy_word(cache, slot, words, row, k)`` / ``wait_copies()``: ``cache[slot] = words[row, k]``
+  for a shared-memory ``cache`` of 8-byte words, on the GPU as ``cp.async`` (the copy runs in the
+  background, holding no register, until the thread waits for its copies);
 * ``device_function``: the decorator for device functions that use no thread index, barrier or
   shared memory. On the GPU it is ``cuda.jit(device=True)``; in the simulator it leaves the plain
   Python function, which skips the simulator's per-call module swap (a lock and a scan of the
@@ -46,8 +58,12 @@ if SIMULATOR:
         0.30's version lets two threads of a block that arrive together each create the array,
         so they reduce in different memory (seen as rare wrong results under CPU load). Arrays
         are told apart by the calling source line, as the simulator does."""
-        if alignment is not None or shape == 0:
-            raise NotImplementedError("numba_ce uses static, unaligned shared arrays only")
+        if shape == 0:  # dynamic shared memory: one buffer per block, no race to create it
+            if not isinstance(dtype, numba.types.Type):
+                dtype = np.dtype(dtype)
+            return _dynamic_shared_array(self, shape, dtype)
+        if alignment is not None:
+            raise NotImplementedError("numba_ce uses unaligned shared arrays only")
         caller = sys._getframe(1)
         key = (caller.f_code.co_filename, caller.f_lineno)
         with _shared_lock:
@@ -58,6 +74,7 @@ if SIMULATOR:
                 array = self._allocations[key] = np.empty(shape, dtype)
         return array
 
+    _dynamic_shared_array = kernelapi.FakeCUDAShared.array
     kernelapi.FakeCUDAShared.array = _shared_array
 
     def device_function(fn):
@@ -73,6 +90,18 @@ if SIMULATOR:
     def bits_from_f32(value):
         """The bit pattern of float32 ``value`` as a signed 32-bit integer."""
         return int(np.float32(value).view(np.int32))
+
+    def load_word(words, row, k):
+        return int(words[row, k])
+
+    def store_word(words, row, k, value):
+        words[row, k] = value
+
+    def copy_word(cache, slot, words, row, k):
+        cache[slot] = words[row, k]
+
+    def wait_copies():
+        pass
 
     def make_warp_allreduce(combine):
         """See the GPU version below; ``scratch_a``/``scratch_b`` hold one float32 per thread."""
@@ -100,7 +129,108 @@ if SIMULATOR:
         return warp_allreduce
 
 else:
-    device_function = cuda.jit(device=True)
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
+    # Inlined into their callers before optimisation, so a constant argument (an element index,
+    # a compile-time option) specialises the code.
+    device_function = cuda.jit(device=True, forceinline=True)
+
+    def _pair_conversion(instruction):
+        """An intrinsic (lo, hi) -> int32: two float32 values rounded by one PTX instruction
+        into a 32-bit word, ``lo`` in its low half (PTX takes the high half first)."""
+
+        @intrinsic
+        def pair_bits(typingctx, lo, hi):
+            def codegen(context, builder, signature, args):
+                function = ir.FunctionType(ir.IntType(32), [ir.FloatType(), ir.FloatType()])
+                asm = ir.InlineAsm(function, instruction + " $0, $2, $1;", "=r,f,f")
+                return builder.call(asm, args)
+            return types.int32(types.float32, types.float32), codegen
+
+        return pair_bits
+
+    _bf16x2 = _pair_conversion("cvt.rn.bf16x2.f32")
+    _f16x2 = _pair_conversion("cvt.rn.f16x2.f32")
+
+    @cuda.jit(device=True, forceinline=True)
+    def bf16x2_bits(lo, hi):
+        """bf16 bits of ``lo`` | those of ``hi`` << 16, each rounded to nearest even."""
+        return _bf16x2(numba.float32(lo), numba.float32(hi))
+
+    @cuda.jit(device=True, forceinline=True)
+    def f16x2_bits(lo, hi):
+        """fp16 bits of ``lo`` | those of ``hi`` << 16, each rounded to nearest even."""
+        return _f16x2(numba.float32(lo), numba.float32(hi))
+
+    _CONSTRAINTS = {16: "h", 32: "r", 64: "l"}
+
+    def _word_address(context, builder, arg_types, args):
+        """The global-space address of words[row, k] (rows contiguous, k >= 0) from the types and
+        values of (words, row, k)."""
+        array_type, row_type, k_type = arg_types
+        words, row, k = args
+        array = context.make_array(array_type)(context, builder, value=words)
+        row_stride = cgutils.unpack_tuple(builder, array.strides, count=2)[0]
+        itemsize = context.get_abi_sizeof(context.get_data_type(array_type.dtype))
+        row = context.cast(builder, row, row_type, types.int64)
+        k = context.cast(builder, k, k_type, types.int64)
+        offset = builder.add(builder.mul(row, row_stride),
+                             builder.mul(k, ir.Constant(ir.IntType(64), itemsize)))
+        return builder.add(builder.ptrtoint(array.data, ir.IntType(64)), offset)
+
+    @intrinsic
+    def load_word(typingctx, words, row, k):
+        def codegen(context, builder, signature, args):
+            element = context.get_data_type(signature.args[0].dtype)
+            address = _word_address(context, builder, signature.args, args)
+            return builder.load(builder.inttoptr(address, ir.PointerType(element, 1)))
+        return words.dtype(words, row, k), codegen
+
+    @intrinsic
+    def store_word(typingctx, words, row, k, value):
+        bitwidth = words.dtype.bitwidth
+        constraint = _CONSTRAINTS[bitwidth]
+
+        def codegen(context, builder, signature, args):
+            address = _word_address(context, builder, signature.args[:3], args[:3])
+            value = context.cast(builder, args[3], signature.args[3], signature.args[0].dtype)
+            function = ir.FunctionType(ir.VoidType(), [address.type, value.type])
+            asm = ir.InlineAsm(function, f"st.global.cs.b{bitwidth} [$0], $1;",
+                               "l," + constraint, side_effect=True)
+            builder.call(asm, [address, value])
+        return types.void(words, row, k, value), codegen
+
+    @intrinsic
+    def copy_word(typingctx, cache, slot, words, row, k):
+        """cache[slot] = words[row, k] by cp.async (8 bytes, global -> shared, no register
+        holds it): it completes in the background until :func:`wait_copies`."""
+
+        def codegen(context, builder, signature, args):
+            cache_type, slot_type = signature.args[:2]
+            array = context.make_array(cache_type)(context, builder, value=args[0])
+            slot = context.cast(builder, args[1], slot_type, types.int64)
+            destination = builder.add(builder.ptrtoint(array.data, ir.IntType(64)),
+                                      builder.mul(slot, ir.Constant(ir.IntType(64), 8)))
+            source = _word_address(context, builder, signature.args[2:], args[2:])
+            function = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64)])
+            asm = ir.InlineAsm(function, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
+                               "cp.async.ca.shared.global [s], [$1], 8; }", "l,l",
+                               side_effect=True)
+            builder.call(asm, [destination, source])
+        return types.void(cache, slot, words, row, k), codegen
+
+    @intrinsic
+    def wait_copies(typingctx):
+        """Wait for this thread's copy_word copies (cp.async.wait_all): their words are then in
+        shared memory for this thread."""
+
+        def codegen(context, builder, signature, args):
+            function = ir.FunctionType(ir.VoidType(), [])
+            builder.call(ir.InlineAsm(function, "cp.async.wait_all;", "", side_effect=True), [])
+        return types.void(), codegen
 
     @cuda.jit(device=True)
     def f32_from_bits(bits):

@@ -28,8 +28,10 @@ class KernelSpec(NamedTuple):
 
 
 KERNELS = {
-    "fused": KernelSpec("row_kernel", True, True, "one block a row: lse, row losses and the "
-                                                  "gradient (cross_entropy_with_grad)"),
+    "fused": KernelSpec("row_kernel", True, True, "resident blocks striding over the rows, each "
+                                                  "keeping a row's first words in shared memory: "
+                                                  "lse, row losses and the gradient "
+                                                  "(cross_entropy_with_grad)"),
     "loss": KernelSpec("row_kernel", False, True,
                        "one block a row: lse and row losses, no gradient (cross_entropy)"),
     "target_stats": KernelSpec("target_stats", True, False,
@@ -48,6 +50,7 @@ class Launch(NamedTuple):
     grid: int
     block: int
     signature: tuple  # Numba types of the arguments
+    shared: int     # bytes of dynamic shared memory a block
 
 
 def kernel_names():
@@ -95,10 +98,10 @@ def planned_launch(name, dtype, shape):
     if n_rows < 1 or n_classes < 1:
         raise ValueError(f"shape must be (N, V) with N >= 1 and V >= 1 (got {tuple(shape)})")
     recorded = []
-    for kernel, grid, block, args in _dry_run(dtype, n_rows, n_classes, spec.with_grad):
+    for kernel, grid, block, args, shared in _dry_run(dtype, n_rows, n_classes, spec.with_grad):
         if _function_name(kernel) == spec.function:
             recorded.append(Launch(name, dtype, kernel, grid, block,
-                                   launcher.argument_types(args)))
+                                   launcher.argument_types(args), shared))
     if len(recorded) != 1:
         raise RuntimeError(
             f"expected launch.run to launch {spec.function} once, but it did {len(recorded)} "
@@ -107,7 +110,8 @@ def planned_launch(name, dtype, shape):
 
 
 def _dry_run(dtype, n_rows, n_classes, with_grad):
-    """[(kernel, grid, block, args)] of one launch.run call, recorded instead of launched."""
+    """[(kernel, grid, block, args, shared)] of one launch.run call, recorded instead of
+    launched."""
     one_row = np.zeros(n_classes, numpy_dtype(dtype))
     logits = np.broadcast_to(one_row, (n_rows, n_classes))
     grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if with_grad else None
@@ -116,7 +120,8 @@ def _dry_run(dtype, n_rows, n_classes, with_grad):
     reduced = [np.zeros(1, np.float32) for _ in range(2)]  # loss_out, z_out
     recorded = []
     real_launch = launch.launch
-    launch.launch = lambda kernel, grid, block, *args: recorded.append((kernel, grid, block, args))
+    launch.launch = lambda kernel, grid, block, *args, shared=0: recorded.append(
+        (kernel, grid, block, args, shared))
     try:
         launch.run(np, logits, dtype, np.zeros(n_rows, np.int64), None, options, grad,
                    np.ones(1, np.float32), *rows, *reduced, False)

@@ -14,7 +14,7 @@ class Resources(NamedTuple):
     arch: str
     pack: str         # logits elements a load, for the row kernels
     registers: int    # per thread
-    shared_bytes: int  # static shared memory per block
+    shared_bytes: int  # shared memory per block: static and dynamic
     local_bytes: int  # local memory per thread (stack frame, spills included)
     spill_stores: int
     spill_loads: int
@@ -28,8 +28,10 @@ def resources(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE):
     """The :class:`Resources` of ``kernel`` compiled as in :func:`numba_ce.inspect.ptx`: ptxas's
     report, the launch configuration launch.py picks for ``shape``, the theoretical occupancy."""
     built = compiled(kernel, dtype, arch, shape)
-    report = tools.parse_report(built.assembly.report, built.entry)
     launch = built.launch
+    report = tools.parse_report(built.assembly.report, built.entry)
+    # static shared memory (ptxas) plus the dynamic shared memory of the launch
+    report = report._replace(shared_bytes=report.shared_bytes + launch.shared)
     per_dtype = KERNELS[kernel].per_dtype
     # the row kernel's first argument is the logits row-major as integer words of `pack` elements
     pack = str(launch.signature[0].dtype.bitwidth // FORMATS[dtype][0]) if per_dtype else "-"

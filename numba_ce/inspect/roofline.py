@@ -4,8 +4,8 @@ bandwidth ceiling.
 Byte model, counting only the N x V arrays (the per-row values are O(N)):
     loss    cross_entropy reads the logits once:                         N * V * itemsize
     fused   cross_entropy_with_grad reads them once, writes the gradient: 2 * N * V * itemsize
-The fused kernel reads each row twice; the model counts one read, which is what DRAM sees while
-the rows in flight fit in L2 and the second read is served from there (numba_ce.kernels).
+The fused kernel reads each row twice; the model counts one read, which is what DRAM sees for the
+words its blocks keep in shared memory between the passes (numba_ce.kernels).
 """
 from typing import NamedTuple
 
