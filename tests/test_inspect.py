@@ -103,8 +103,9 @@ def test_inspect_command_prints_sm90_ptx_and_resources(dtype):
 
 
 # The gradient kernels at 64 registers spill a few per-row values (read once a row, outside the
-# loops over the words; WALKTHROUGH.md section 7); more would mean spills inside the loops.
-MAX_GRADIENT_SPILL = 32
+# loops over the words; WALKTHROUGH.md section 7): 16-32 bytes by CUDA 12's ptxas here, 36 by the
+# H200 machine's CUDA 13; more would mean spills inside the loops.
+MAX_GRADIENT_SPILL = 48
 
 
 def local_bytes(row):
