@@ -89,24 +89,21 @@ FORMATS = {
 }
 
 
-# On a GPU the fp16 and bf16 conversions have instructions: cvt.rn.f16.f32 / cvt.f32.f16, and
-# cvt.rn.bf16.f32, which Numba cannot emit; its kernels call the fp16 one and the launcher
-# rewrites it in the PTX (numba_ce.launcher.compile_ptx). One instruction instead of the integer
-# rounding above (about nine for bf16, twenty for fp16); the same results, except the bits of
-# NaN (0x7FFF and 0x7FFF, against 0x7E00 and 0x7FC0: NaN either way).
-BF16_PTX_REWRITES = (("cvt.rn.f16.f32", "cvt.rn.bf16.f32"),)
+# On a GPU the fp16 and bf16 conversions have instructions: cvt.rn.f16.f32 / cvt.f32.f16 and
+# cvt.rn.bf16.f32 (numba_ce.portable). One instruction instead of the integer rounding above
+# (about nine for bf16, twenty for fp16); the same results, except the bits of NaN (0x7FFF and
+# 0x7FFF, against 0x7E00 and 0x7FC0: NaN either way).
 
 
 def kernel_codec(fmt):
-    """(bits, decode, encode, PTX rewrites) for a kernel of format ``fmt``: FORMATS' integer
-    routines in the simulator, conversion instructions on a GPU. A kernel built with them
-    must carry the rewrites as its ``ptx_rewrites`` attribute (see :func:`tag`)."""
+    """(bits, decode, encode) for a kernel of format ``fmt``: FORMATS' integer routines in the
+    simulator, conversion instructions on a GPU."""
     bits, decode, encode = FORMATS[fmt]
     if SIMULATOR or fmt == "float32":
-        return bits, decode, encode, ()
+        return bits, decode, encode
     if fmt == "float16":
-        return bits, portable.half_value, portable.half_bits, ()
-    return bits, decode, portable.half_bits, BF16_PTX_REWRITES
+        return bits, portable.half_value, portable.half_bits
+    return bits, decode, portable.bf16_bits
 
 
 def pair_encoder(fmt):
@@ -123,9 +120,3 @@ def pair_encoder(fmt):
         return word - (1 << 32) if word >> 31 else word
 
     return pair
-
-
-def tag(kernel, rewrites):
-    """``kernel`` with the PTX rewrites its conversions need (numba_ce.launcher reads them)."""
-    kernel.ptx_rewrites = rewrites
-    return kernel

@@ -44,7 +44,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec, pair_encoder, tag
+from .floatbits import kernel_codec, pair_encoder
 from .portable import copy_word, device_function, exp2, load_word, store_word, wait_copies
 from .reductions import LOG2E, NEG_INF, ZERO, block_lse, block_sum2
 
@@ -187,7 +187,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     the gradient, with or without softcap (``capped``) and label smoothing (``smoothing``, class
     weighted or not). Each is fixed at compile time: the loops over a word's elements unroll and
     the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element."""
-    bits, decode, encode, rewrites = kernel_codec(fmt)
+    bits, decode, encode = kernel_codec(fmt)
     mask = (1 << bits) - 1
     top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
     nan_word = _pack_word([NAN_CODES[fmt]] * pack, bits)
@@ -476,4 +476,4 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
                 store_gradient(grad, row, load_word(logits, row, k), k, label, row_max, log2_s,
                                coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
 
-    return tag(kernel, rewrites)
+    return kernel

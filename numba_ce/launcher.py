@@ -18,9 +18,8 @@ launch goes on CuPy's current stream.
 
 Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions (the
 kernels take exp2 of x - m <= 0 only, so the one difference is that a probability below 2**-126
-becomes 0); and a kernel's own ``ptx_rewrites`` (bf16 kernels: cvt.rn.f16.f32 ->
-cvt.rn.bf16.f32, see numba_ce.floatbits.kernel_codec); and ``.maxntid`` kernels.MAX_THREADS = 1024,
-so ptxas keeps to 64 registers a thread and two blocks of 512 threads share a multiprocessor.
+becomes 0); and ``.maxntid`` kernels.MAX_THREADS = 1024, so ptxas keeps to 64 registers a thread
+and two blocks of 512 threads share a multiprocessor.
 
 Dynamic shared memory: ``launch(..., shared=bytes)``; the first such launch of a kernel raises its
 limit to the device's opt-in maximum (48 KiB without asking).
@@ -152,8 +151,6 @@ def compile_ptx(kernel, signature, capability):
     ptx = ptx.replace("ex2.approx.f32 ", "ex2.approx.ftz.f32 ")
     # Every block has at most MAX_THREADS threads: ptxas keeps to 65536 / MAX_THREADS registers.
     ptx = _ENTRY_BODY.sub(rf"\1.maxntid {MAX_THREADS}, 1, 1\n{{", ptx, count=1)
-    for old, new in getattr(kernel, "ptx_rewrites", ()):  # floatbits.kernel_codec
-        ptx = ptx.replace(old, new)
     return ptx, _ENTRY.search(ptx).group(1)
 
 

@@ -11,10 +11,12 @@ lacks through this module:
   (the same combine order, so the same result), at the cost of two barriers instead of ten.
 * ``exp2``: 2**x in one instruction on the GPU (``ex2.approx``, 2 ulp), Python's pow in the
   simulator; the kernels write exp(x) as exp2(x * log2(e)) to keep the per-element work small;
-* ``half_bits`` / ``half_value`` (GPU only): fp32 -> fp16 bits and back in one conversion
-  instruction each (``cvt.rn.f16.f32``, ``cvt.f32.f16``); ``bf16x2_bits`` / ``f16x2_bits`` (GPU
-  only): two float32 values rounded into one 32-bit word by one instruction
-  (``cvt.rn.bf16x2.f32``, ``cvt.rn.f16x2.f32``, sm_80+, inline PTX);
+* ``half_bits`` / ``half_value`` / ``bf16_bits`` (GPU only): fp32 -> fp16 bits and back, and
+  fp32 -> bf16 bits, in one conversion instruction each (``cvt.rn.f16.f32``, ``cvt.f32.f16``,
+  ``cvt.rn.bf16.f32``); ``bf16x2_bits`` / ``f16x2_bits`` (GPU only): two float32 values rounded
+  into one 32-bit word by one instruction (``cvt.rn.bf16x2.f32``, ``cvt.rn.f16x2.f32``, sm_80+).
+  Numba cannot emit the bf16 and paired conversions: they are inline PTX, as are the memory
+  intrinsics below;
   :func:`numba_ce.floatbits.kernel_codec` picks them over the integer routines that the simulator
   runs;
 * ``load_word(words, row, k)`` / ``store_word(words, row, k, value)``: ``words[row, k]`` of a
@@ -249,9 +251,21 @@ else:
     @cuda.jit(device=True)
     def half_bits(value):
         """The fp16 bits of float32 ``value``, rounded to nearest even, overflowing to inf,
-        subnormals kept: one cvt.rn.f16.f32 (a bf16 kernel's PTX turns it into cvt.rn.bf16.f32:
-        floatbits.kernel_codec)."""
+        subnormals kept: one cvt.rn.f16.f32."""
         return cuda.libdevice.float2half_rn(value)
+
+    @intrinsic
+    def _bf16(typingctx, value):
+        def codegen(context, builder, signature, args):
+            function = ir.FunctionType(ir.IntType(16), [ir.FloatType()])
+            return builder.call(ir.InlineAsm(function, "cvt.rn.bf16.f32 $0, $1;", "=h,f"), args)
+        return types.uint16(types.float32), codegen
+
+    @cuda.jit(device=True, forceinline=True)
+    def bf16_bits(value):
+        """The bf16 bits of float32 ``value``, rounded to nearest even: one cvt.rn.bf16.f32
+        (inline PTX: Numba and libdevice have no bf16 conversion)."""
+        return _bf16(numba.float32(value))
 
     @cuda.jit(device=True)
     def half_value(bits):

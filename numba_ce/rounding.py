@@ -12,7 +12,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec, tag
+from .floatbits import kernel_codec
 from .launcher import launch
 from .portable import SIMULATOR
 
@@ -22,7 +22,7 @@ MAX_BLOCKS = 2 if SIMULATOR else 4096
 
 @functools.lru_cache(maxsize=None)
 def round_kernel(fmt):
-    bits, _, encode, rewrites = kernel_codec(fmt)
+    bits, _, encode = kernel_codec(fmt)
     mask = (1 << bits) - 1
     top_sign = 1 << (bits - 1)  # codes are stored sign-extended in the signed 16-bit word
 
@@ -38,7 +38,7 @@ def round_kernel(fmt):
             code = encode(source[i] * factor) & mask
             out[i] = (code ^ top_sign) - top_sign
 
-    return tag(kernel, rewrites)
+    return kernel
 
 
 def round_into(source, scale, out, fmt):

@@ -17,7 +17,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec, tag
+from .floatbits import kernel_codec
 from .kernels import load
 from .launch import row_blocks, threads_per_row, word_layout
 from .launcher import launch
@@ -29,7 +29,7 @@ ONE = np.float32(1.0)
 @functools.lru_cache(maxsize=None)
 def scale_kernel(fmt, pack):
     """The kernel for one logits format and ``pack`` elements per word (as kernels.row_kernel)."""
-    bits, decode, encode, rewrites = kernel_codec(fmt)
+    bits, decode, encode = kernel_codec(fmt)
     mask = (1 << bits) - 1
     top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
 
@@ -74,7 +74,7 @@ def scale_kernel(fmt, pack):
                 store_scaled(grad_row, k + 2 * step, n_words, w2, g)
                 store_scaled(grad_row, k + 3 * step, n_words, w3, g)
 
-    return tag(kernel, rewrites)
+    return kernel
 
 
 def scale_rows(grad, fmt, grad_output, per_row):

@@ -116,9 +116,7 @@ def local_bytes(row):
 
 def conversion_problems(label, dtype, ptx, rounds):
     """A kernel that rounds to bf16 must use a bf16 conversion (cvt.rn.bf16.f32, or
-    cvt.rn.bf16x2.f32 for pairs) and nothing of fp16 (a kernel built with
-    floatbits.kernel_codec but not tagged with its PTX rewrite would round to fp16); an fp16
-    one, an fp16 conversion."""
+    cvt.rn.bf16x2.f32 for pairs) and nothing of fp16; an fp16 one, an fp16 conversion."""
     if not rounds or dtype == "float32":
         return []
     prefix = {"bfloat16": "cvt.rn.bf16", "float16": "cvt.rn.f16"}[dtype]
