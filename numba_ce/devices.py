@@ -2,6 +2,8 @@
 
 On a GPU, kernels are launched on CuPy's current stream by :mod:`numba_ce.launcher`.
 """
+import functools
+
 import numpy as np
 from numba import cuda
 
@@ -29,13 +31,37 @@ def backend_name():
     return "none"
 
 
+# cp.async and the bf16 conversion instructions of the kernels (numba_ce.portable)
+MIN_CAPABILITY = (8, 0)
+
+
 def require_backend():
-    if SIMULATOR or gpu_available():
+    if SIMULATOR:
+        return
+    if gpu_available():
+        _check_capability(cupy.cuda.Device().id)
         return
     missing = "CuPy is not installed" if cupy is None else "no CUDA GPU is visible"
     raise RuntimeError(
         f"numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator ({missing}). "
         "To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")
+
+
+@functools.lru_cache(maxsize=None)
+def _check_capability(device_id):
+    device = cupy.cuda.Device(device_id)
+    capability = divmod(int(device.compute_capability), 10)
+    name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
+    check_capability(capability, name.decode() if isinstance(name, bytes) else name)
+
+
+def check_capability(capability, name):
+    """Raise unless a GPU of compute capability ``capability`` (major, minor) runs the kernels."""
+    if tuple(capability) < MIN_CAPABILITY:
+        raise RuntimeError(
+            f"numba_ce needs a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+            f"or newer (Ampere, Hopper and later: its kernels use cp.async and bf16 conversion "
+            f"instructions); {name} is {capability[0]}.{capability[1]}")
 
 
 def is_device_array(a):

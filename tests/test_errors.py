@@ -417,3 +417,17 @@ def test_rejected_calls_modify_nothing(rng, inplace):
     with raises(ValueError, "label_smoothing must be in [0, 1] (got 2.0)"):
         numba_ce.cross_entropy_with_grad(logits, target, label_smoothing=2.0, inplace=inplace)
     assert {name: checksum(a) for name, a in arrays.items()} == before
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (6, 1)])
+def test_gpus_before_ampere_are_refused_with_a_reason(capability):
+    with pytest.raises(RuntimeError, match=re.escape(
+            "numba_ce needs a GPU of compute capability 8.0 or newer (Ampere, Hopper and later: "
+            "its kernels use cp.async and bf16 conversion instructions); Tesla T4 is "
+            f"{capability[0]}.{capability[1]}")):
+        devices.check_capability(capability, "Tesla T4")
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0), (10, 0)])
+def test_ampere_and_later_are_accepted(capability):
+    assert devices.check_capability(capability, "GPU") is None
