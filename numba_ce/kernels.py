@@ -1,4 +1,4 @@
-"""The CUDA kernels. Row-parallel: one thread block owns one row of logits.
+"""The CUDA kernels. Row-parallel: a thread block owns one row of logits at a time.
 
 Notation (per row): x = logits row of V classes (after softcap when set), y = target,
 eps = label smoothing, w = class weights (all ones when absent), S_w = sum_j w_j, z = z-loss scale.
@@ -27,15 +27,16 @@ of shared memory, so each block keeps the first words of its row there (up to ~1
 blocks a multiprocessor): pass 2 reads those from chip and only the rest from L2 or DRAM. The
 blocks stay resident and stride over the rows; while pass 2 consumes a cached word, the word of
 the block's next row is already copied into its slot (cp.async), so that row's loads overlap
-this row's gradient stores. Loss-only kernels read each row once and cache nothing.
+this row's gradient stores. Loss-only kernels read each row once and cache nothing, and so do
+gradient kernels of one element a word (rows whose V or alignment does not allow 8-byte words).
 
 Per element the plain kernels do: decode, max, exp2 (pass 1); decode, exp2, one multiply, one
 rounding of a pair (pass 2). Softcap and label smoothing are compiled in only where asked for.
 
 Three kernels make one call, all on one stream, without host synchronisation:
     target_stats   1 block    sums over the targets: reduction denominators, S_w; the first bad row
-    row_kernel     N blocks (loss only), or as many as are resident (gradient), striding over rows:
-                              lse, row losses and (fused variant) the gradient
+    row_kernel     N blocks, or (cached gradient kernels) as many as are resident, striding over
+                              the rows: lse, row losses and (fused variant) the gradient
     reduce_rows    1 block    sum of the row losses for reduction "sum" / "mean"
 """
 import functools
@@ -45,7 +46,8 @@ import numpy as np
 from numba import cuda
 
 from .floatbits import kernel_codec, pair_encoder
-from .portable import copy_word, device_function, exp2, load_word, store_word, wait_copies
+from .portable import (SIMULATOR, copy_word, device_function, exp2, load_word, store_word,
+                       wait_copies)
 from .reductions import LOG2E, NEG_INF, ZERO, block_lse, block_sum2
 
 ONE = np.float32(1.0)
@@ -53,9 +55,13 @@ TWO = np.float32(2.0)
 NAN = np.float32(np.nan)
 POS_INF = np.float32(np.inf)
 # The largest block (numba_ce.launcher compiles every kernel for it: at most 64 registers a
-# thread, so that 2048 threads, a full multiprocessor, fit its register file).
+# thread, so that 1024 threads, two blocks of 512, fit a multiprocessor's 65536 registers).
 MAX_THREADS = 1024
 WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
+# A slot per thread for the simulator's warp reductions; GPU warps shuffle registers instead, and
+# a one-slot array keeps the kernels' static shared memory at the 256 bytes of the warp slots,
+# which numba_ce.launcher.max_shared_bytes counts on.
+LANE_SLOTS = MAX_THREADS if SIMULATOR else 1
 
 # reduction codes, the kernels' argument `reduction`
 NONE, SUM, MEAN = 0, 1, 2
@@ -68,8 +74,8 @@ STAT_WEIGHT_SUM, STAT_COUNT, STAT_ALL_WEIGHTS = 0, 1, 2
 def reduction_scratch():
     """Shared arrays for the block reductions: a slot per thread (simulator only), a slot per warp.
     One allocation a line: the simulator tells shared arrays apart by their source line."""
-    lane_a = cuda.shared.array(MAX_THREADS, np.float32)
-    lane_b = cuda.shared.array(MAX_THREADS, np.float32)
+    lane_a = cuda.shared.array(LANE_SLOTS, np.float32)
+    lane_b = cuda.shared.array(LANE_SLOTS, np.float32)
     warp_a = cuda.shared.array(WARP_SLOTS, np.float32)
     warp_b = cuda.shared.array(WARP_SLOTS, np.float32)
     return lane_a, lane_b, warp_a, warp_b
@@ -153,7 +159,7 @@ NAN_CODES = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
 
 # Pass loops issue UNROLL independent word loads before using any, so each thread keeps
 # UNROLL * 8 bytes in flight: one load at a time left the kernel latency-bound at ~1 TB/s.
-UNROLL = 4
+UNROLL = 4  # absorb_group, store_group and the prefetch in row_kernel are written for four words
 # The running maximum starts finite, so exp(m_old - m_new) never meets -inf - (-inf) = NaN and
 # the pass loops need no test for an empty state; a row of -inf logits is recognised at the end
 # by its sum of 0.

@@ -29,7 +29,8 @@ lacks through this module:
   for a shared-memory ``cache`` of 8-byte words, on the GPU as ``cp.async`` (the copy runs in the
   background, holding no register, until the thread waits for its copies);
 * ``device_function``: the decorator for device functions that use no thread index, barrier or
-  shared memory. On the GPU it is ``cuda.jit(device=True)``; in the simulator it leaves the plain
+  shared memory. On the GPU it is ``cuda.jit(device=True, forceinline=True)`` (inlined before
+  optimisation, so constant arguments specialise the code); in the simulator it leaves the plain
   Python function, which skips the simulator's per-call module swap (a lock and a scan of the
   module's globals) on the per-element path;
 * ``SIMULATOR``: whether ``NUMBA_ENABLE_CUDASIM=1`` was set when Numba was imported.
@@ -208,7 +209,8 @@ else:
     @intrinsic
     def copy_word(typingctx, cache, slot, words, row, k):
         """cache[slot] = words[row, k] by cp.async (8 bytes, global -> shared, no register
-        holds it): it completes in the background until :func:`wait_copies`."""
+        holds it): it completes in the background until :func:`wait_copies`. Both arrays hold
+        8-byte words (the kernels' packed words)."""
 
         def codegen(context, builder, signature, args):
             cache_type, slot_type = signature.args[:2]
