@@ -89,15 +89,12 @@ FORMATS = {
 }
 
 
-# On a GPU the fp16 and bf16 conversions have instructions: cvt.rn.f16.f32 / cvt.f32.f16 and
-# cvt.rn.bf16.f32 (numba_ce.portable). One instruction instead of the integer rounding above
-# (about nine for bf16, twenty for fp16); the same results, except the bits of NaN (0x7FFF and
-# 0x7FFF, against 0x7E00 and 0x7FC0: NaN either way).
-
-
 def kernel_codec(fmt):
     """(bits, decode, encode) for a kernel of format ``fmt``: FORMATS' integer routines in the
-    simulator, conversion instructions on a GPU."""
+    simulator; on a GPU the conversion instructions of numba_ce.portable (cvt.rn.f16.f32 /
+    cvt.f32.f16, cvt.rn.bf16.f32), one instead of about nine integer instructions for bf16 and
+    twenty for fp16, with the same results except the bits of NaN (0x7FFF against 0x7E00 and
+    0x7FC0: NaN either way)."""
     bits, decode, encode = FORMATS[fmt]
     if SIMULATOR or fmt == "float32":
         return bits, decode, encode

@@ -141,6 +141,12 @@ else:
     # a compile-time option) specialises the code.
     device_function = cuda.jit(device=True, forceinline=True)
 
+    def _inline_ptx(builder, text, constraints, result, operands, side_effect=False):
+        """Emit PTX ``text`` ($0, $1 ... are the result, then the operands) as inline assembly."""
+        function = ir.FunctionType(result, [operand.type for operand in operands])
+        asm = ir.InlineAsm(function, text, constraints, side_effect=side_effect)
+        return builder.call(asm, operands)
+
     def _pair_conversion(instruction):
         """An intrinsic (lo, hi) -> int32: two float32 values rounded by one PTX instruction
         into a 32-bit word, ``lo`` in its low half (PTX takes the high half first)."""
@@ -148,9 +154,8 @@ else:
         @intrinsic
         def pair_bits(typingctx, lo, hi):
             def codegen(context, builder, signature, args):
-                function = ir.FunctionType(ir.IntType(32), [ir.FloatType(), ir.FloatType()])
-                asm = ir.InlineAsm(function, instruction + " $0, $2, $1;", "=r,f,f")
-                return builder.call(asm, args)
+                return _inline_ptx(builder, instruction + " $0, $2, $1;", "=r,f,f",
+                                   ir.IntType(32), args)
             return types.int32(types.float32, types.float32), codegen
 
         return pair_bits
@@ -200,10 +205,8 @@ else:
         def codegen(context, builder, signature, args):
             address = _word_address(context, builder, signature.args[:3], args[:3])
             value = context.cast(builder, args[3], signature.args[3], signature.args[0].dtype)
-            function = ir.FunctionType(ir.VoidType(), [address.type, value.type])
-            asm = ir.InlineAsm(function, f"st.global.cs.b{bitwidth} [$0], $1;",
-                               "l," + constraint, side_effect=True)
-            builder.call(asm, [address, value])
+            _inline_ptx(builder, f"st.global.cs.b{bitwidth} [$0], $1;", "l," + constraint,
+                        ir.VoidType(), [address, value], side_effect=True)
         return types.void(words, row, k, value), codegen
 
     @intrinsic
@@ -219,11 +222,9 @@ else:
             destination = builder.add(builder.ptrtoint(array.data, ir.IntType(64)),
                                       builder.mul(slot, ir.Constant(ir.IntType(64), 8)))
             source = _word_address(context, builder, signature.args[2:], args[2:])
-            function = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64)])
-            asm = ir.InlineAsm(function, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
-                               "cp.async.ca.shared.global [s], [$1], 8; }", "l,l",
-                               side_effect=True)
-            builder.call(asm, [destination, source])
+            _inline_ptx(builder, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
+                        "cp.async.ca.shared.global [s], [$1], 8; }", "l,l", ir.VoidType(),
+                        [destination, source], side_effect=True)
         return types.void(cache, slot, words, row, k), codegen
 
     @intrinsic
@@ -232,8 +233,7 @@ else:
         shared memory for this thread."""
 
         def codegen(context, builder, signature, args):
-            function = ir.FunctionType(ir.VoidType(), [])
-            builder.call(ir.InlineAsm(function, "cp.async.wait_all;", "", side_effect=True), [])
+            _inline_ptx(builder, "cp.async.wait_all;", "", ir.VoidType(), [], side_effect=True)
         return types.void(), codegen
 
     @cuda.jit(device=True)
@@ -259,8 +259,7 @@ else:
     @intrinsic
     def _bf16(typingctx, value):
         def codegen(context, builder, signature, args):
-            function = ir.FunctionType(ir.IntType(16), [ir.FloatType()])
-            return builder.call(ir.InlineAsm(function, "cvt.rn.bf16.f32 $0, $1;", "=h,f"), args)
+            return _inline_ptx(builder, "cvt.rn.bf16.f32 $0, $1;", "=h,f", ir.IntType(16), args)
         return types.uint16(types.float32), codegen
 
     @cuda.jit(device=True, forceinline=True)
