@@ -11,6 +11,11 @@ lacks through this module:
   (the same combine order, so the same result), at the cost of two barriers instead of ten.
 * ``exp2``: 2**x in one instruction on the GPU (``ex2.approx``, 2 ulp), Python's pow in the
   simulator; the kernels write exp(x) as exp2(x * log2(e)) to keep the per-element work small;
+* ``fma(a, b, c)``: a * b + c rounded once to float32 (``cuda.fma``, one FFMA on the GPU; the
+  simulator has no cuda.fma outside a kernel: the product in float64, where it is exact);
+* ``fast_tanh(y)``: tanh in float32 with one special-function instruction (the ex2 of ``exp2``)
+  and the division done by FMAs, within 2.3e-7 of tanh everywhere (libdevice's tanhf costs two:
+  ex2 and rcp). Written once, from ``exp2`` and ``fma``, for both backends;
 * ``half_bits`` / ``half_value`` / ``bf16_bits`` (GPU only): fp32 -> fp16 bits and back, and
   fp32 -> bf16 bits, in one conversion instruction each (``cvt.rn.f16.f32``, ``cvt.f32.f16``,
   ``cvt.rn.bf16.f32``); ``bf16x2_bits`` / ``f16x2_bits`` (GPU only): two float32 values rounded
@@ -37,6 +42,8 @@ lacks through this module:
 
 Every function takes the same arguments on both backends, so the kernel source does not branch.
 """
+import math
+
 import numba
 import numpy as np
 from numba import cuda
@@ -89,6 +96,12 @@ if SIMULATOR:
 
     def exp2(x):
         return 2.0 ** x
+
+    def fma(a, b, c):
+        """a * b + c rounded to float32: the product of two float32 values is exact in float64,
+        so only a sum that lands on a float32 tie after its float64 rounding can differ from
+        the GPU's single rounding (rare; no kernel result depends on it)."""
+        return np.float32(float(a) * float(b) + float(c))
 
     def bits_from_f32(value):
         """The bit pattern of float32 ``value`` as a signed 32-bit integer."""
@@ -250,6 +263,11 @@ else:
     def exp2(x):
         return cuda.libdevice.exp2f(x)
 
+    @cuda.jit(device=True, forceinline=True)
+    def fma(a, b, c):
+        """a * b + c rounded once (fma.rn.f32: one FFMA)."""
+        return cuda.fma(a, b, c)
+
     @cuda.jit(device=True)
     def half_bits(value):
         """The fp16 bits of float32 ``value``, rounded to nearest even, overflowing to inf,
@@ -289,3 +307,57 @@ else:
             return a, b
 
         return warp_allreduce
+
+
+# --- tanh with one special-function instruction -------------------------------------------------
+#
+# libdevice's tanhf is 1 - 2 / (exp(2|y|) + 1) with its own ex2 and rcp: two MUFU (special-function
+# unit) operations, and the capped row kernel takes a tanh per element in each pass on top of the
+# exp2 each pass needs, six MUFU operations per element, which is the SFU's rate at memory speed
+# on an H200. fast_tanh keeps the ex2 and does the division on the FMA pipe:
+#
+#   e = exp(-2|y|) = 2**a,  a = -2 log2(e) |y|     in [0, 1] (0 for |y| > ~44: ex2.approx.ftz
+#                                                  flushes results below 2**-126; 0 for |y| = inf)
+#   tanh|y| = (1 - e) / (1 + e) = 1 + e * s,       s = -1 / h,  h = (1 + e) / 2 in [1/2, 1]
+#
+# The divisor h lies in one binade, so no exponent trick is needed for a first guess:
+#   s0 = -(420 - 576 h + 256 h**2) / 99,   1 + h * s0 = -T3(4h - 3) / 99   (T3 the Chebyshev
+#   polynomial): the quadratic whose relative error max |1 + h s0| over [1/2, 1] is the smallest,
+#   1/99. Each Newton step  eps = 1 + h s,  s <- s + s * eps  squares that error: 1/99 -> 1.1e-4
+#   -> 1.1e-8 after two. Then t = 1 + e * s in one fma: the error of s weighs 2e / (1 + e) <= 1,
+#   and t = 1 exactly when e = 0 (large |y|, +-inf).
+# Rounding: dt/de = -2 / (1 + e)**2, so ex2.approx's relative error (2 ulp; 2**-22 is assumed)
+#   moves t by at most 2**-23 = 1.2e-7; the roundings of h, s and t add at most ~1e-7. Measured
+#   against float64 tanh on every float32 in [2**-7, 20] (beyond 20, t = 1 = tanh in float32)
+#   with the float32 emulation of tests/test_fast_tanh.py, which checks a strided sweep:
+#   |error| <= 2.27e-7 with ex2 off by 2**-22 either way, <= 1.1e-7 with ex2 exactly rounded;
+#   t never exceeds 1.
+# Near 0 the error of e makes t = 1 + e s lose its relative accuracy (1 - e cancels), so
+#   |y| < 2**-7 returns y itself: relative error y**2 / 3 <= 2.1e-5, absolute y**3 / 3 <= 1.6e-7.
+#   Above 2**-7 the relative error is at most 2.3e-7 / tanh(2**-7) (2.9e-5 measured), falling as
+#   |y| grows (4e-7 at |y| = 0.5).
+# NaN propagates (the comparison is false, every step NaN). Nothing overflows: e <= 1, h >= 1/2.
+# On the GPU: one FMUL, one MUFU.EX2, eight FFMA, a FSETP, a FSEL and a LOP3 (the sign), no branch.
+
+TANH_EXP2_SCALE = np.float32(-2.0 * math.log2(math.e))  # a = TANH_EXP2_SCALE * |y|
+TANH_TINY = np.float32(2.0 ** -7)  # below it, tanh(y) = y
+# s0(h) = TANH_S0 + TANH_S1 * h + TANH_S2 * h**2 ~ -1 / h on [1/2, 1]
+TANH_S0 = np.float32(-420.0 / 99.0)
+TANH_S1 = np.float32(576.0 / 99.0)
+TANH_S2 = np.float32(-256.0 / 99.0)
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+
+
+@device_function
+def fast_tanh(y):
+    """tanh of float32 ``y`` with one ex2 and eight FMAs (the formula and its error bound are in
+    the comment above): |error| <= 2.3e-7, relative 3e-5 at most (|y| < 2**-7 gives y),
+    tanh(+-inf) = +-1, NaN for NaN."""
+    e = np.float32(exp2(abs(y) * TANH_EXP2_SCALE))  # exp(-2|y|) in [0, 1]
+    h = fma(e, _HALF, _HALF)  # (1 + e) / 2 in [1/2, 1]
+    s = fma(fma(TANH_S2, h, TANH_S1), h, TANH_S0)  # -1 / h within 1/99
+    s = fma(s, fma(h, s, _ONE), s)  # Newton: within 1.1e-4
+    s = fma(s, fma(h, s, _ONE), s)  # within 1.1e-8
+    t = fma(e, s, _ONE)  # 1 - 2e / (1 + e) = tanh|y| in [0, 1]
+    return y if abs(y) < TANH_TINY else math.copysign(t, y)
