@@ -137,10 +137,12 @@ class NumbaTorch(Provider):
     """The PyTorch adapter numba_ce.torch.cross_entropy: one fused kernel computes loss and
     gradient in the forward; backward scales the saved gradient. ``inplace``: the gradient
     overwrites the logits (inplace_backward=True), as Liger always does. CUDA tensors, or CPU
-    tensors in the simulator."""
+    tensors in the simulator. ``plain_only``: the main shapes with plain options alone (the
+    adapter without the target check, next to the default, shows what the check's host read
+    costs where host time dominates)."""
 
-    def __init__(self, validate, inplace):
-        self.validate, self.inplace = validate, inplace
+    def __init__(self, validate, inplace, plain_only=False):
+        self.validate, self.inplace, self.plain_only = validate, inplace, plain_only
         self.name = "numba_ce-torch" + ("-inplace" if inplace else "") + (
             "" if validate else "-novalidate")
         if inplace:  # loss-only calls are the same as without inplace
@@ -148,6 +150,9 @@ class NumbaTorch(Provider):
 
     def unavailable(self):
         return _import_problem("numba_ce.torch", "numba_ce.torch")
+
+    def applies(self, spec):
+        return not self.plain_only or (not spec.sweep and spec.options.name == "plain")
 
     def step(self, mode, inputs, target, options):
         nce = importlib.import_module("numba_ce.torch")
@@ -229,6 +234,7 @@ def all_providers(simulator, validate=True):
         NumbaArrays(simulator, validate),
         NumbaTorch(validate, inplace=False),
         NumbaTorch(validate, inplace=True),
+        *([NumbaTorch(False, inplace=False, plain_only=True)] if validate else []),
         TorchEager(),
         TorchCompile(simulator),
         Liger(simulator),

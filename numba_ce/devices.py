@@ -64,10 +64,6 @@ def check_capability(capability, name):
             f"instructions); {name} is {capability[0]}.{capability[1]}")
 
 
-def is_device_array(a):
-    return hasattr(a, "__cuda_array_interface__")
-
-
 def to_device(a):
     """A CuPy view of a device array (zero-copy), or a device copy of a NumPy array."""
     return cupy.asarray(a)
@@ -80,9 +76,11 @@ def kernel_array(a):
 
 
 def data_pointer(a):
+    """The address of a NumPy array's first element, or of a device array's (CuPy's
+    ``data.ptr``, which numba_ce.torch.tensors.TensorArray also has)."""
     if SIMULATOR or isinstance(a, np.ndarray):
         return a.__array_interface__["data"][0]
-    return a.__cuda_array_interface__["data"][0]
+    return a.data.ptr
 
 
 _ONES = {}
@@ -97,5 +95,6 @@ def ones(xp):
 
 
 def synchronize_read(a):
-    """Copy a small device array to the host (the one host synchronisation of a checked call)."""
-    return a.copy() if SIMULATOR or isinstance(a, np.ndarray) else cupy.asnumpy(a)
+    """Copy a small device array to the host (the one host synchronisation of a checked call):
+    CuPy's ``get()``, which TensorArray also has."""
+    return a.copy() if SIMULATOR or isinstance(a, np.ndarray) else a.get()

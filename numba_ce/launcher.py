@@ -9,12 +9,15 @@ arguments already in the layout Numba's kernel ABI expects:
     an array of ndim d  ->  meminfo, parent, nitems, itemsize, data, shape[0..d), strides[0..d)
     a scalar            ->  its value (int64, int32, float32 ...)
 
-packed into one parameter buffer by a ``struct.Struct`` made once per signature (C layout: each
-parameter at its natural alignment, as the PTX parameter space) and handed to cuLaunchKernel as
-CU_LAUNCH_PARAM_BUFFER_POINTER, so a launch costs a few microseconds of Python (CuPy's own
-argument handling spent about a microsecond per parameter, and a row-kernel launch has 80).
-Arrays are NumPy in the simulator and CuPy (or anything CuPy wraps without a copy) on a GPU; the
-launch goes on CuPy's current stream.
+packed by a ``struct.Struct`` made once per signature (C layout: each parameter at its natural
+alignment, as the PTX parameter space) into the thread's parameter buffer, handed to
+cuLaunchKernel as CU_LAUNCH_PARAM_BUFFER_POINTER, so a launch costs a few microseconds of Python
+(CuPy's own argument handling spent about a microsecond per parameter, and a row-kernel launch
+has 80).
+Arrays are NumPy in the simulator; on a GPU, CuPy arrays or anything with their attributes
+(``dtype``, ``ndim``, ``size``, ``itemsize``, ``shape``, byte ``strides``, ``data.ptr``: the torch
+adapter's numba_ce.torch.tensors.TensorArray). A launch goes on CuPy's current device and stream,
+or on the ones named by an enclosing :class:`on_stream`.
 
 Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions (the
 kernels take exp2 of x - m <= 0 only, so the one difference is that a probability below 2**-126
@@ -28,12 +31,13 @@ import ctypes
 import functools
 import re
 import struct
+import threading
 
 import numba
 import numpy as np
 from numba import cuda, types
 
-from .devices import cupy, kernel_array
+from .devices import cupy, data_pointer, kernel_array
 from .kernels import MAX_THREADS
 from .portable import SIMULATOR
 
@@ -43,12 +47,22 @@ if cupy is not None:
 
 def argument_types(args):
     """The Numba signature of a launch: arrays as any-layout arrays of their dtype and rank."""
-    return _numba_types(_argument_key(args))
+    return _numba_types(_arguments(args)[0])
 
 
-def _argument_key(args):
-    """A cheap hashable description of the arguments' types: (dtype, rank) or the scalar type."""
-    return tuple(type(a) if isinstance(a, np.generic) else (a.dtype, a.ndim) for a in args)
+def _arguments(args):
+    """(signature key, parameter values) of a launch's arguments: an array gives (dtype, rank)
+    and meminfo, parent, nitems, itemsize, data, shape, strides (meminfo and parent are unused
+    by kernels: 0); a NumPy scalar its type and itself."""
+    key, values = [], []
+    for a in args:
+        if isinstance(a, np.generic):
+            key.append(type(a))
+            values.append(a)
+        else:
+            key.append((a.dtype, a.ndim))
+            values += (0, 0, a.size, a.itemsize, data_pointer(a), *a.shape, *a.strides)
+    return tuple(key), values
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,23 +79,43 @@ def launch(kernel, grid, block, *args, shared=0):
         kernel[grid, block, 0, shared](
             *(a if isinstance(a, np.generic) else kernel_array(a) for a in args))
         return
-    key = _argument_key(args)
-    device_id = cupy.cuda.Device().id
-    function = _compiled(kernel, key, device_id)
+    key, values = _arguments(args)
+    device_id, stream = current_stream()
+    function, layout = _prepared(kernel, key, device_id)
     if shared > 0:
-        _allow_shared(function, device_id)
-    values = []
-    for a in args:
-        if isinstance(a, np.generic):
-            values.append(a)
-        else:  # meminfo and parent are unused by kernels: 0
-            values += (0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides)
-    buffer = ctypes.create_string_buffer(_layout(key).pack(*values))
-    size = ctypes.c_size_t(len(buffer) - 1)  # create_string_buffer adds a NUL
-    extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(buffer),
-                                  _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
-    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared,
-                        cupy.cuda.get_current_stream().ptr, 0, ctypes.addressof(extra))
+        _allow_shared(function.ptr, device_id)
+    parameters = _parameters
+    layout.pack_into(parameters.buffer, 0, *values)
+    parameters.size.value = layout.size
+    driver.launchKernel(function.ptr, grid, 1, 1, block, 1, 1, shared, stream, 0,
+                        parameters.extra_address)
+
+
+def current_stream():
+    """(device id, stream handle) where launches go: an enclosing :class:`on_stream`'s, else
+    CuPy's current device and stream."""
+    return getattr(_chosen, "stream", None) or (cupy.cuda.Device().id,
+                                                cupy.cuda.get_current_stream().ptr)
+
+
+_chosen = threading.local()  # .stream: (device id, stream handle) of an enclosing on_stream
+
+
+class on_stream:
+    """``with on_stream(device_id, handle):`` launches go to the CUDA stream ``handle`` (an
+    integer cudaStream_t) of GPU ``device_id``, which must be the current device, instead of
+    CuPy's current ones: how numba_ce.torch launches on torch's stream without a CuPy stream
+    object and context switch a call (microseconds each). Per thread, as CUDA streams are."""
+
+    def __init__(self, device_id, handle):
+        self.stream = (device_id, handle)
+
+    def __enter__(self):
+        self.previous = getattr(_chosen, "stream", None)
+        _chosen.stream = self.stream
+
+    def __exit__(self, *exc):
+        _chosen.stream = self.previous
 
 
 def max_shared_bytes(blocks_per_sm=1):
@@ -91,7 +125,7 @@ def max_shared_bytes(blocks_per_sm=1):
     if SIMULATOR:
         return SIMULATOR_SHARED_BYTES
     per_block, per_sm = (SM90_SHARED_LIMITS if cupy is None  # planning offline (inspect)
-                         else _shared_limits(cupy.cuda.Device().id))
+                         else _shared_limits(current_stream()[0]))
     return min(per_block, per_sm // blocks_per_sm - 1024) - 256
 
 
@@ -103,7 +137,7 @@ def multiprocessors():
     """The current GPU's multiprocessor count (132 on an H100 or H200, offline)."""
     if cupy is None:
         return 132
-    return _multiprocessors(cupy.cuda.Device().id)
+    return _multiprocessors(current_stream()[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,10 +154,10 @@ def _shared_limits(device_id):
 
 @functools.lru_cache(maxsize=None)
 def _allow_shared(function, device_id):
-    """Let ``function`` take up to the device's opt-in limit of dynamic shared memory (48 KiB
-    without asking)."""
-    static = driver.funcGetAttribute(_FUNC_SHARED_SIZE, function.ptr)
-    driver.funcSetAttribute(function.ptr, _FUNC_MAX_DYNAMIC_SHARED,
+    """Let ``function`` (a CUfunction handle) take up to the device's opt-in limit of dynamic
+    shared memory (48 KiB without asking)."""
+    static = driver.funcGetAttribute(_FUNC_SHARED_SIZE, function)
+    driver.funcSetAttribute(function, _FUNC_MAX_DYNAMIC_SHARED,
                             _shared_limits(device_id)[0] - static)
 
 
@@ -137,12 +171,33 @@ _SCALAR_CODES = {np.dtype(np.int64): "q", np.dtype(np.int32): "i", np.dtype(np.f
                  np.dtype(np.float64): "d", np.dtype(np.uint64): "Q", np.dtype(np.uint32): "I"}
 
 
+class _Parameters(threading.local):
+    """A thread's parameter buffer and cuLaunchKernel ``extra`` list, made once and reused by
+    every launch (cuLaunchKernel copies the parameters before it returns)."""
+
+    def __init__(self):
+        self.buffer = ctypes.create_string_buffer(MAX_PARAMETER_BYTES)
+        self.size = ctypes.c_size_t()
+        self.extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(self.buffer),
+                                           _PARAM_BUFFER_SIZE, ctypes.addressof(self.size),
+                                           _PARAM_END)
+        self.extra_address = ctypes.addressof(self.extra)
+
+
+MAX_PARAMETER_BYTES = 4096  # CUDA's limit on a kernel's parameters
+_parameters = _Parameters()
+
+
 @functools.lru_cache(maxsize=None)
 def _layout(key):
     """The parameter buffer of a signature: an array of rank d is 5 + 2 d 64-bit words."""
     codes = "".join(_SCALAR_CODES[np.dtype(k)] if isinstance(k, type) else "q" * (5 + 2 * k[1])
                     for k in key)
-    return struct.Struct("@" + codes)
+    layout = struct.Struct("@" + codes)
+    if layout.size > MAX_PARAMETER_BYTES:
+        raise ValueError(f"a kernel's parameters may take {MAX_PARAMETER_BYTES} bytes (got "
+                         f"{layout.size} for {len(key)} arguments)")
+    return layout
 
 
 def compile_ptx(kernel, signature, capability):
@@ -159,9 +214,11 @@ _ENTRY_BODY = re.compile(r"(\.entry\s[^{]*\)\s*)\{")
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(kernel, key, device_id):
+def _prepared(kernel, key, device_id):
+    """(CuPy Function, parameter layout) of ``kernel`` for one signature on one GPU: compiled
+    and loaded at the first launch."""
     capability = cuda.get_current_device().compute_capability
     ptx, entry = compile_ptx(kernel, _numba_types(key), capability)
     module = cupy.cuda.function.Module()
     module.load(ptx.encode())
-    return module.get_function(entry)
+    return module.get_function(entry), _layout(key)

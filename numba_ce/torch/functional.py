@@ -8,6 +8,8 @@
               return at once. No host synchronisation.
 
 No math lives here: tensors become array views (numba_ce.torch.tensors) and the core does the rest.
+Host time is what small batches pay for (a training step waits for it when the GPU is faster):
+the views are TensorArrays, not CuPy arrays, and the launches go to torch's stream directly.
 
 torch.autocast: nothing here is an autocast-eligible op (allocations and kernel launches only), so
 no custom_fwd or autocast-disabled block is needed: low-precision logits are read as they are and
@@ -23,7 +25,6 @@ from ..scale_kernel import scale_rows
 from . import tensors
 
 
-@torch.compiler.disable  # the kernels are opaque to TorchDynamo: a graph break, run eagerly
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
                   return_z_loss=False, validate=True):
@@ -61,6 +62,15 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     subnormal (6e-8) are zero before a loss scale (GradScaler) multiplies them; bfloat16 has
     float32's range and does not lose them.
     """
+    # TorchDynamo cannot trace the kernels: while it compiles, the call is a graph break (run
+    # eagerly). Eager calls do not pay torch.compiler.disable's frame switches (~10 us a call).
+    run = _outside_dynamo if torch.compiler.is_compiling() else _cross_entropy
+    return run(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+               inplace_backward, return_z_loss, validate)
+
+
+def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                   softcap, inplace_backward, return_z_loss, validate):
     options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
     return_z_loss = validation.check_flag("return_z_loss", return_z_loss)
@@ -70,6 +80,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     loss, z_part = _FusedCrossEntropy.apply(input, target, weight, options, with_grad,
                                             inplace_backward, validate)
     return (loss, z_part) if return_z_loss else loss
+
+
+_outside_dynamo = torch.compiler.disable(_cross_entropy)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -99,8 +112,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.scaled = True
         (grad,) = ctx.saved_tensors
         upstream = grad_loss.detach().float().reshape(-1)  # (1,), or (N,) for reduction="none"
+        view = tensors.as_kernel_array
         with tensors.on_torch_stream(grad.device):
-            scale_rows(tensors.as_array(grad), ctx.fmt, tensors.as_array(upstream), ctx.per_row)
+            scale_rows(view(grad), ctx.fmt, view(upstream), ctx.per_row)
         # The scaled gradient may live in the caller's logits (inplace_backward): say so.
         torch.autograd.graph.increment_version(grad)
         return grad, None, None, None, None, None, None
@@ -108,12 +122,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 def _forward(input, target, weight, options, with_grad, inplace, validate):
     """(loss, z part, gradient for an upstream gradient of 1 or None, logits format)."""
+    view = tensors.as_kernel_array
     logits, logits_array, copied = _readable_logits(input)
     fmt = validation.check_logits(logits_array)
     n_rows, n_classes = logits_array.shape
-    target_array = tensors.as_array(target)
+    target_array = view(target)
     validation.check_target(target_array, n_rows)
-    weight_array = tensors.class_weights(weight)
+    weight_array = tensors.class_weights(weight, view)
     if weight_array is not None:
         validation.check_weight(weight_array, n_classes)
 
@@ -129,12 +144,12 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
     if with_grad:
         grad = logits if inplace else torch.empty((n_rows, n_classes), dtype=logits.dtype,
                                                   device=input.device)
-    out = tensors.as_array(outputs)
+    out = view(outputs)
     with tensors.on_torch_stream(input.device):
         api.run_or_fill(
-            tensors.TorchArrays(input.device), logits_array, fmt, target_array, weight_array,
-            options, None if grad is None else tensors.as_array(grad),
-            tensors.ones(input.device), out[rows[0]], out[rows[1]], out[rows[2]],
+            tensors.TorchArrays(input.device, view), logits_array, fmt, target_array,
+            weight_array, options, None if grad is None else view(grad),
+            tensors.ones(input.device, view), out[rows[0]], out[rows[1]], out[rows[2]],
             out[reduced_at[0]:reduced_at[0] + 1] if reduced else None,
             out[reduced_at[1]:reduced_at[1] + 1] if reduced else None, validate)
     if grad is logits and not copied:
@@ -147,9 +162,9 @@ def _readable_logits(input):
     copy when the kernels cannot read its rows in place (a class stride other than 1, rows that
     overlap)."""
     logits = input.detach()
-    array = tensors.as_array(logits)
+    array = tensors.as_kernel_array(logits)
     if array.ndim == 2 and validation.row_layout_problem(array.shape, array.strides,
                                                          array.itemsize):
         logits = logits.contiguous()
-        return logits, tensors.as_array(logits), True
+        return logits, tensors.as_kernel_array(logits), True
     return logits, array, False

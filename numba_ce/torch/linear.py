@@ -90,12 +90,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     "compute the loss again")
             ctx.scaled = True
             grads = ctx.saved_tensors
+            view = tensors.as_kernel_array
             with tensors.on_torch_stream(upstream.device):
                 for grad in grads:
                     if grad is not None:
-                        array = tensors.as_array(grad)
+                        array = view(grad)
                         scale_rows(array.reshape(-1, array.shape[-1]), array.dtype.name,
-                                   tensors.as_array(upstream), False)
+                                   view(upstream), False)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -110,7 +111,7 @@ def _run(input, linear_weight, linear_bias, target, weight, options, chunk_size,
     input_array, weight_array, target_array, bias_array = arrays
     device = input.device
     xp = tensors.TorchArrays(device)
-    with tensors.on_torch_stream(device):
+    with tensors.on_torch_stream_with_cupy(device):
         result = linear.compute(
             xp, input_array, weight_array, bias_array, target_array, class_weight, options, fmt,
             chunk_size, tensors.ones(device) if upstream is None else view(upstream), needed,

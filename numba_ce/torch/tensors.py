@@ -1,10 +1,17 @@
-"""Torch tensors as the arrays :mod:`numba_ce.launch` takes: same memory, no copies.
+"""Torch tensors as the arrays the core takes: same memory, no copies.
 
-Simulator (NUMBA_ENABLE_CUDASIM=1): CPU tensors, seen as NumPy arrays.
-GPU: CUDA tensors, seen as CuPy arrays over the tensor's memory. The launcher puts kernels on
-CuPy's current stream; :func:`on_torch_stream` makes that torch's current stream for the call, so
-kernels follow ``torch.cuda.stream(...)``, the autograd engine's backward streams and CUDA-graph
-capture.
+Simulator (NUMBA_ENABLE_CUDASIM=1): CPU tensors, seen as NumPy arrays, by both functions below.
+GPU, two views of a CUDA tensor:
+
+    as_kernel_array  a TensorArray: the attributes a kernel launch reads (dtype, shape, byte
+                     strides, data.ptr), views and slices through torch; about a microsecond.
+                     What the fused cross-entropy call and the backward's scaling pass around.
+    as_array         a CuPy array over the tensor's memory (~10 us): for the linear
+                     cross-entropy, whose chunks also go through CuPy's array operations.
+
+Kernels run on torch's current stream, so that they follow ``torch.cuda.stream(...)``, the
+autograd engine's backward streams and CUDA-graph capture: :func:`on_torch_stream` points the
+launcher there, and :func:`on_torch_stream_with_cupy` CuPy's current device and stream as well.
 """
 import contextlib
 import functools
@@ -14,7 +21,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from .. import devices
+from .. import devices, launcher
 from ..portable import SIMULATOR
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -45,11 +52,66 @@ def as_array(tensor):
     torch.bfloat16 becomes ml_dtypes.bfloat16 (neither NumPy nor CuPy can import torch's bf16,
     so its bits travel as int16)."""
     tensor = tensor.detach()  # a tensor that requires grad refuses to export its memory
-    bf16 = tensor.dtype == torch.bfloat16
-    if bf16:
-        tensor = tensor.view(torch.int16)
-    array = tensor.numpy() if SIMULATOR else _cupy_view(tensor)
-    return array.view(BFLOAT16) if bf16 else array
+    return _numpy_view(tensor) if SIMULATOR else _bits_view(_cupy_view, tensor)
+
+
+def _numpy_view(tensor):
+    """A NumPy array over a CPU tensor's memory."""
+    return _bits_view(torch.Tensor.numpy, tensor)
+
+
+def _bits_view(view, tensor):
+    """``view(tensor)``, for bfloat16 through its int16 bits, viewed back as ml_dtypes'."""
+    if tensor.dtype != torch.bfloat16:
+        return view(tensor)
+    return view(tensor.view(torch.int16)).view(BFLOAT16)
+
+
+def as_kernel_array(tensor):
+    """What a kernel launch takes for ``tensor``: a NumPy view (simulator) or a
+    :class:`TensorArray` (GPU)."""
+    return as_array(tensor) if SIMULATOR else TensorArray(tensor)
+
+
+class TensorArray:
+    """A CUDA tensor with the attributes of a CuPy array that numba_ce's launches and checks
+    read: NumPy ``dtype`` (ml_dtypes.bfloat16 for torch.bfloat16), ``shape``, ``strides`` in
+    bytes, ``ndim``, ``size``, ``itemsize``, ``data.ptr``; ``view(dtype)``, slicing and
+    ``reshape`` are torch's, ``fill`` and ``get()`` (a NumPy copy) too."""
+
+    __slots__ = ("tensor", "dtype", "shape", "strides", "ndim", "size", "itemsize", "ptr")
+
+    def __init__(self, tensor):
+        if tensor.requires_grad:  # such a tensor refuses dtype views
+            tensor = tensor.detach()
+        self.tensor = tensor
+        self.dtype = _numpy_dtype(tensor.dtype)
+        self.itemsize = itemsize = tensor.element_size()
+        self.shape = tensor.shape  # a torch.Size: a tuple
+        self.strides = tuple([s * itemsize for s in tensor.stride()])
+        self.ndim = len(self.shape)
+        self.size = tensor.numel()
+        self.ptr = tensor.data_ptr()
+
+    @property
+    def data(self):
+        """Itself: ``data.ptr`` is the address, as on a CuPy array (its MemoryPointer's)."""
+        return self
+
+    def view(self, dtype):
+        return TensorArray(self.tensor.view(_torch_dtype(dtype)))
+
+    def __getitem__(self, key):
+        return TensorArray(self.tensor[key])
+
+    def reshape(self, *shape):
+        return TensorArray(self.tensor.reshape(*shape))
+
+    def fill(self, value):
+        self.tensor.fill_(value)
+
+    def get(self):
+        return _numpy_view(self.tensor.cpu())
 
 
 def _cupy_view(tensor):
@@ -66,18 +128,21 @@ def _cupy_view(tensor):
                         tuple(s * itemsize for s in tensor.stride()))
 
 
-def class_weights(weight):
-    """Class weights (a tensor or None) as the array the kernels read: float32 and contiguous
-    when they are floating point; other dtypes as they are, for validation to refuse."""
+def class_weights(weight, view=as_array):
+    """Class weights (a tensor or None) as the array the kernels read, by ``view``: float32 and
+    contiguous when they are floating point; other dtypes as they are, for validation to
+    refuse."""
     if weight is None:
         return None
     if weight.is_floating_point():
         weight = weight.detach().float().contiguous()
-    return as_array(weight)
+    return view(weight)
 
 
 @functools.lru_cache(maxsize=None)
 def _numpy_dtype(torch_dtype):
+    if torch_dtype == torch.bfloat16:
+        return BFLOAT16
     return torch.empty(0, dtype=torch_dtype).numpy().dtype
 
 
@@ -89,10 +154,10 @@ def _torch_dtype(numpy_dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def ones(device):
-    """[1.0] as a float32 array on ``device``, made once (the forward's upstream gradient: the
-    backward scales later); kernels only read it."""
-    return as_array(torch.ones(1, dtype=torch.float32, device=device))
+def ones(device, view=as_array):
+    """[1.0] as a float32 array on ``device`` by ``view``, made once (the forward's upstream
+    gradient: the backward scales later); kernels only read it."""
+    return view(torch.ones(1, dtype=torch.float32, device=device))
 
 
 class TorchArrays:
@@ -100,16 +165,18 @@ class TorchArrays:
     allocates (it calls ``empty`` only): torch tensors on ``device``, seen as arrays. So every
     byte a call uses comes from torch's caching allocator, which orders reuse by stream and keeps
     memory allocated during CUDA-graph capture for the graph's replays; CuPy's pool would hand
-    such memory to later calls, and would call cudaMalloc in the middle of a capture.
-    :meth:`tensor` gives back the tensor behind an array it made (outputs to return)."""
+    such memory to later calls, and would call cudaMalloc in the middle of a capture. Arrays
+    are made by ``view`` (as_array or as_kernel_array); :meth:`tensor` gives back the tensor
+    behind an array it made (outputs to return)."""
 
-    def __init__(self, device):
+    def __init__(self, device, view=as_array):
         self.device = device
+        self.view = view
         self._made = {}
 
     def empty(self, shape, dtype):
         tensor = torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)), device=self.device)
-        array = as_array(tensor)
+        array = self.view(tensor)
         self._made[devices.data_pointer(array)] = tensor
         return array
 
@@ -122,9 +189,29 @@ class TorchArrays:
         return self._made[devices.data_pointer(array)].view(array.shape)
 
 
-@contextlib.contextmanager
 def on_torch_stream(device):
-    """A context in which CuPy's current device and stream are torch's current ones on
+    """A context in which numba_ce's launches go to torch's current stream on ``device``, which
+    it makes the current device if it is not (nothing to do in the simulator). The stream
+    handle comes from torch._C._cuda_getCurrentRawStream, as Triton and Inductor read it: 0.2 us
+    against 6 for torch.cuda.current_stream(device).cuda_stream."""
+    if SIMULATOR:
+        return contextlib.nullcontext()
+    index = device.index
+    stream = launcher.on_stream(index, torch._C._cuda_getCurrentRawStream(index))
+    if index == torch.cuda.current_device():
+        return stream
+    return _on_device(index, stream)
+
+
+@contextlib.contextmanager
+def _on_device(index, stream):
+    with torch.cuda.device(index), stream:
+        yield
+
+
+@contextlib.contextmanager
+def on_torch_stream_with_cupy(device):
+    """A context in which CuPy's current device and stream are also torch's current ones on
     ``device`` (nothing to do in the simulator)."""
     if SIMULATOR:
         yield
