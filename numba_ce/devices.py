@@ -1,6 +1,8 @@
-"""Where arrays live and how kernels see them: NumPy in the simulator, CuPy on a GPU.
+"""Where arrays live and how kernels see them: NumPy in the simulator; on a GPU, CuPy arrays or
+the torch adapter's TensorArrays (numba_ce.torch.tensors), which have CuPy's attributes.
 
-On a GPU, kernels are launched on CuPy's current stream by :mod:`numba_ce.launcher`.
+On a GPU, :mod:`numba_ce.launcher` launches kernels on CuPy's current stream, or on the stream an
+enclosing ``launcher.on_stream`` names (the torch adapter's: torch's current stream).
 """
 import functools
 
@@ -78,7 +80,7 @@ def kernel_array(a):
 def data_pointer(a):
     """The address of a NumPy array's first element, or of a device array's (CuPy's
     ``data.ptr``, which numba_ce.torch.tensors.TensorArray also has)."""
-    if SIMULATOR or isinstance(a, np.ndarray):
+    if isinstance(a, np.ndarray):
         return a.__array_interface__["data"][0]
     return a.data.ptr
 

@@ -1,9 +1,9 @@
 """Launching one call: pick the word width and block size, then run the three kernels in order.
 
-Framework-neutral: takes arrays that :func:`numba_ce.devices.kernel_array` accepts (NumPy in the
-simulator, CuPy on a GPU) plus preallocated outputs, so the NumPy/CuPy API and the PyTorch adapter
-share it. Launches on the current stream and never synchronises, except for the optional target
-check (one 8-byte read).
+Framework-neutral: takes NumPy arrays in the simulator and CuPy arrays (or the torch adapter's
+TensorArrays, which have their attributes) on a GPU, plus preallocated outputs, so the NumPy/CuPy
+API and the PyTorch adapter share it. Launches on the current stream and never synchronises,
+except for the optional target check (one 8-byte read).
 """
 import numpy as np
 
@@ -38,8 +38,9 @@ def word_layout(array, fmt):
     itemsize = bits // 8
     pack = WORD_BYTES // itemsize
     n_rows, n_classes = array.shape
-    aligned = data_pointer(array) % WORD_BYTES == 0 and (
-        n_rows <= 1 or array.strides[0] % WORD_BYTES == 0)
+    # The row stride counts even for one row: torch's dtype views (the adapter's TensorArray)
+    # refuse any stride the word size does not divide.
+    aligned = data_pointer(array) % WORD_BYTES == 0 and array.strides[0] % WORD_BYTES == 0
     if aligned and n_classes % pack == 0:
         return pack, np.int64
     return 1, np.int16 if bits == 16 else np.int32

@@ -21,8 +21,9 @@ or on the ones named by an enclosing :class:`on_stream`.
 
 Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions (the
 kernels take exp2 of x - m <= 0 only, so the one difference is that a probability below 2**-126
-becomes 0); and ``.maxntid`` kernels.MAX_THREADS = 1024, so ptxas keeps to 64 registers a thread
-and two blocks of 512 threads share a multiprocessor.
+becomes 0; in softcap's fast_tanh, exp(-2|y|) below 2**-126 becomes 0, giving tanh = 1, which
+float32 tanh is there anyway); and ``.maxntid`` kernels.MAX_THREADS = 1024, so ptxas keeps to 64
+registers a thread and two blocks of 512 threads share a multiprocessor.
 
 Dynamic shared memory: ``launch(..., shared=bytes)``; the first such launch of a kernel raises its
 limit to the device's opt-in maximum (48 KiB without asking).
@@ -98,7 +99,8 @@ def current_stream():
                                                 cupy.cuda.get_current_stream().ptr)
 
 
-_chosen = threading.local()  # .stream: (device id, stream handle) of an enclosing on_stream
+# .stream: (device id, stream handle) of the innermost on_stream; .outer: those it replaced
+_chosen = threading.local()
 
 
 class on_stream:
@@ -111,11 +113,11 @@ class on_stream:
         self.stream = (device_id, handle)
 
     def __enter__(self):
-        self.previous = getattr(_chosen, "stream", None)
+        _chosen.__dict__.setdefault("outer", []).append(getattr(_chosen, "stream", None))
         _chosen.stream = self.stream
 
     def __exit__(self, *exc):
-        _chosen.stream = self.previous
+        _chosen.stream = _chosen.outer.pop()
 
 
 def max_shared_bytes(blocks_per_sm=1):
@@ -184,7 +186,7 @@ class _Parameters(threading.local):
         self.extra_address = ctypes.addressof(self.extra)
 
 
-MAX_PARAMETER_BYTES = 4096  # CUDA's limit on a kernel's parameters
+MAX_PARAMETER_BYTES = 4096  # every CUDA version's limit on a kernel's parameters (12.1+: 32764)
 _parameters = _Parameters()
 
 
@@ -217,8 +219,9 @@ _ENTRY_BODY = re.compile(r"(\.entry\s[^{]*\)\s*)\{")
 def _prepared(kernel, key, device_id):
     """(CuPy Function, parameter layout) of ``kernel`` for one signature on one GPU: compiled
     and loaded at the first launch."""
+    layout = _layout(key)  # raises before compiling for too many parameters
     capability = cuda.get_current_device().compute_capability
     ptx, entry = compile_ptx(kernel, _numba_types(key), capability)
     module = cupy.cuda.function.Module()
     module.load(ptx.encode())
-    return module.get_function(entry), _layout(key)
+    return module.get_function(entry), layout

@@ -181,6 +181,22 @@ def test_torch_compile(rng):
     assert_close(compiled_grad.numpy(), eager_grad.numpy(), 1e-6, 1e-7, "grad")
 
 
+# Dynamo's own tracing reads .grad of the non-leaf logits (a torch warning, not ours)
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_torch_compile_breaks_the_graph_once_at_the_kernels(rng):
+    """TorchDynamo traces the caller and cross_entropy's checks, and runs the kernel call eagerly:
+    one graph break (none would mean Dynamo traced into the kernels, more a break elsewhere)."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    head = torch.nn.Linear(8, 40)
+
+    def step(hidden, target):
+        return nce.cross_entropy(head(hidden), target) * 2.0
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(torch.randn(6, 8), torch.randint(0, 40, (6,)))
+    assert explanation.graph_break_count == 1, explanation.break_reasons
+
+
 def _logits():
     return torch.zeros(5, 67)
 

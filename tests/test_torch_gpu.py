@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
-from helpers import TOLERANCES, assert_close, random_logits, random_target
+from helpers import (TOLERANCES, assert_close, random_logits, random_target,
+                     torch_loss_and_grad)
 from torch_helpers import (CASES, ROTATION, check_against_torch, check_autocast, from_torch,
                            to_torch)
 
@@ -37,6 +38,26 @@ def test_inplace_backward_overwrite_detected_by_autograd(rng):
                              inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rows_of_a_wider_tensor_in_place(rng, rows):
+    """bf16 rows of a wider tensor (row stride 50 elements, 100 bytes: not a whole number of
+    8-byte words), one row or several, read in place; with inplace_backward the gradient goes
+    into the view and the columns beside it are untouched."""
+    wide = to_torch(random_logits(rng, 3, 50, "bfloat16"), CUDA)
+    padding = wide[:, 48:].clone()
+    logits = wide[:rows, :48]
+    target = random_target(rng, rows, 48)
+    expected_loss, expected_grad = torch_loss_and_grad(from_torch(logits), target)
+    loss = nce.cross_entropy(logits.requires_grad_(), to_torch(target, CUDA),
+                             inplace_backward=True)
+    loss.backward()
+    tol = TOLERANCES["bfloat16"]
+    assert_close(from_torch(loss), expected_loss, *tol["loss"], "loss")
+    assert_close(from_torch(wide[:rows, :48]), expected_grad, tol["grad"][0],
+                 tol["grad"][1] * np.abs(expected_grad).max(), "gradient in the view")
+    assert torch.equal(wide[:, 48:], padding)
 
 
 def test_module_int32_target_and_empty_batch(rng):

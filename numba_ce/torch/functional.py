@@ -13,9 +13,10 @@ the views are TensorArrays, not CuPy arrays, and the launches go to torch's stre
 
 torch.autocast: nothing here is an autocast-eligible op (allocations and kernel launches only), so
 no custom_fwd or autocast-disabled block is needed: low-precision logits are read as they are and
-the math is fp32 either way. torch.compile: ``cross_entropy`` is excluded from tracing (one graph
-break); a torch.library custom op would avoid it, but its functionalisation copies the buffers that
-inplace_backward and the in-place backward exist to avoid.
+the math is fp32 either way. torch.compile: TorchDynamo traces ``cross_entropy`` up to the kernel
+call, which runs eagerly (one graph break); a torch.library custom op would avoid the break, but its
+functionalisation copies the buffers that inplace_backward and the in-place backward exist to
+avoid.
 """
 import torch
 from torch.autograd.function import once_differentiable

@@ -4,14 +4,15 @@ Simulator (NUMBA_ENABLE_CUDASIM=1): CPU tensors, seen as NumPy arrays, by both f
 GPU, two views of a CUDA tensor:
 
     as_kernel_array  a TensorArray: the attributes a kernel launch reads (dtype, shape, byte
-                     strides, data.ptr), views and slices through torch; about a microsecond.
-                     What the fused cross-entropy call and the backward's scaling pass around.
-    as_array         a CuPy array over the tensor's memory (~10 us): for the linear
+                     strides, data.ptr), views and slices through torch; ~2 us on the H200's
+                     host. What the fused cross-entropy call and the backward's scaling pass.
+    as_array         a CuPy array over the tensor's memory (~10-20 us): for the linear
                      cross-entropy, whose chunks also go through CuPy's array operations.
 
 Kernels run on torch's current stream, so that they follow ``torch.cuda.stream(...)``, the
 autograd engine's backward streams and CUDA-graph capture: :func:`on_torch_stream` points the
-launcher there, and :func:`on_torch_stream_with_cupy` CuPy's current device and stream as well.
+launcher there, :func:`on_torch_stream_with_cupy` CuPy's current device and stream (which the
+launcher then follows).
 """
 import contextlib
 import functools
@@ -77,7 +78,8 @@ class TensorArray:
     """A CUDA tensor with the attributes of a CuPy array that numba_ce's launches and checks
     read: NumPy ``dtype`` (ml_dtypes.bfloat16 for torch.bfloat16), ``shape``, ``strides`` in
     bytes, ``ndim``, ``size``, ``itemsize``, ``data.ptr``; ``view(dtype)``, slicing and
-    ``reshape`` are torch's, ``fill`` and ``get()`` (a NumPy copy) too."""
+    ``reshape`` are torch's, ``fill`` too; ``get()`` gives the values as a NumPy array (a copy
+    of a CUDA tensor's)."""
 
     __slots__ = ("tensor", "dtype", "shape", "strides", "ndim", "size", "itemsize", "ptr")
 
@@ -88,7 +90,7 @@ class TensorArray:
         self.dtype = _numpy_dtype(tensor.dtype)
         self.itemsize = itemsize = tensor.element_size()
         self.shape = tensor.shape  # a torch.Size: a tuple
-        self.strides = tuple([s * itemsize for s in tensor.stride()])
+        self.strides = _byte_strides(tensor, itemsize)
         self.ndim = len(self.shape)
         self.size = tensor.numel()
         self.ptr = tensor.data_ptr()
@@ -124,8 +126,12 @@ def _cupy_view(tensor):
         1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride())))
     memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), extent, tensor, tensor.device.index)
     return cupy.ndarray(tuple(tensor.shape), _numpy_dtype(tensor.dtype),
-                        cupy.cuda.MemoryPointer(memory, 0),
-                        tuple(s * itemsize for s in tensor.stride()))
+                        cupy.cuda.MemoryPointer(memory, 0), _byte_strides(tensor, itemsize))
+
+
+def _byte_strides(tensor, itemsize):
+    """A tensor's strides in bytes, as NumPy and CuPy count them (torch counts elements)."""
+    return tuple([s * itemsize for s in tensor.stride()])
 
 
 def class_weights(weight, view=as_array):
@@ -192,8 +198,8 @@ class TorchArrays:
 def on_torch_stream(device):
     """A context in which numba_ce's launches go to torch's current stream on ``device``, which
     it makes the current device if it is not (nothing to do in the simulator). The stream
-    handle comes from torch._C._cuda_getCurrentRawStream, as Triton and Inductor read it: 0.2 us
-    against 6 for torch.cuda.current_stream(device).cuda_stream."""
+    handle comes from torch._C._cuda_getCurrentRawStream, as Triton and Inductor read it: 0.1-0.2
+    us against 3-6 for torch.cuda.current_stream(device).cuda_stream."""
     if SIMULATOR:
         return contextlib.nullcontext()
     index = device.index
@@ -211,13 +217,13 @@ def _on_device(index, stream):
 
 @contextlib.contextmanager
 def on_torch_stream_with_cupy(device):
-    """A context in which CuPy's current device and stream are also torch's current ones on
-    ``device`` (nothing to do in the simulator)."""
+    """A context in which CuPy's current device and stream are torch's current ones on ``device``
+    (nothing to do in the simulator): for code that runs CuPy operations as well as launches."""
     if SIMULATOR:
         yield
         return
     with devices.cupy.cuda.Device(device.index), _cupy_stream(
-            torch.cuda.current_stream(device).cuda_stream, device.index):
+            torch._C._cuda_getCurrentRawStream(device.index), device.index):
         yield
 
 
