@@ -147,6 +147,24 @@ def walkthrough_excerpt_problems(ptx):
             f"{missing}; update the excerpt"] if missing else []
 
 
+def test_inspect_compiles_the_option_specialisations():
+    """--softcap and --label-smoothing reach the compiled row kernels: the capped fused kernel
+    takes an ex2 more per element (fast_tanh's) than the plain one, the smoothing one differs
+    from it, and none has float64."""
+    require_ptxas()
+    plain = inspect_command(("fused",), "bfloat16", "--ptx")["PTX: fused bfloat16 sm_90"]
+    capped = inspect_command(("fused", "loss"), "bfloat16", "--softcap", "30", "--ptx",
+                             "--resources")
+    smoothed = inspect_command(("fused",), "bfloat16", "--label-smoothing", "0.1", "--ptx")
+    ex2 = [ptx.count("ex2.approx") for ptx in (plain, capped["PTX: fused bfloat16 sm_90"])]
+    assert ex2[1] > ex2[0] > 0, ex2
+    assert smoothed["PTX: fused bfloat16 sm_90"] != plain
+    for ptx in (capped["PTX: fused bfloat16 sm_90"], capped["PTX: loss bfloat16 sm_90"],
+                smoothed["PTX: fused bfloat16 sm_90"]):
+        assert ".f64" not in ptx
+    assert set(table_rows(capped["resources: sm_90"])) == {"fused", "loss"}
+
+
 def test_sass_of_a_kernel():
     require_ptxas()
     try:

@@ -5,6 +5,7 @@ roofline report. Compiles offline (no GPU needed) for sm_90 by default, or for t
     inspect.kernel_names()                       # ['fused', 'loss', 'target_stats', 'reduce_rows']
     inspect.ptx("fused", "bfloat16")             # PTX for sm_90, as the GPU path compiles it
     inspect.resources("fused", "bfloat16")       # registers, shared/local memory, occupancy
+    inspect.ptx("fused", variant=inspect.Variant(softcap=30.0))  # the softcap specialisation
     print(inspect.format_table([inspect.resources(k) for k in inspect.kernel_names()]))
 
 The same from the shell: ``python -m numba_ce inspect --help`` and ``python -m numba_ce roofline
@@ -14,15 +15,17 @@ The same from the shell: ``python -m numba_ce inspect --help`` and ``python -m n
 loads when V fills whole words, else one element a load; and the block size.
 """
 from .compiler import compiled, default_arch, sass
-from .launches import DEFAULT_SHAPE, DTYPES, KERNELS, kernel_names, kernel_source, planned_launch
+from .launches import (DEFAULT_SHAPE, DTYPES, KERNELS, PLAIN, Variant, kernel_names,
+                       kernel_source, planned_launch)
 from .resource_table import Resources, format_table, resources
 from .tools import ToolMissing
 
 
-def ptx(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE):
+def ptx(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE, variant=PLAIN):
     """The PTX of ``kernel`` (a name from :func:`kernel_names`) as a call on ``shape`` logits of
-    ``dtype`` launches it, for ``arch`` ('sm_90'; default: the visible GPU, else sm_90)."""
-    return compiled(kernel, dtype, arch, shape).ptx
+    ``dtype`` with ``variant``'s options (softcap, label smoothing, class weights) launches it,
+    for ``arch`` ('sm_90'; default: the visible GPU, else sm_90)."""
+    return compiled(kernel, dtype, arch, shape, variant).ptx
 
 
 def source(kernel):
@@ -31,6 +34,6 @@ def source(kernel):
     return f"# {path}:{line}\n{text}"
 
 
-__all__ = ["DEFAULT_SHAPE", "DTYPES", "KERNELS", "Resources", "ToolMissing", "compiled",
-           "default_arch", "format_table", "kernel_names", "planned_launch", "ptx", "resources",
-           "sass", "source"]
+__all__ = ["DEFAULT_SHAPE", "DTYPES", "KERNELS", "PLAIN", "Resources", "ToolMissing", "Variant",
+           "compiled", "default_arch", "format_table", "kernel_names", "planned_launch", "ptx",
+           "resources", "sass", "source"]

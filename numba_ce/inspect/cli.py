@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from . import compiler, resource_table, roofline, tools
-from .launches import DEFAULT_SHAPE, DTYPES, KERNELS, kernel_source
+from .launches import DEFAULT_SHAPE, DTYPES, KERNELS, Variant, kernel_source
 
 SECTIONS = ("source", "ptx", "sass", "resources")
 
@@ -14,9 +14,9 @@ def add_commands(commands):
     inspect = commands.add_parser(
         "inspect", help="source, PTX, SASS and resource use of the kernels (no GPU needed)",
         description="Compile the kernels as a call on (N, V) logits would launch them (int64 "
-                    "targets, reduction 'mean') and print what is asked; without --source, "
-                    "--ptx or --sass, the resource table. Needs no GPU, and a shell without "
-                    "NUMBA_ENABLE_CUDASIM=1.")
+                    "targets, reduction 'mean', the options given) and print what is asked; "
+                    "without --source, --ptx or --sass, the resource table. Needs no GPU, and a "
+                    "shell without NUMBA_ENABLE_CUDASIM=1.")
     inspect.add_argument("--kernel", action="append", choices=[*KERNELS, "all"],
                          help=f"repeatable; default all. {kernels_help}")
     inspect.add_argument("--dtype", action="append", choices=[*DTYPES, "all"],
@@ -26,6 +26,13 @@ def add_commands(commands):
     inspect.add_argument("--shape", nargs=2, type=int, metavar=("N", "V"), default=DEFAULT_SHAPE,
                          help="logits shape: it picks packed 8-byte loads (V fills whole words) "
                               "or one element a load, and the block size (default %(default)s)")
+    inspect.add_argument("--softcap", type=float, metavar="C",
+                         help="compile the softcap specialisation of the row kernels")
+    inspect.add_argument("--label-smoothing", type=float, default=0.0, metavar="S",
+                         help="compile the label-smoothing specialisation of the row kernels")
+    inspect.add_argument("--class-weights", action="store_true",
+                         help="a call with class weights (with --label-smoothing: the weighted "
+                              "smoothing specialisation)")
     for section, what in [("source", "the kernel's Python source"), ("ptx", "its PTX"),
                           ("sass", "its SASS (needs nvdisasm or cuobjdump)"),
                           ("resources", "the resource table (needs ptxas)")]:
@@ -68,8 +75,10 @@ def _inspect(args):
     capability = compiler.parse_arch(args.arch)
     arch = compiler.arch_name(capability)
     shape = tuple(args.shape)
+    variant = Variant(args.softcap, args.label_smoothing, args.class_weights)
     print(f"numba_ce kernels for {compiler.describe_arch(capability)}; "
-          f"logits {shape[0]} x {shape[1]}, int64 targets, reduction 'mean'")
+          f"logits {shape[0]} x {shape[1]}, int64 targets, reduction 'mean', "
+          f"{variant.describe()}")
     table = []
     for name in names:
         if "source" in sections:
@@ -78,11 +87,12 @@ def _inspect(args):
         for dtype in dtypes if KERNELS[name].per_dtype else dtypes[:1]:
             label = f"{name} {dtype if KERNELS[name].per_dtype else ''}".rstrip()
             if "ptx" in sections:
-                _section(f"PTX: {label} {arch}", compiler.compiled(name, dtype, arch, shape).ptx)
+                built = compiler.compiled(name, dtype, arch, shape, variant)
+                _section(f"PTX: {label} {arch}", built.ptx)
             if "sass" in sections:
-                _section(f"SASS: {label} {arch}", compiler.sass(name, dtype, arch, shape))
+                _section(f"SASS: {label} {arch}", compiler.sass(name, dtype, arch, shape, variant))
             if "resources" in sections:
-                table.append(resource_table.resources(name, dtype, arch, shape))
+                table.append(resource_table.resources(name, dtype, arch, shape, variant))
     if table:
         _section(f"resources: {arch}", resource_table.format_table(table))
     return 0

@@ -17,7 +17,7 @@ from numba import cuda
 from .. import launcher
 from ..portable import SIMULATOR
 from . import tools
-from .launches import DEFAULT_SHAPE, Launch, planned_launch
+from .launches import DEFAULT_SHAPE, PLAIN, Launch, planned_launch
 
 OFFLINE_ARCH = (9, 0)  # compiled for when no GPU is visible: the H200's
 
@@ -75,13 +75,13 @@ class Compiled(NamedTuple):
         return tools.assemble(self.ptx, arch_name(self.capability))
 
 
-def compiled(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE):
+def compiled(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE, variant=PLAIN):
     """The :class:`Compiled` kernel ``kernel`` (a name from ``kernel_names()``) as a call on
-    ``shape`` logits of ``dtype`` launches it, for ``arch`` ('sm_90'; default: the visible GPU,
-    else sm_90)."""
+    ``shape`` logits of ``dtype`` with the options of ``variant`` (launches.Variant) launches it,
+    for ``arch`` ('sm_90'; default: the visible GPU, else sm_90)."""
     require_compiler()
     capability = parse_arch(arch)
-    launch = planned_launch(kernel, dtype, shape)
+    launch = planned_launch(kernel, dtype, shape, variant)
     ptx, entry = compile_signature(launch.kernel, launch.signature, capability)
     return Compiled(launch, capability, ptx, entry)
 
@@ -109,6 +109,6 @@ def _current_device_reports(capability):
         dispatcher.get_current_device = real
 
 
-def sass(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE):
+def sass(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE, variant=PLAIN):
     """The SASS of ``kernel`` compiled as in :func:`compiled`, by nvdisasm or cuobjdump."""
-    return tools.disassemble(compiled(kernel, dtype, arch, shape).assembly.cubin)
+    return tools.disassemble(compiled(kernel, dtype, arch, shape, variant).assembly.cubin)

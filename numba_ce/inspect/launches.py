@@ -43,6 +43,24 @@ DTYPES = tuple(FORMATS)  # float32, float16, bfloat16
 DEFAULT_SHAPE = GPU_SHAPE  # the demo's: 4096 tokens of Llama 3's 128256-word vocabulary
 
 
+class Variant(NamedTuple):
+    """The loss options that change a row kernel's code (each is compiled in only when used):
+    softcap, label smoothing, and class weights with label smoothing. z-loss, ignore_index and
+    the reduction are run-time values of every kernel."""
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    class_weights: bool = False
+
+    def describe(self):
+        parts = ([f"softcap {self.softcap}"] if self.softcap is not None else []) + (
+            [f"label smoothing {self.label_smoothing}"] if self.label_smoothing else []) + (
+            ["class weights"] if self.class_weights else [])
+        return ", ".join(parts) or "no softcap, label smoothing or class weights"
+
+
+PLAIN = Variant()
+
+
 class Launch(NamedTuple):
     name: str       # a key of KERNELS
     dtype: str      # the logits' dtype the launch was planned for
@@ -85,9 +103,10 @@ def kernel_source(name):
     return pyinspect.getsourcefile(function), first, "".join(lines)
 
 
-def planned_launch(name, dtype, shape):
+def planned_launch(name, dtype, shape, variant=PLAIN):
     """The :class:`Launch` of kernel ``name`` in a call on ``shape`` (N, V) logits of ``dtype``
-    with int64 targets and reduction "mean", as launch.run plans it for a GPU."""
+    with int64 targets, reduction "mean" and the options of ``variant`` (a :class:`Variant`), as
+    launch.run plans it for a GPU."""
     spec = check_kernel(name)
     check_dtype(dtype)
     if SIMULATOR:
@@ -98,7 +117,8 @@ def planned_launch(name, dtype, shape):
     if n_rows < 1 or n_classes < 1:
         raise ValueError(f"shape must be (N, V) with N >= 1 and V >= 1 (got {tuple(shape)})")
     recorded = []
-    for kernel, grid, block, args, shared in _dry_run(dtype, n_rows, n_classes, spec.with_grad):
+    for kernel, grid, block, args, shared in _dry_run(dtype, n_rows, n_classes, spec.with_grad,
+                                                      variant):
         if _function_name(kernel) == spec.function:
             recorded.append(Launch(name, dtype, kernel, grid, block,
                                    launcher.argument_types(args), shared))
@@ -109,13 +129,15 @@ def planned_launch(name, dtype, shape):
     return recorded[0]
 
 
-def _dry_run(dtype, n_rows, n_classes, with_grad):
+def _dry_run(dtype, n_rows, n_classes, with_grad, variant):
     """[(kernel, grid, block, args, shared)] of one launch.run call, recorded instead of
     launched."""
     one_row = np.zeros(n_classes, numpy_dtype(dtype))
     logits = np.broadcast_to(one_row, (n_rows, n_classes))
     grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if with_grad else None
-    options = validation.check_options(-100, "mean", 0.0, 0.0, None)
+    options = validation.check_options(-100, "mean", variant.label_smoothing, 0.0,
+                                       variant.softcap)
+    weight = np.ones(n_classes, np.float32) if variant.class_weights else None
     rows = [np.zeros(n_rows, np.float32) for _ in range(3)]  # row_loss, row_z, row_lse
     reduced = [np.zeros(1, np.float32) for _ in range(2)]  # loss_out, z_out
     recorded = []
@@ -123,7 +145,7 @@ def _dry_run(dtype, n_rows, n_classes, with_grad):
     launch.launch = lambda kernel, grid, block, *args, shared=0: recorded.append(
         (kernel, grid, block, args, shared))
     try:
-        launch.run(np, logits, dtype, np.zeros(n_rows, np.int64), None, options, grad,
+        launch.run(np, logits, dtype, np.zeros(n_rows, np.int64), weight, options, grad,
                    np.ones(1, np.float32), *rows, *reduced, False)
     finally:
         launch.launch = real_launch

@@ -4,7 +4,7 @@ from typing import NamedTuple
 from ..floatbits import FORMATS
 from . import tools
 from .compiler import arch_name, compiled
-from .launches import DEFAULT_SHAPE, KERNELS
+from .launches import DEFAULT_SHAPE, KERNELS, PLAIN
 from .occupancy import SM_LIMITS, occupancy
 
 
@@ -24,10 +24,10 @@ class Resources(NamedTuple):
     occupancy: object  # an Occupancy, or None where the SM limits of `arch` are not known
 
 
-def resources(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE):
+def resources(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE, variant=PLAIN):
     """The :class:`Resources` of ``kernel`` compiled as in :func:`numba_ce.inspect.ptx`: ptxas's
     report, the launch configuration launch.py picks for ``shape``, the theoretical occupancy."""
-    built = compiled(kernel, dtype, arch, shape)
+    built = compiled(kernel, dtype, arch, shape, variant)
     launch = built.launch
     report = tools.parse_report(built.assembly.report, built.entry)
     # static shared memory (ptxas) plus the dynamic shared memory of the launch
