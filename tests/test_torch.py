@@ -183,14 +183,17 @@ def test_torch_compile(rng):
 
 # Dynamo's own tracing reads .grad of the non-leaf logits (a torch warning, not ours)
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
-def test_torch_compile_breaks_the_graph_once_at_the_kernels(rng):
-    """TorchDynamo traces the caller and cross_entropy's checks, and runs the kernel call eagerly:
-    one graph break (none would mean Dynamo traced into the kernels, more a break elsewhere)."""
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])
+def test_torch_compile_breaks_the_graph_once_at_the_kernels(rng, entry):
+    """TorchDynamo traces the caller and runs the entry point eagerly: one graph break (none
+    would mean Dynamo traced into the kernels, more a break elsewhere)."""
     torch.manual_seed(int(rng.integers(2**31)))
     head = torch.nn.Linear(8, 40)
 
     def step(hidden, target):
-        return nce.cross_entropy(head(hidden), target) * 2.0
+        if entry == "cross_entropy":
+            return nce.cross_entropy(head(hidden), target) * 2.0
+        return nce.linear_cross_entropy(torch.tanh(hidden), head.weight, target) * 2.0
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(step)(torch.randn(6, 8), torch.randint(0, 40, (6,)))

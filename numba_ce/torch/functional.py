@@ -13,10 +13,9 @@ the views are TensorArrays, not CuPy arrays, and the launches go to torch's stre
 
 torch.autocast: nothing here is an autocast-eligible op (allocations and kernel launches only), so
 no custom_fwd or autocast-disabled block is needed: low-precision logits are read as they are and
-the math is fp32 either way. torch.compile: TorchDynamo traces ``cross_entropy`` up to the kernel
-call, which runs eagerly (one graph break); a torch.library custom op would avoid the break, but its
-functionalisation copies the buffers that inplace_backward and the in-place backward exist to
-avoid.
+the math is fp32 either way. torch.compile: ``cross_entropy`` runs eagerly, one graph break
+(tensors.graph_break); a torch.library custom op would avoid the break, but its functionalisation
+copies the buffers that inplace_backward and the in-place backward exist to avoid.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -26,6 +25,7 @@ from ..scale_kernel import scale_rows
 from . import tensors
 
 
+@tensors.graph_break
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
                   return_z_loss=False, validate=True):
@@ -63,15 +63,6 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     subnormal (6e-8) are zero before a loss scale (GradScaler) multiplies them; bfloat16 has
     float32's range and does not lose them.
     """
-    # TorchDynamo cannot trace the kernels: while it compiles, the call is a graph break (run
-    # eagerly). Eager calls do not pay torch.compiler.disable's frame switches (~10 us a call).
-    run = _outside_dynamo if torch.compiler.is_compiling() else _cross_entropy
-    return run(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-               inplace_backward, return_z_loss, validate)
-
-
-def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                   softcap, inplace_backward, return_z_loss, validate):
     options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
     return_z_loss = validation.check_flag("return_z_loss", return_z_loss)
@@ -81,9 +72,6 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     loss, z_part = _FusedCrossEntropy.apply(input, target, weight, options, with_grad,
                                             inplace_backward, validate)
     return (loss, z_part) if return_z_loss else loss
-
-
-_outside_dynamo = torch.compiler.disable(_cross_entropy)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):

@@ -19,7 +19,7 @@ from ..scale_kernel import scale_rows
 from . import tensors
 
 
-@torch.compiler.disable  # the kernels are opaque to TorchDynamo: a graph break, run eagerly
+@tensors.graph_break
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          softcap=None, chunk_size=None, validate=True):
