@@ -9,6 +9,7 @@ import numpy as np
 
 from . import kernels
 from .devices import data_pointer, synchronize_read
+from .host_read import start_read
 from .floatbits import FORMATS
 from .launcher import launch, max_shared_bytes, multiprocessors
 from .portable import SIMULATOR, WARP_SIZE
@@ -78,26 +79,37 @@ def run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, r
         loss_out, z_out, validate):
     """Fill the outputs. ``grad`` is None for the loss-only kernel, or an (N, V) array of the
     logits' format (``logits`` itself for in-place). ``grad_output`` is a float32 array of shape
-    (1,) or (N,). ``loss_out``/``z_out`` are (1,) float32 for "sum"/"mean", None for "none"."""
-    stats = target_statistics(xp, target, weight, options[0], logits.shape[1], validate)
+    (1,) or (N,). ``loss_out``/``z_out`` are (1,) float32 for "sum"/"mean", None for "none".
+
+    With ``validate``, the target check's read is started after the target statistics and
+    waited for after the other launches (numba_ce.host_read), so the GPU does not idle while the
+    host waits; a bad target gives its row NaN in the meantime, in outputs the caller never sees.
+    In place, the check comes before the row kernel: the logits are the caller's."""
+    ignore_index, n_classes = options[0], logits.shape[1]
+    stats, bad_row = target_statistics(xp, target, weight, ignore_index, n_classes)
+    first_bad = start_read(bad_row) if validate else None
+    if first_bad is not None and grad is not None and data_pointer(grad) == data_pointer(logits):
+        check_targets(first_bad, target, n_classes, ignore_index)
+        first_bad = None
     rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_loss, row_z, row_lse)
     if loss_out is not None:
         reduce(row_loss, row_z, stats, options[1], loss_out, z_out)
+    if first_bad is not None:
+        check_targets(first_bad, target, n_classes, ignore_index)
 
 
-def target_statistics(xp, target, weight, ignore_index, n_classes, validate):
-    """The reduction denominators of a batch (kernels.target_stats) as a float32 device array;
-    with ``validate``, first raise for a target outside [0, V). A batch processed in chunks of
-    rows (numba_ce.linear) computes them once, so every chunk's gradient has the batch's scale."""
+def target_statistics(xp, target, weight, ignore_index, n_classes):
+    """(stats, bad_row): the reduction denominators of a batch (kernels.target_stats) as a
+    float32 device array, and the first row whose target is out of range (N if none) as an int64
+    device array of one element, for :func:`check_targets`. A batch processed in chunks of rows
+    (numba_ce.linear) computes them once, so every chunk's gradient has the batch's scale."""
     stats = xp.empty(3, np.float32)
     bad_row = xp.empty(1, np.int64)
     has_weight = weight is not None
     launch(kernels.target_stats, 1, single_block_threads(), target,
            weight if has_weight else stats, np.int32(has_weight), np.int64(ignore_index),
            np.int64(n_classes), stats, bad_row)
-    if validate:
-        check_targets(bad_row, target, n_classes, ignore_index)
-    return stats
+    return stats, bad_row
 
 
 def rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_loss, row_z,
@@ -144,9 +156,10 @@ def reduce(row_loss, row_z, stats, reduction, loss_out, z_out):
            np.int32(REDUCTION_CODES[reduction]), loss_out, z_out)
 
 
-def check_targets(bad_row, target, n_classes, ignore_index):
-    """Raise ValueError naming the first row whose target is neither in [0, V) nor ignore_index."""
-    row = int(synchronize_read(bad_row)[0])
+def check_targets(first_bad, target, n_classes, ignore_index):
+    """Raise ValueError naming the first row whose target is neither in [0, V) nor ignore_index;
+    ``first_bad`` is the read (host_read.start_read) of target_statistics' bad_row."""
+    row = int(first_bad.result()[0])
     if row < target.shape[0]:
         value = int(synchronize_read(target[row:row + 1])[0])
         raise target_out_of_range(row, value, n_classes, ignore_index)

@@ -27,6 +27,7 @@ applies afterwards (see ``compute``): p_j / S_w would flush to zero, g * p_j ove
 import numpy as np
 
 from . import api, devices, launch, validation
+from .host_read import start_read
 from .kernels import STAT_WEIGHT_SUM
 from .matmul import matmul
 from .results import LinearCrossEntropyResult
@@ -149,8 +150,11 @@ def compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt,
     bias_sum = _zeros(xp, (n_classes, 1)) if need_bias else None
     ones = _ones(xp, (chunk, 1), dtype) if need_bias else None
     logits = api.empty(xp, (chunk, n_classes), dtype)
-    stats = (launch.target_statistics(xp, target, weight, ignore_index, n_classes, validate)
-             if n_rows else None)
+    stats = None
+    if n_rows:  # checked before any chunk: the matrix products dwarf the wait for the read
+        stats, bad_row = launch.target_statistics(xp, target, weight, ignore_index, n_classes)
+        if validate:
+            launch.check_targets(start_read(bad_row), target, n_classes, ignore_index)
     # fp16 only: its smallest subnormal is 6e-8 and its largest value 65504, so the entries
     # g * p_j / S_w of a "mean" gradient (S_w = the batch's sum of w_y, g the scalar upstream)
     # would flush to zero for a large batch, or overflow for a loss-scaled g. The chunk gradient

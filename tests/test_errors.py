@@ -100,8 +100,8 @@ def test_target_check_costs_one_small_read_and_none_when_off(rng, entry, monkeyp
         reads.append(a.nbytes)
         return real_read(a)
 
-    real_read = launch.synchronize_read
-    monkeypatch.setattr(launch, "synchronize_read", counting_read)
+    real_read = launch.start_read
+    monkeypatch.setattr(launch, "start_read", counting_read)
     logits, target = inputs(rng)
     entry(logits, target)
     assert reads == [8]
@@ -109,6 +109,59 @@ def test_target_check_costs_one_small_read_and_none_when_off(rng, entry, monkeyp
     target[1] = N_CLASSES
     entry(logits, target, validate=False)
     assert reads == []
+
+
+def launch_order(monkeypatch, call):
+    """The kernels ``call`` launches and when it waits for the target check's read, in order."""
+    events = []
+    real_launch, real_read = launch.launch, launch.start_read
+
+    def recording_launch(kernel, *args, **kwargs):
+        events.append(kernel.py_func.__qualname__.split(".")[0])
+        return real_launch(kernel, *args, **kwargs)
+
+    class RecordingRead:
+        def __init__(self, array):
+            self.read = real_read(array)
+
+        def result(self):
+            events.append("wait for the check")
+            return self.read.result()
+
+    monkeypatch.setattr(launch, "launch", recording_launch)
+    monkeypatch.setattr(launch, "start_read", RecordingRead)
+    call()
+    return events
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_target_check_waits_after_the_launches(rng, entry, reduction, monkeypatch):
+    """The host waits for the check's read only after launching the row kernel (and the
+    reduction), so the GPU need not idle while it waits; a bad target still raises."""
+    logits, target = inputs(rng)
+    events = launch_order(monkeypatch, lambda: entry(logits, target, reduction=reduction))
+    kernels = ["target_stats", "row_kernel"] + (["reduce_rows"] if reduction == "mean" else [])
+    assert events == kernels + ["wait for the check"]
+    target[3] = -7
+    before = checksum(logits)
+    with raises(ValueError, out_of_range_message(3, -7)):
+        entry(logits, target, reduction=reduction)
+    assert checksum(logits) == before
+
+
+def test_inplace_target_check_waits_before_the_row_kernel(rng, monkeypatch):
+    """In place, the row kernel would write the caller's logits: the check comes first, and a
+    bad target leaves them untouched."""
+    logits, target = inputs(rng)
+    events = launch_order(
+        monkeypatch, lambda: numba_ce.cross_entropy_with_grad(logits.copy(), target,
+                                                              inplace=True))
+    assert events == ["target_stats", "wait for the check", "row_kernel", "reduce_rows"]
+    target[0] = N_CLASSES
+    before = checksum(logits)
+    with raises(ValueError, out_of_range_message(0, N_CLASSES)):
+        numba_ce.cross_entropy_with_grad(logits, target, inplace=True)
+    assert checksum(logits) == before
 
 
 # --- shapes, dtypes and layouts -------------------------------------------------------------
