@@ -97,6 +97,7 @@ def ones(xp):
 
 
 def synchronize_read(a):
-    """Copy a small device array to the host (the one host synchronisation of a checked call):
-    CuPy's ``get()``, which TensorArray also has."""
+    """Copy a small device array to the host, waiting for everything before it on the stream
+    (the value of a bad target, once a check has found one): CuPy's ``get()``, which
+    TensorArray also has."""
     return a.copy() if SIMULATOR or isinstance(a, np.ndarray) else a.get()

@@ -9,8 +9,8 @@ leaves the GPU idle while the host waits for it and then launches the row kernel
     ... launch the row kernel and the reduction ...
     pending.result()      wait for that event alone: the copy is done, the row kernel runs on
 
-so the host waits no longer than before and the GPU not at all. In the simulator (NumPy arrays)
-the value is there at once.
+so the host waits no longer than before and the GPU only for the 8-byte copy queued ahead of the
+row kernel. In the simulator (NumPy arrays) the value is there at once.
 """
 import threading
 
@@ -34,13 +34,14 @@ class _Done:
 
 
 class _Pending:
-    """A copy into this thread's pinned buffer on ``stream``, followed by ``event``."""
+    """A copy into this thread's pinned buffer, followed by the slot's event."""
 
     def __init__(self, slot, dtype, count):
         self.slot, self.dtype, self.count = slot, dtype, count
 
     def result(self):
-        cupy.cuda.runtime.eventSynchronize(self.slot.event)
+        self.slot.event.synchronize()
+        self.slot.in_flight = False
         return np.frombuffer(self.slot.memory, self.dtype, self.count).copy()
 
 
@@ -55,19 +56,24 @@ def start_read(array):
         raise ValueError(f"start_read copies at most {MAX_READ_BYTES} bytes (got {n_bytes})")
     device_id, stream = current_stream()
     slot = _slot(device_id)
+    if slot.in_flight:  # a read abandoned by an exception: its copy must not land in this one
+        slot.event.synchronize()
     runtime = cupy.cuda.runtime
     runtime.memcpyAsync(slot.memory.ptr, data_pointer(array), n_bytes,
                         runtime.memcpyDeviceToHost, stream)
-    runtime.eventRecord(slot.event, stream)
+    runtime.eventRecord(slot.event.ptr, stream)
+    slot.in_flight = True
     return _Pending(slot, array.dtype, array.size)
 
 
 class _Slot:
-    """A pinned host buffer and an event of one device."""
+    """A pinned host buffer and an event (CuPy's, destroyed with the slot) of one device, and
+    whether a copy into the buffer may still be on its way."""
 
     def __init__(self):
         self.memory = cupy.cuda.alloc_pinned_memory(MAX_READ_BYTES)
-        self.event = cupy.cuda.runtime.eventCreateWithFlags(cupy.cuda.runtime.eventDisableTiming)
+        self.event = cupy.cuda.Event(disable_timing=True)
+        self.in_flight = False
 
 
 _slots = threading.local()
