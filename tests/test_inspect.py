@@ -21,11 +21,18 @@ from numba_ce.inspect.launches import DTYPES, KERNELS, numpy_dtype
 from numba_ce.portable import SIMULATOR
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ROW_KERNELS = tuple(name for name, spec in KERNELS.items() if spec.per_dtype)
-# Each dtype's row kernels, with the dtype-independent kernels in the bfloat16 run: one process
+
+
+def kernels_of(dtype, packed_only=False):
+    """The kernels the dtype changes that exist for it (only those reading packed words)."""
+    return tuple(name for name, spec in KERNELS.items() if spec.per_dtype and
+                 dtype in spec.dtypes and (spec.packed or not packed_only))
+
+
+# Each dtype's kernels, with the dtype-independent kernels in the bfloat16 run: one process
 # each, for the command's default shape (4096 x 128256: packed 8-byte loads).
-GROUPS = {dtype: ROW_KERNELS for dtype in DTYPES}
-GROUPS["bfloat16"] = tuple(KERNELS)
+GROUPS = {dtype: kernels_of(dtype) for dtype in DTYPES}
+GROUPS["bfloat16"] += tuple(name for name, spec in KERNELS.items() if not spec.per_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,10 +67,10 @@ def require_ptxas():
 def test_one_element_a_word_row_kernels_have_no_f64_or_local_memory(dtype):
     """An odd V gives the other specialisation of each row kernel: one element a load."""
     require_ptxas()
-    parts = inspect_command(ROW_KERNELS, dtype, "--shape", "4096", "128257", "--ptx",
-                            "--resources")
+    packed = kernels_of(dtype, packed_only=True)
+    parts = inspect_command(packed, dtype, "--shape", "4096", "128257", "--ptx", "--resources")
     rows = table_rows(parts["resources: sm_90"])
-    for name in ROW_KERNELS:
+    for name in packed:
         ptx = parts[f"PTX: {name} {dtype} sm_90"]
         assert ".f64" not in ptx, f"{name} {dtype}: float64 in its PTX"
         assert rows[name]["pack"] == "1", rows[name]
@@ -88,15 +95,13 @@ def test_inspect_command_prints_sm90_ptx_and_resources(dtype):
         row = rows[name]
         if not int(row["registers"]) > 0:
             problems.append(f"{label}: no registers in {row}")
-        if local_bytes(row) > (MAX_GRADIENT_SPILL if KERNELS[name].with_grad and
-                               KERNELS[name].per_dtype else 0):
+        if local_bytes(row) > (MAX_GRADIENT_SPILL if name == "fused" else 0):
             problems.append(f"{label} uses local memory: {row['local']} a thread, spill "
                             f"stores/loads {row['spills st/ld']} ({row['registers']} registers)")
         # the default shape's rows fill whole 8-byte words: packed loads
-        if KERNELS[name].per_dtype and row["pack"] != str(8 // numpy_dtype(dtype).itemsize):
+        if KERNELS[name].packed and row["pack"] != str(8 // numpy_dtype(dtype).itemsize):
             problems.append(f"{label}: expected packed loads, got pack {row['pack']}")
-        problems += conversion_problems(label, dtype, ptx, KERNELS[name].with_grad and
-                                        KERNELS[name].per_dtype)
+        problems += conversion_problems(label, dtype, ptx, KERNELS[name].rounds)
     if dtype == "bfloat16":  # the walkthrough's excerpt is of this PTX: checked here, compiled once
         problems += walkthrough_excerpt_problems(parts["PTX: fused bfloat16 sm_90"])
     assert not problems, "\n".join(problems)
@@ -177,12 +182,21 @@ def test_sass_of_a_kernel():
 
 
 def test_kernel_names_and_sources():
-    assert inspect.kernel_names() == ["fused", "loss", "target_stats", "reduce_rows"]
+    assert inspect.kernel_names() == ["fused", "loss", "target_stats", "reduce_rows", "scale",
+                                      "round"]
     assert "def row_kernel(" in inspect.source("fused") and "def kernel(" in inspect.source("loss")
+    assert "def scale_kernel(" in inspect.source("scale")
+    assert "def round_kernel(" in inspect.source("round")
     source = inspect.source("target_stats")
     assert source.startswith("# ") and "kernels.py:" in source and "def target_stats(" in source
     with pytest.raises(ValueError, match=r"kernel must be one of .* \(got 'row'\)"):
         inspect.source("row")
+
+
+def test_round_kernel_exists_for_fp16_and_bf16_only():
+    with pytest.raises(ValueError, match=re.escape(
+            "kernel round is compiled for float16, bfloat16 only (got float32)")):
+        inspect.planned_launch("round", "float32", (4, 8))
 
 
 @pytest.mark.skipif(not SIMULATOR, reason="the message that the simulator gives")

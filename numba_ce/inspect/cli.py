@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from . import compiler, resource_table, roofline, tools
-from .launches import DEFAULT_SHAPE, DTYPES, KERNELS, Variant, kernel_source
+from .launches import DEFAULT_SHAPE, DTYPES, KERNELS, Variant, check_kernel_dtype, kernel_source
 
 SECTIONS = ("source", "ptx", "sass", "resources")
 
@@ -76,15 +76,16 @@ def _inspect(args):
     arch = compiler.arch_name(capability)
     shape = tuple(args.shape)
     variant = Variant(args.softcap, args.label_smoothing, args.class_weights)
+    plan = [(name, _dtypes_of(name, dtypes)) for name in names]  # raises before any output
     print(f"numba_ce kernels for {compiler.describe_arch(capability)}; "
           f"logits {shape[0]} x {shape[1]}, int64 targets, reduction 'mean', "
           f"{variant.describe()}")
     table = []
-    for name in names:
+    for name, name_dtypes in plan:
         if "source" in sections:
             path, line, text = kernel_source(name)
             _section(f"source: {name}  ({path}:{line})", text)
-        for dtype in dtypes if KERNELS[name].per_dtype else dtypes[:1]:
+        for dtype in name_dtypes:
             label = f"{name} {dtype if KERNELS[name].per_dtype else ''}".rstrip()
             if "ptx" in sections:
                 built = compiler.compiled(name, dtype, arch, shape, variant)
@@ -96,6 +97,18 @@ def _inspect(args):
     if table:
         _section(f"resources: {arch}", resource_table.format_table(table))
     return 0
+
+
+def _dtypes_of(name, dtypes):
+    """The dtypes of ``dtypes`` to compile kernel ``name`` for: the first for kernels the dtype
+    does not change, those it exists for otherwise (an error if none)."""
+    spec = KERNELS[name]
+    if not spec.per_dtype:
+        return dtypes[:1]
+    chosen = [dtype for dtype in dtypes if dtype in spec.dtypes]
+    if not chosen:
+        check_kernel_dtype(name, dtypes[0])  # raises, naming the dtypes it exists for
+    return chosen
 
 
 def _section(title, text):

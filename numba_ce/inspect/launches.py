@@ -1,12 +1,15 @@
-"""Which kernels a call launches, with what grid, block and argument types: asked of launch.py.
+"""Which kernels a call launches, with what grid, block and argument types: asked of the code
+that launches them.
 
-The signatures are never written down here. :func:`planned_launch` runs
-:func:`numba_ce.launch.run` itself on stand-in NumPy arrays, with its ``launch`` function replaced
-by a recorder, and types each recorded argument list with
-:func:`numba_ce.launcher.argument_types`, the function the GPU path compiles with. So whatever
-launch.py passes to a kernel, and whatever block size it picks for a row length, is what gets
-inspected. The stand-in logits are an (N, V) view whose rows all alias one real row: launch.run
-only looks at their dtype, shape, strides and alignment.
+The signatures are never written down here. :func:`planned_launch` runs the launching function
+itself (:func:`numba_ce.launch.run` for the loss kernels, :func:`numba_ce.scale_kernel.scale_rows`
+for the torch adapter's backward, :func:`numba_ce.rounding.round_into` for the linear
+cross-entropy's weight gradient) on stand-in NumPy arrays, with ``launch`` replaced by a
+recorder, and types each recorded argument list with :func:`numba_ce.launcher.argument_types`,
+the function the GPU path compiles with. So whatever is passed to a kernel, and whatever block
+size is picked for a row length, is what gets inspected. The stand-in arrays are views whose
+rows (or elements) all alias one real row: the launching code only looks at their dtype, shape,
+strides and alignment.
 """
 import inspect as pyinspect
 from typing import NamedTuple
@@ -14,32 +17,47 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .. import kernels, launch, launcher, validation
+from .. import kernels, launch, launcher, rounding, scale_kernel, validation
 from ..demo import GPU_SHAPE
 from ..floatbits import FORMATS
 from ..portable import SIMULATOR
 
 
+DTYPES = tuple(FORMATS)  # float32, float16, bfloat16
+
+
 class KernelSpec(NamedTuple):
-    function: str    # its name in numba_ce.kernels (row_kernel is a factory of specialisations)
-    with_grad: bool  # the kind of call that launches it: cross_entropy_with_grad or cross_entropy
+    module: object   # the module that defines it
+    function: str    # its name there (row_kernel, scale_kernel, round_kernel: factories)
+    call: str        # what launches it: "with_grad", "loss" (numba_ce.launch.run with or without
+    #                  a gradient), "backward" (scale_rows), "round" (round_into)
     per_dtype: bool  # whether the logits' dtype changes the compiled code
+    packed: bool     # whether it reads the logits (or gradient) as words of packed elements
+    rounds: bool     # whether it rounds float32 results to the logits' format
     summary: str
+    dtypes: tuple = DTYPES  # the logits dtypes it is compiled for
 
 
 KERNELS = {
-    "fused": KernelSpec("row_kernel", True, True, "resident blocks striding over the rows, each "
-                                                  "keeping a row's first words in shared memory: "
-                                                  "lse, row losses and the gradient "
-                                                  "(cross_entropy_with_grad)"),
-    "loss": KernelSpec("row_kernel", False, True,
+    "fused": KernelSpec(kernels, "row_kernel", "with_grad", True, True, True,
+                        "resident blocks striding over the rows, each keeping a row's first "
+                        "words in shared memory: lse, row losses and the gradient "
+                        "(cross_entropy_with_grad)"),
+    "loss": KernelSpec(kernels, "row_kernel", "loss", True, True, False,
                        "one block a row: lse and row losses, no gradient (cross_entropy)"),
-    "target_stats": KernelSpec("target_stats", True, False,
+    "target_stats": KernelSpec(kernels, "target_stats", "with_grad", False, False, False,
                                "one block: the reduction denominators and S_w from the targets"),
-    "reduce_rows": KernelSpec("reduce_rows", True, False,
+    "reduce_rows": KernelSpec(kernels, "reduce_rows", "with_grad", False, False, False,
                               "one block: the row losses summed for reduction 'sum' / 'mean'"),
+    "scale": KernelSpec(scale_kernel, "scale_kernel", "backward", True, True, True,
+                        "one block a row: the torch adapter's backward, the saved gradient "
+                        "times the upstream gradient in place (blocks return at once when it "
+                        "is 1)"),
+    "round": KernelSpec(rounding, "round_kernel", "round", True, False, True,
+                        "grid-stride: the linear cross-entropy's float32 weight gradient "
+                        "rounded to the logits' format (fp16 and bf16 only)",
+                        ("float16", "bfloat16")),
 }
-DTYPES = tuple(FORMATS)  # float32, float16, bfloat16
 DEFAULT_SHAPE = GPU_SHAPE  # the demo's: 4096 tokens of Llama 3's 128256-word vocabulary
 
 
@@ -94,21 +112,29 @@ def numpy_dtype(dtype):
 
 
 def kernel_source(name):
-    """(file, first line, source) of the Python code of a kernel; for the row kernels, the whole
-    ``row_kernel`` factory with the device functions it specialises."""
+    """(file, first line, source) of the Python code of a kernel; for the row, scale and round
+    kernels, the whole factory with the device functions it specialises."""
     spec = check_kernel(name)
-    function = getattr(kernels, spec.function)
+    function = getattr(spec.module, spec.function)
     function = pyinspect.unwrap(getattr(function, "py_func", function))  # row_kernel is cached
     lines, first = pyinspect.getsourcelines(function)
     return pyinspect.getsourcefile(function), first, "".join(lines)
 
 
+def check_kernel_dtype(name, dtype):
+    """The kernel's spec, if it is compiled for logits of ``dtype``."""
+    spec = check_kernel(name)
+    if check_dtype(dtype) not in spec.dtypes:
+        raise ValueError(f"kernel {name} is compiled for {', '.join(spec.dtypes)} only (got "
+                         f"{dtype})")
+    return spec
+
+
 def planned_launch(name, dtype, shape, variant=PLAIN):
     """The :class:`Launch` of kernel ``name`` in a call on ``shape`` (N, V) logits of ``dtype``
     with int64 targets, reduction "mean" and the options of ``variant`` (a :class:`Variant`), as
-    launch.run plans it for a GPU."""
-    spec = check_kernel(name)
-    check_dtype(dtype)
+    the launching code plans it for a GPU (for "round": a weight gradient of N x V elements)."""
+    spec = check_kernel_dtype(name, dtype)
     if SIMULATOR:
         raise RuntimeError(
             "planning a GPU launch needs a process without NUMBA_ENABLE_CUDASIM=1 (launch.run "
@@ -117,41 +143,65 @@ def planned_launch(name, dtype, shape, variant=PLAIN):
     if n_rows < 1 or n_classes < 1:
         raise ValueError(f"shape must be (N, V) with N >= 1 and V >= 1 (got {tuple(shape)})")
     recorded = []
-    for kernel, grid, block, args, shared in _dry_run(dtype, n_rows, n_classes, spec.with_grad,
+    for kernel, grid, block, args, shared in _dry_run(spec.call, dtype, n_rows, n_classes,
                                                       variant):
         if _function_name(kernel) == spec.function:
             recorded.append(Launch(name, dtype, kernel, grid, block,
                                    launcher.argument_types(args), shared))
     if len(recorded) != 1:
         raise RuntimeError(
-            f"expected launch.run to launch {spec.function} once, but it did {len(recorded)} "
-            "times: numba_ce.inspect.launches needs updating to follow launch.py")
+            f"expected the {spec.call} call to launch {spec.function} once, but it did "
+            f"{len(recorded)} times: numba_ce.inspect.launches needs updating to follow "
+            f"{spec.module.__name__}")
     return recorded[0]
 
 
-def _dry_run(dtype, n_rows, n_classes, with_grad, variant):
-    """[(kernel, grid, block, args, shared)] of one launch.run call, recorded instead of
-    launched."""
+# The modules whose `launch` the dry run replaces: where each planned call looks it up.
+LAUNCHING_MODULES = (launch, scale_kernel, rounding)
+
+
+def _dry_run(call, dtype, n_rows, n_classes, variant):
+    """[(kernel, grid, block, args, shared)] of one call of kind ``call`` (KernelSpec.call),
+    recorded instead of launched."""
+    recorded = []
+
+    def record(kernel, grid, block, *args, shared=0):
+        recorded.append((kernel, grid, block, args, shared))
+
+    real = [module.launch for module in LAUNCHING_MODULES]
+    for module in LAUNCHING_MODULES:
+        module.launch = record
+    try:
+        _planned_call(call, dtype, n_rows, n_classes, variant)
+    finally:
+        for module, function in zip(LAUNCHING_MODULES, real):
+            module.launch = function
+    return recorded
+
+
+def _planned_call(call, dtype, n_rows, n_classes, variant):
+    """Run the launching code of ``call`` on stand-in arrays of ``dtype`` (launches recorded)."""
     one_row = np.zeros(n_classes, numpy_dtype(dtype))
     logits = np.broadcast_to(one_row, (n_rows, n_classes))
-    grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if with_grad else None
+    if call == "backward":
+        scale_kernel.scale_rows(logits, dtype, np.full(1, 0.5, np.float32), False)
+        return
+    if call == "round":  # N x V elements, all aliasing one
+        n = n_rows * n_classes
+        source = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (n,), (0,))
+        out = np.lib.stride_tricks.as_strided(one_row, (n,), (0,))
+        rounding.round_into(source, np.ones(1, np.float32), out, dtype)
+        return
+    grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if call == "with_grad" else None
     options = validation.check_options(-100, "mean", variant.label_smoothing, 0.0,
                                        variant.softcap)
     weight = np.ones(n_classes, np.float32) if variant.class_weights else None
     rows = [np.zeros(n_rows, np.float32) for _ in range(3)]  # row_loss, row_z, row_lse
     reduced = [np.zeros(1, np.float32) for _ in range(2)]  # loss_out, z_out
-    recorded = []
-    real_launch = launch.launch
-    launch.launch = lambda kernel, grid, block, *args, shared=0: recorded.append(
-        (kernel, grid, block, args, shared))
-    try:
-        launch.run(np, logits, dtype, np.zeros(n_rows, np.int64), weight, options, grad,
-                   np.ones(1, np.float32), *rows, *reduced, False)
-    finally:
-        launch.launch = real_launch
-    return recorded
+    launch.run(np, logits, dtype, np.zeros(n_rows, np.int64), weight, options, grad,
+               np.ones(1, np.float32), *rows, *reduced, False)
 
 
 def _function_name(kernel):
-    """The kernel's name in numba_ce.kernels (row_kernel for each of its specialisations)."""
+    """The kernel's name in its module (row_kernel for each of its specialisations)."""
     return kernel.py_func.__qualname__.split(".")[0]

@@ -32,9 +32,10 @@ def resources(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE, variant=
     report = tools.parse_report(built.assembly.report, built.entry)
     # static shared memory (ptxas) plus the dynamic shared memory of the launch
     report = report._replace(shared_bytes=report.shared_bytes + launch.shared)
-    per_dtype = KERNELS[kernel].per_dtype
-    # the row kernel's first argument is the logits row-major as integer words of `pack` elements
-    pack = str(launch.signature[0].dtype.bitwidth // FORMATS[dtype][0]) if per_dtype else "-"
+    spec = KERNELS[kernel]
+    per_dtype = spec.per_dtype
+    # a packed kernel's first argument is the logits (gradient) as integer words of `pack` elements
+    pack = str(launch.signature[0].dtype.bitwidth // FORMATS[dtype][0]) if spec.packed else "-"
     fits = None
     if built.capability in SM_LIMITS:
         fits = occupancy(built.capability, launch.block, report.registers, report.shared_bytes)
