@@ -9,8 +9,8 @@ import numpy as np
 
 from . import kernels
 from .devices import data_pointer, synchronize_read
-from .host_read import start_read
 from .floatbits import FORMATS
+from .host_read import start_read
 from .launcher import launch, max_shared_bytes, multiprocessors
 from .portable import SIMULATOR, WARP_SIZE
 from .validation import target_out_of_range
