@@ -5,7 +5,6 @@ without NUMBA_ENABLE_CUDASIM (it compiles offline for sm_90); the parts that nee
 (ptxas report parsing, occupancy, roofline, missing-tool hints, kernel sources) run here.
 """
 import functools
-import json
 import os
 import pathlib
 import re
@@ -75,6 +74,7 @@ def test_one_element_a_word_row_kernels_have_no_f64_or_local_memory(dtype):
         assert ".f64" not in ptx, f"{name} {dtype}: float64 in its PTX"
         assert rows[name]["pack"] == "1", rows[name]
         assert rows[name]["local"] == "0 B" and rows[name]["spills st/ld"] == "0/0 B", rows[name]
+        assert not conversion_problems(name, dtype, ptx, KERNELS[name].rounds)
 
 
 @pytest.mark.parametrize("dtype", GROUPS)
@@ -288,46 +288,3 @@ def test_roofline_measure_needs_a_gpu(capsys):
 def test_roofline_measures_a_call(capsys):
     assert main(["roofline", "--measure", "--shape", "64", "4096", "--repeats", "3"]) == 0
     assert "(measured: median of 3 calls)" in capsys.readouterr().out
-
-
-HELPER_KERNELS_SCRIPT = """
-import json
-
-import numpy as np
-from numba_ce import launcher
-from numba_ce.inspect import compiler, tools
-from numba_ce.rounding import round_kernel
-from numba_ce.scale_kernel import scale_kernel
-
-cases = []
-for fmt, packs in (("float32", (2, 1)), ("float16", (4, 1)), ("bfloat16", (4, 1))):
-    for pack in packs:
-        word = np.int64 if pack > 1 else (np.int32 if fmt == "float32" else np.int16)
-        args = (np.zeros((2, 3), word), np.ones(1, np.float32), np.int32(0))
-        cases.append((f"scale {fmt} pack {pack}", scale_kernel(fmt, pack), args))
-for fmt in ("float16", "bfloat16"):
-    args = (np.zeros(4, np.float32), np.ones(1, np.float32), np.zeros(4, np.int16))
-    cases.append((f"round {fmt}", round_kernel(fmt), args))
-for name, kernel, args in cases:
-    ptx, entry = compiler.compile_signature(kernel, launcher.argument_types(args), (9, 0))
-    report = tools.parse_report(tools.assemble(ptx, "sm_90").report, entry)
-    print(json.dumps([name, name.split()[1], ".f64" in ptx, report.local_bytes,
-                      report.spill_stores, report.spill_loads, ptx]))
-"""
-
-
-def test_scale_and_rounding_kernels_have_no_f64_or_local_memory():
-    """The backward's scale kernel and the linear cross-entropy's rounding kernel, compiled for
-    sm_90 offline with the signatures their launches use: no float64, no local memory, and the
-    conversion instruction of their format."""
-    require_ptxas()
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    done = subprocess.run([sys.executable, "-c", HELPER_KERNELS_SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 8, [line[:80] for line in lines]
-    for line in lines:
-        name, fmt, f64, local, spill_st, spill_ld, ptx = json.loads(line)
-        assert (f64, local, spill_st, spill_ld) == (False, 0, 0, 0), line[:120]
-        assert not conversion_problems(name, fmt, ptx, True), name
