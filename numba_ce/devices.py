@@ -94,10 +94,3 @@ def ones(xp):
     if key not in _ONES:
         _ONES[key] = xp.ones(1, np.float32)
     return _ONES[key]
-
-
-def synchronize_read(a):
-    """Copy a small device array to the host, waiting for everything before it on the stream
-    (the value of a bad target, once a check has found one): CuPy's ``get()``, which
-    TensorArray also has."""
-    return a.copy() if SIMULATOR or isinstance(a, np.ndarray) else a.get()

@@ -8,7 +8,7 @@ except for the optional target check (one 8-byte read).
 import numpy as np
 
 from . import kernels
-from .devices import data_pointer, synchronize_read
+from .devices import data_pointer
 from .floatbits import FORMATS
 from .host_read import start_read
 from .launcher import launch, max_shared_bytes, multiprocessors
@@ -161,5 +161,5 @@ def check_targets(first_bad, target, n_classes, ignore_index):
     ``first_bad`` is the read (host_read.start_read) of target_statistics' bad_row."""
     row = int(first_bad.result()[0])
     if row < target.shape[0]:
-        value = int(synchronize_read(target[row:row + 1])[0])
+        value = int(start_read(target[row:row + 1]).result()[0])
         raise target_out_of_range(row, value, n_classes, ignore_index)

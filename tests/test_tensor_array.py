@@ -1,5 +1,6 @@
 """numba_ce.torch.tensors.TensorArray, the GPU path's view of a tensor, against NumPy's view of
-the same memory: every attribute a launch or a check reads, and its views, slices and copies.
+the same memory: every attribute a launch or a check reads, and its views and slices (whose
+tensors must hold NumPy's values).
 On CPU tensors (the class only reads torch metadata), so it runs in CI with or without the
 simulator."""
 import ml_dtypes
@@ -39,7 +40,7 @@ def test_attributes_match_numpy(dtype, layout):
         assert array.data.ptr == expected.__array_interface__["data"][0]
     assert (array.ndim, array.size, array.itemsize) == (expected.ndim, expected.size,
                                                         expected.itemsize)
-    np.testing.assert_array_equal(array.get(), expected)
+    np.testing.assert_array_equal(numpy_view(array.tensor), expected)
 
 
 @pytest.mark.parametrize("dtype,word", [(torch.bfloat16, np.int64), (torch.float16, np.int64),
@@ -50,10 +51,10 @@ def test_word_view_and_slices_match_numpy(dtype, word):
     array, expected = TensorArray(tensor).view(word), numpy_view(tensor).view(word)
     assert (array.dtype, tuple(array.shape), array.strides) == (
         expected.dtype, expected.shape, expected.strides)
-    np.testing.assert_array_equal(array.get(), expected)
+    np.testing.assert_array_equal(numpy_view(array.tensor), expected)
     part, expected_part = array[1:3, :2], expected[1:3, :2]
     assert part.data.ptr == expected_part.__array_interface__["data"][0]
-    np.testing.assert_array_equal(part.get(), expected_part)
+    np.testing.assert_array_equal(numpy_view(part.tensor), expected_part)
 
 
 def test_a_tensor_that_requires_grad_is_viewed_detached():
@@ -61,7 +62,7 @@ def test_a_tensor_that_requires_grad_is_viewed_detached():
     array = TensorArray(tensor)
     assert not array.tensor.requires_grad
     assert array.data.ptr == tensor.data_ptr()
-    np.testing.assert_array_equal(array.view(np.int32).get(),
+    np.testing.assert_array_equal(numpy_view(array.view(np.int32).tensor),
                                   tensor.detach().numpy().view(np.int32))
 
 
@@ -85,5 +86,5 @@ def test_the_word_launch_picks_is_a_view_it_can_make(dtype, layout):
     array = TensorArray(tensor)
     pack, word = launch.word_layout(array, array.dtype.name)
     words = array.view(word)
-    np.testing.assert_array_equal(words.get(), numpy_view(tensor).view(word))
+    np.testing.assert_array_equal(numpy_view(words.tensor), numpy_view(tensor).view(word))
     assert words.shape[1] * pack == tensor.shape[1]

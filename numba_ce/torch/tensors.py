@@ -93,8 +93,7 @@ class TensorArray:
     """A CUDA tensor with the attributes of a CuPy array that numba_ce's launches and checks
     read: NumPy ``dtype`` (ml_dtypes.bfloat16 for torch.bfloat16), ``shape``, ``strides`` in
     bytes, ``ndim``, ``size``, ``itemsize``, ``data.ptr``; ``view(dtype)``, slicing and
-    ``reshape`` are torch's, ``fill`` too; ``get()`` gives the values as a NumPy array (a copy
-    of a CUDA tensor's)."""
+    ``reshape`` are torch's, ``fill`` too."""
 
     __slots__ = ("tensor", "dtype", "shape", "strides", "ndim", "size", "itemsize", "ptr")
 
@@ -126,9 +125,6 @@ class TensorArray:
 
     def fill(self, value):
         self.tensor.fill_(value)
-
-    def get(self):
-        return _numpy_view(self.tensor.cpu())
 
 
 def _cupy_view(tensor):
