@@ -23,12 +23,16 @@ P * p_y - T forms p_y - 1 in fp32; the result is rounded to the logits' format o
 
 Memory traffic of the fused kernel: pass 1 reads the row (online max and sum), pass 2 reads it
 again and writes the gradient. A row (256 KB for 128256 bf16 logits) does not fit a block's share
-of shared memory, so each block keeps the first words of its row there (up to ~113 KB with two
-blocks a multiprocessor): pass 2 reads those from chip and only the rest from L2 or DRAM. The
-blocks stay resident and stride over the rows; while pass 2 consumes a cached word, the word of
-the block's next row is already copied into its slot (cp.async), so that row's loads overlap
-this row's gradient stores. Loss-only kernels read each row once and cache nothing, and so do
-gradient kernels of one element a word (rows whose V or alignment does not allow 8-byte words).
+of shared memory, so each block keeps the first words of its row there (~113 KB with two blocks a
+multiprocessor, ~226 KB with one): pass 2 reads those from chip and only the rest from L2 or
+DRAM. Pass 1 loads that rest with an L2 "evict last" policy and pass 2 reads it backwards (the
+words pass 1 read last come first) with "evict first", so that it comes from L2 when the rows in
+flight let it (numba_ce.launch picks one block a multiprocessor where two would hold more
+uncached words than L2 has room for). The blocks stay resident and stride over the rows; while
+pass 2 consumes a cached word, the word of the block's next row is already copied into its slot
+(cp.async), so that row's loads overlap this row's gradient stores. Loss-only kernels read each
+row once and cache nothing, and so do gradient kernels of one element a word (rows whose V or
+alignment does not allow 8-byte words).
 
 Per element the plain kernels do: decode, max, exp2 (pass 1); decode, exp2, one multiply, one
 rounding of a pair (pass 2). Softcap and label smoothing are compiled in only where asked for.
@@ -46,8 +50,9 @@ import numpy as np
 from numba import cuda
 
 from .floatbits import kernel_codec, pair_encoder
-from .portable import (SIMULATOR, copy_word, device_function, exp2, fast_tanh, load_word,
-                       store_word, wait_copies)
+from .portable import (SIMULATOR, copy_word, device_function, exp2, fast_tanh, fma,
+                       l2_drop_policy, l2_keep_policy, load_word, load_word_hinted, store_word,
+                       wait_copies)
 from .reductions import LOG2E, NEG_INF, ZERO, block_lse, block_sum2
 
 ONE = np.float32(1.0)
@@ -203,6 +208,11 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         pair = pair_encoder(fmt)
     # Gradient kernels of 8-byte words keep the first words of each row in shared memory.
     cached = with_grad and pack > 1
+    # Gradient kernels read the uncached words twice: pass 1 asks L2 to keep them (evict last),
+    # pass 2 walks them backwards (the latest read first, the likeliest still in L2) and lets
+    # them go (evict first). Not in the capped kernels: they are issue-bound, and the hints
+    # measured 6-8% slower there (bench/NOTES.md, v12).
+    hint_l2 = with_grad and not capped
 
     @device_function
     def raw(word, i):
@@ -215,12 +225,21 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         portable.fast_tanh (one ex2, the division by FMAs; within 2.3e-7 of tanh): libdevice's
         tanhf adds an rcp to its ex2, and two tanh an element (one a pass) at two special-function
         operations each made the capped kernel SFU-bound."""
-        return softcap * fast_tanh(x * inv_softcap) if capped else x
+        return softcap * fast_tanh(x, inv_softcap) if capped else x
 
     @device_function
     def element(word, i, softcap, inv_softcap):
         """Element i of a word as float32, softcapped in the capped kernel."""
         return cap(raw(word, i), softcap, inv_softcap)
+
+    @device_function
+    def centred(word, i, row_max, softcap, inv_softcap):
+        """(x_i - m, t_i): element i less the row's maximum and, in the capped kernel, its
+        t = tanh(r / c), with x = c * t - m in one fma (the capped kernels are issue-bound)."""
+        if capped:
+            t = fast_tanh(raw(word, i), inv_softcap)
+            return fma(softcap, t, -row_max), t
+        return raw(word, i) - row_max, ZERO
 
     @device_function
     def word_max(word):
@@ -235,7 +254,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         """sum_i exp(x_i - m) over the word's elements."""
         total = ZERO
         for i in range(pack):
-            total += exp2((element(word, i, softcap, inv_softcap) - row_max) * LOG2E)
+            total += exp2(centred(word, i, row_max, softcap, inv_softcap)[0] * LOG2E)
         return total
 
     @device_function
@@ -259,15 +278,14 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         """dL/dx_j = P * p_j - Q * w_j - T * [j == y] for j = k * pack + i (``at`` = y - k * pack,
         the label's place in the word, or ``pack`` when the word does not hold it), times the
         softcap derivative; float32. p_j = 2 ** ((x_j - m) * log2(e) - log2(s))."""
-        x = element(word, i, softcap, inv_softcap)
-        d = coef_p * exp2((x - row_max) * LOG2E - log2_s)
+        x_less_max, t = centred(word, i, row_max, softcap, inv_softcap)
+        d = coef_p * exp2(x_less_max * LOG2E - log2_s)
         if smoothed:
             d -= coef_w * weight[k * pack + i] if weighted else coef_w
         if i == at:
             d -= coef_y
         if capped:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
-            t = x * inv_softcap
-            d *= ONE - t * t
+            d *= fma(-t, t, ONE)
         return d
 
     if pack == 4:  # four 16-bit elements: two rounded pairs
@@ -297,6 +315,16 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
                     code = (code ^ top_sign) - top_sign
                 out |= code << (bits * i)
             return out
+
+    @device_function
+    def first_read(words, row, k, keep):
+        """Pass 1's load of word k of a row from global memory, kept in L2 for pass 2."""
+        return load_word_hinted(words, row, k, keep) if hint_l2 else load_word(words, row, k)
+
+    @device_function
+    def second_read(words, row, k, drop):
+        """Pass 2's load of word k of a row from global memory, its last."""
+        return load_word_hinted(words, row, k, drop) if hint_l2 else load_word(words, row, k)
 
     @device_function
     def store_gradient(grad, row, word, k, label, row_max, log2_s, coef_p, coef_w, coef_y,
@@ -376,6 +404,8 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         cache = cuda.shared.array(0, np.int64)
         n_cached = min(n_grouped, cache.shape[0] - cache.shape[0] % group) if cached else 0
         inv_softcap = ONE / softcap if capped else ZERO
+        keep = l2_keep_policy() if hint_l2 else 0  # L2 cache policies of the hinted loads
+        drop = l2_drop_policy() if hint_l2 else 0
         all_weights = stats[STAT_ALL_WEIGHTS]
         prefetched = False  # whether this row's cached words are already on their way
         for row in range(cuda.blockIdx.x, logits.shape[0], cuda.gridDim.x):
@@ -407,11 +437,13 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
                     cache[k + 3 * step], k, step, weight, softcap, inv_softcap)
             for k in range(n_cached + tid, n_grouped, group):
                 row_max, row_sum, weighted_x = absorb_group(
-                    row_max, row_sum, weighted_x, load_word(logits, row, k),
-                    load_word(logits, row, k + step), load_word(logits, row, k + 2 * step),
-                    load_word(logits, row, k + 3 * step), k, step, weight, softcap, inv_softcap)
+                    row_max, row_sum, weighted_x, first_read(logits, row, k, keep),
+                    first_read(logits, row, k + step, keep),
+                    first_read(logits, row, k + 2 * step, keep),
+                    first_read(logits, row, k + 3 * step, keep), k, step, weight, softcap,
+                    inv_softcap)
             for k in range(n_grouped + tid, n_words, step):
-                w0 = load_word(logits, row, k)
+                w0 = first_read(logits, row, k, keep)
                 row_max, row_sum = rescaled(row_max, row_sum, word_max(w0), softcap, inv_softcap)
                 row_sum += word_exp_sum(w0, row_max, softcap, inv_softcap)
                 if smoothed:
@@ -467,6 +499,17 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
             next_row = row + cuda.gridDim.x
             prefetched = (next_row < logits.shape[0]
                           and kept(int(target[next_row]), ignore_index, n_classes))
+            # Backwards through what pass 1 read from global memory: the tail, the uncached
+            # groups from the last; then the cached groups.
+            for k in range(n_grouped + tid, n_words, step):
+                store_gradient(grad, row, second_read(logits, row, k, drop), k, label, row_max,
+                               log2_s, coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
+            for k in range(n_grouped - group + tid, n_cached + tid - 1, -group):
+                store_group(grad, row, second_read(logits, row, k, drop),
+                            second_read(logits, row, k + step, drop),
+                            second_read(logits, row, k + 2 * step, drop),
+                            second_read(logits, row, k + 3 * step, drop), k, step, label,
+                            row_max, log2_s, coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
             for k in range(tid, n_cached, group):
                 store_group(grad, row, cache[k], cache[k + step], cache[k + 2 * step],
                             cache[k + 3 * step], k, step, label, row_max, log2_s, coef_p,
@@ -476,13 +519,5 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
                     copy_word(cache, k + step, logits, next_row, k + step)
                     copy_word(cache, k + 2 * step, logits, next_row, k + 2 * step)
                     copy_word(cache, k + 3 * step, logits, next_row, k + 3 * step)
-            for k in range(n_cached + tid, n_grouped, group):
-                store_group(grad, row, load_word(logits, row, k), load_word(logits, row, k + step),
-                            load_word(logits, row, k + 2 * step),
-                            load_word(logits, row, k + 3 * step), k, step, label, row_max, log2_s,
-                            coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
-            for k in range(n_grouped + tid, n_words, step):
-                store_gradient(grad, row, load_word(logits, row, k), k, label, row_max, log2_s,
-                               coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
 
     return kernel

@@ -11,7 +11,7 @@ from . import kernels
 from .devices import data_pointer
 from .floatbits import FORMATS
 from .host_read import start_read
-from .launcher import launch, max_shared_bytes, multiprocessors
+from .launcher import l2_bytes, launch, max_shared_bytes, multiprocessors
 from .portable import SIMULATOR, WARP_SIZE
 from .validation import target_out_of_range
 
@@ -24,11 +24,13 @@ SIMULATOR_ROW_BLOCKS = 2
 WORDS_PER_THREAD = 2 * kernels.UNROLL  # a row block grows until each thread has about this many
 MAX_ROW_THREADS = 256  # row blocks without a shared-memory cache (measured fastest, bench/NOTES.md)
 MAX_ROW_BLOCKS = 2**31 - 1  # one block a row; fewer blocks stride over the rows
-# Gradient kernels keep the first words of each row in shared memory (kernels.row_kernel): this
-# many blocks of kernels.MAX_THREADS // CACHED_BLOCKS_PER_SM threads share a multiprocessor and
-# its shared memory, and the grid is what fits at once. Two blocks of 512 threads measured
-# fastest on the H200 (against one of 1024 and four of 256: bench/NOTES.md, v8).
-CACHED_BLOCKS_PER_SM = 2
+# Gradient kernels keep the first words of each row in shared memory (kernels.row_kernel): a few
+# blocks of kernels.MAX_THREADS // blocks threads share a multiprocessor and its shared memory,
+# and the grid is what fits at once. Two blocks of 512 threads measured fastest on the H200
+# (against one of 1024 and four of 256: bench/NOTES.md, v8) where the words they do not cache fit
+# in L2 for pass 2 to read again; for longer rows, one block of 1024 threads with twice the cache
+# (v12).
+CACHED_BLOCKS_PER_SM = (2, 1)  # in order of preference
 REDUCTION_CODES = {"none": kernels.NONE, "sum": kernels.SUM, "mean": kernels.MEAN}
 
 
@@ -56,11 +58,24 @@ def row_blocks(n_rows):
     return min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR else MAX_ROW_BLOCKS)
 
 
-def resident_row_blocks(n_rows):
+def cached_blocks_per_sm(n_words, word_bytes):
+    """Blocks a multiprocessor for the cached gradient kernel on rows of ``n_words`` words: the
+    first count of CACHED_BLOCKS_PER_SM whose blocks' uncached words (pass 2 reads them again)
+    fit in L2 together, else the last."""
+    if SIMULATOR:
+        return CACHED_BLOCKS_PER_SM[0]
+    for blocks in CACHED_BLOCKS_PER_SM:
+        uncached = n_words * word_bytes - cache_bytes(n_words, word_bytes, blocks)
+        if blocks * multiprocessors() * uncached <= l2_bytes():
+            return blocks
+    return CACHED_BLOCKS_PER_SM[-1]
+
+
+def resident_row_blocks(n_rows, blocks_per_sm):
     """Blocks for a cached row kernel: as many as are resident at once, striding over the rows
     (each prefetches its next row while it finishes the current one)."""
     return min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR
-               else multiprocessors() * CACHED_BLOCKS_PER_SM)
+               else multiprocessors() * blocks_per_sm)
 
 
 def threads_per_row(n_words, limit=None):
@@ -131,8 +146,10 @@ def rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_los
     kernel = kernels.row_kernel(fmt, pack, grad is not None, softcap is not None, smoothing)
     n_words = words.shape[1]
     if grad is not None and pack > 1:  # the cached kernel (kernels.row_kernel)
-        blocks, shared = resident_row_blocks(n_rows), cache_bytes(n_words, words.itemsize)
-        threads = threads_per_row(n_words, kernels.MAX_THREADS // CACHED_BLOCKS_PER_SM)
+        per_sm = cached_blocks_per_sm(n_words, words.itemsize)
+        blocks, shared = resident_row_blocks(n_rows, per_sm), cache_bytes(n_words, words.itemsize,
+                                                                          per_sm)
+        threads = threads_per_row(n_words, kernels.MAX_THREADS // per_sm)
     else:
         blocks, shared, threads = row_blocks(n_rows), 0, threads_per_row(n_words)
     launch(kernel, blocks, threads, words, target, weight if has_weight else stats, grad_words,
@@ -143,10 +160,10 @@ def rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_los
            np.int32(grad_output.shape[0] > 1), shared=shared)
 
 
-def cache_bytes(n_words, word_bytes):
+def cache_bytes(n_words, word_bytes, blocks_per_sm):
     """Dynamic shared memory of a row block: its share of the multiprocessor's, no more than the
     row needs; pass 2 reads these words from chip instead of from L2 or DRAM."""
-    budget = max_shared_bytes(CACHED_BLOCKS_PER_SM)
+    budget = max_shared_bytes(blocks_per_sm)
     return min(budget - budget % word_bytes, n_words * word_bytes)
 
 

@@ -147,6 +147,21 @@ def _multiprocessors(device_id):
     return cupy.cuda.runtime.deviceGetAttribute(_MULTIPROCESSOR_COUNT, device_id)
 
 
+def l2_bytes():
+    """The current GPU's L2 cache size (50 MiB on an H100 or H200, offline)."""
+    if cupy is None:
+        return SM90_L2_BYTES
+    return _l2_bytes(current_stream()[0])
+
+
+SM90_L2_BYTES = 50 * 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device_id):
+    return cupy.cuda.runtime.deviceGetAttribute(_L2_CACHE_SIZE, device_id)
+
+
 @functools.lru_cache(maxsize=None)
 def _shared_limits(device_id):
     """(opt-in bytes a block, bytes a multiprocessor) of shared memory."""
@@ -163,9 +178,9 @@ def _allow_shared(function, device_id):
                             _shared_limits(device_id)[0] - static)
 
 
-# cudaDevAttrMaxSharedMemoryPerBlockOptin, ...PerMultiprocessor, cudaDevAttrMultiProcessorCount;
-# CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-_MAX_SHARED_OPTIN, _MAX_SHARED_SM, _MULTIPROCESSOR_COUNT = 97, 81, 16
+# cudaDevAttrMaxSharedMemoryPerBlockOptin, ...PerMultiprocessor, cudaDevAttrMultiProcessorCount,
+# cudaDevAttrL2CacheSize; CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, ...MAX_DYNAMIC_SHARED_SIZE_BYTES
+_MAX_SHARED_OPTIN, _MAX_SHARED_SM, _MULTIPROCESSOR_COUNT, _L2_CACHE_SIZE = 97, 81, 16, 38
 _FUNC_SHARED_SIZE, _FUNC_MAX_DYNAMIC_SHARED = 1, 8
 # cuLaunchKernel's `extra` keys (cuda.h)
 _PARAM_END, _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE = 0, 1, 2

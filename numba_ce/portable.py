@@ -13,9 +13,10 @@ lacks through this module:
   simulator; the kernels write exp(x) as exp2(x * log2(e)) to keep the per-element work small;
 * ``fma(a, b, c)``: a * b + c rounded once to float32 (``cuda.fma``, one FFMA on the GPU; the
   simulator has no cuda.fma outside a kernel: the product in float64, where it is exact);
-* ``fast_tanh(y)``: tanh in float32 with one special-function instruction (the ex2 of ``exp2``)
-  and the division done by FMAs, within 2.3e-7 of tanh everywhere (libdevice's tanhf costs two:
-  ex2 and rcp). Written once, from ``exp2`` and ``fma``, for both backends;
+* ``fast_tanh(y, scale)``: tanh(y * scale) in float32 with one special-function instruction
+  (the ex2 of ``exp2``) and the division done by FMAs, within 2.3e-7 of tanh everywhere
+  (libdevice's tanhf costs two: ex2 and rcp). Written once, from ``exp2`` and ``fma``, for both
+  backends;
 * ``half_bits`` / ``half_value`` / ``bf16_bits`` (GPU only): fp32 -> fp16 bits and back, and
   fp32 -> bf16 bits, in one conversion instruction each (``cvt.rn.f16.f32``, ``cvt.f32.f16``,
   ``cvt.rn.bf16.f32``); ``bf16x2_bits`` / ``f16x2_bits`` (GPU only): two float32 values rounded
@@ -30,6 +31,11 @@ lacks through this module:
   and the multiply by a run-time column stride of Numba's indexing (a third of the pass loops'
   instructions); loads are ``ld.global``, stores ``st.global.cs`` (evict first: a gradient
   written once should not push out of L2 the logits that a second pass is about to read);
+* ``load_word_hinted(words, row, k, policy)``: ``load_word`` with an L2 cache policy made by
+  ``l2_keep_policy()`` (evict last: the line should outlive the normal ones) or
+  ``l2_drop_policy()`` (evict first: its last use); ``ld.global.L2::cache_hint`` and
+  ``createpolicy`` on the GPU, a plain read (and a policy of 0) in the simulator, which has no
+  cache;
 * ``copy_word(cache, slot, words, row, k)`` / ``wait_copies()``: ``cache[slot] = words[row, k]``
   for a shared-memory ``cache`` of 8-byte words, on the GPU as ``cp.async`` (the copy runs in the
   background, holding no register, until the thread waits for its copies);
@@ -112,6 +118,15 @@ if SIMULATOR:
 
     def store_word(words, row, k, value):
         words[row, k] = value
+
+    def load_word_hinted(words, row, k, policy):
+        return int(words[row, k])
+
+    def l2_keep_policy():
+        return 0
+
+    def l2_drop_policy():
+        return 0
 
     def copy_word(cache, slot, words, row, k):
         cache[slot] = words[row, k]
@@ -209,6 +224,36 @@ else:
             address = _word_address(context, builder, signature.args, args)
             return builder.load(builder.inttoptr(address, ir.PointerType(element, 1)))
         return words.dtype(words, row, k), codegen
+
+    @intrinsic
+    def load_word_hinted(typingctx, words, row, k, policy):
+        """words[row, k] read with an L2 cache policy (ld.global.L2::cache_hint); marked with
+        side effects, as the stores are, so the compiler keeps it in program order with them
+        (in place, the gradient overwrites the words that pass 2 reads)."""
+        bitwidth = words.dtype.bitwidth
+        constraint = _CONSTRAINTS[bitwidth]
+
+        def codegen(context, builder, signature, args):
+            address = _word_address(context, builder, signature.args[:3], args[:3])
+            return _inline_ptx(builder, f"ld.global.L2::cache_hint.b{bitwidth} $0, [$1], $2;",
+                               f"={constraint},l,l", ir.IntType(bitwidth), [address, args[3]],
+                               side_effect=True)
+        return words.dtype(words, row, k, types.int64), codegen
+
+    def _l2_policy(priority):
+        """An intrinsic () -> int64: the cache policy giving every line it touches ``priority``."""
+
+        @intrinsic
+        def policy(typingctx):
+            def codegen(context, builder, signature, args):
+                return _inline_ptx(builder, f"createpolicy.fractional.L2::{priority}.b64 $0, 1.0;",
+                                   "=l", ir.IntType(64), [])
+            return types.int64(), codegen
+
+        return policy
+
+    l2_keep_policy = _l2_policy("evict_last")
+    l2_drop_policy = _l2_policy("evict_first")
 
     @intrinsic
     def store_word(typingctx, words, row, k, value):
@@ -328,19 +373,22 @@ else:
 #   and t = 1 exactly when e = 0 (large |y|, +-inf).
 # Rounding: dt/de = -2 / (1 + e)**2, so ex2.approx's relative error (2 ulp; 2**-22 is assumed)
 #   moves t by at most 2**-23 = 1.2e-7; the roundings of h, s and t add at most ~1e-7. Measured
-#   against float64 tanh on every float32 in [2**-7, 20] (beyond 20, t = 1 = tanh in float32)
-#   with the float32 emulation of tests/test_fast_tanh.py, which checks a strided sweep:
+#   against float64 tanh on every float32 in [0, 20] (beyond 20, t = 1 = tanh in float32) with
+#   the float32 emulation of tests/test_fast_tanh.py, which checks a strided sweep:
 #   |error| <= 2.27e-7 with ex2 off by 2**-22 either way, <= 1.1e-7 with ex2 exactly rounded;
 #   t never exceeds 1.
-# Near 0 the error of e makes t = 1 + e s lose its relative accuracy (1 - e cancels), so
-#   |y| < 2**-7 returns y itself: relative error y**2 / 3 <= 2.1e-5, absolute y**3 / 3 <= 1.6e-7.
-#   Above 2**-7 the relative error is at most 2.3e-7 / tanh(2**-7) (2.9e-5 measured), falling as
-#   |y| grows (4e-7 at |y| = 0.5).
-# NaN propagates (the comparison is false, every step NaN). Nothing overflows: e <= 1, h >= 1/2.
-# On the GPU: one FMUL, one MUFU.EX2, eight FFMA, a FSETP, a FSEL and a LOP3 (the sign), no branch.
+# The bound is absolute, which is what softcap needs: c * t enters exp(c * t - m), so an error of
+#   t moves a probability by the relative c * |error|, whatever t's size. Near 0, 1 - e cancels
+#   and t = tanh(y) only within that absolute bound (y below ~1e-7 gives +-0): relative error
+#   3e-5 at |y| = 2**-7, 4e-7 at 0.5. (A branch returning y for tiny y would add two instructions
+#   a tanh, on the capped kernels' per-element path, for an accuracy softcap cannot see.)
+# ``scale`` (y is scaled by it first) is a kernel's 1 / softcap: scale * TANH_EXP2_SCALE does not
+#   depend on the element, so it is computed once outside the loops and the element pays one
+#   FMUL for |y| * scale * (-2 log2 e); its rounding moves t by at most ~6e-8 more.
+# NaN propagates (every step NaN). Nothing overflows: e <= 1, h >= 1/2.
+# On the GPU: one FMUL, one MUFU.EX2, eight FFMA and a LOP3 (the sign), no branch.
 
 TANH_EXP2_SCALE = np.float32(-2.0 * math.log2(math.e))  # a = TANH_EXP2_SCALE * |y|
-TANH_TINY = np.float32(2.0 ** -7)  # below it, tanh(y) = y
 # s0(h) = TANH_S0 + TANH_S1 * h + TANH_S2 * h**2 ~ -1 / h on [1/2, 1]
 TANH_S0 = np.float32(-420.0 / 99.0)
 TANH_S1 = np.float32(576.0 / 99.0)
@@ -350,14 +398,14 @@ _ONE = np.float32(1.0)
 
 
 @device_function
-def fast_tanh(y):
-    """tanh of float32 ``y`` with one ex2 and eight FMAs (the formula and its error bound are in
-    the comment above): |error| <= 2.3e-7, relative 3e-5 at most (|y| < 2**-7 gives y),
-    tanh(+-inf) = +-1, NaN for NaN."""
-    e = np.float32(exp2(abs(y) * TANH_EXP2_SCALE))  # exp(-2|y|) in [0, 1]
+def fast_tanh(y, scale):
+    """tanh(y * scale) for float32 ``y`` and ``scale`` > 0, with one ex2 and eight FMAs (the
+    formula and its error bound are in the comment above): |error| <= 2.3e-7 (absolute; plus
+    ~6e-8 from the scaling when scale != 1), tanh(+-inf) = +-1, NaN for NaN."""
+    e = np.float32(exp2(abs(y) * (scale * TANH_EXP2_SCALE)))  # exp(-2|y scale|) in [0, 1]
     h = fma(e, _HALF, _HALF)  # (1 + e) / 2 in [1/2, 1]
     s = fma(fma(TANH_S2, h, TANH_S1), h, TANH_S0)  # -1 / h within 1/99
     s = fma(s, fma(h, s, _ONE), s)  # Newton: within 1.1e-4
     s = fma(s, fma(h, s, _ONE), s)  # within 1.1e-8
-    t = fma(e, s, _ONE)  # 1 - 2e / (1 + e) = tanh|y| in [0, 1]
-    return y if abs(y) < TANH_TINY else math.copysign(t, y)
+    t = fma(e, s, _ONE)  # 1 - 2e / (1 + e) = tanh|y scale| in [0, 1]
+    return math.copysign(t, y)

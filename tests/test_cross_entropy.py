@@ -154,16 +154,20 @@ def test_multi_warp_reduction(rng, monkeypatch):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace, monkeypatch):
     """Gradient kernels read the first words of a row from shared memory (copied in, or
-    prefetched while the block's previous row finished) and the rest from the logits: with a
-    cache of one group of words, rows of a cached group, an uncached group and a tail, more rows
-    than blocks, and an ignored row between them give the reference's numbers."""
+    prefetched while the block's previous row finished) and the rest from the logits, pass 2
+    backwards: with a cache of one group of words, rows of a cached group, two uncached groups
+    and a tail, more rows than blocks, and an ignored row between them give the reference's
+    numbers."""
     from numba_ce import kernels, launch
-    threads = launch.threads_per_row(10**9, kernels.MAX_THREADS // launch.CACHED_BLOCKS_PER_SM)
+    per_sm = launch.CACHED_BLOCKS_PER_SM[0]  # rows this short: their uncached words fit in L2
+    threads = launch.threads_per_row(10**9, kernels.MAX_THREADS // per_sm)
     group = kernels.UNROLL * threads  # words
     monkeypatch.setattr(launch, "max_shared_bytes", lambda blocks_per_sm: 8 * group)
     pack = 8 // np.dtype(random_logits(rng, 1, 1, dtype).dtype).itemsize
-    n_rows = 2 * launch.resident_row_blocks(10**9) + 1
-    check_once(rng, dtype, n_rows, pack * (2 * group + 7), reduction="sum", ignored=0.2,
+    n_classes = pack * (3 * group + 7)
+    assert launch.cached_blocks_per_sm(n_classes // pack, 8) == per_sm
+    n_rows = 2 * launch.resident_row_blocks(10**9, per_sm) + 1
+    check_once(rng, dtype, n_rows, n_classes, reduction="sum", ignored=0.2,
                smoothing=0.1, z_loss=1e-3, upstream="given", inplace=inplace,
                against_torch=False)
 
