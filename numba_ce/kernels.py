@@ -60,7 +60,8 @@ TWO = np.float32(2.0)
 NAN = np.float32(np.nan)
 POS_INF = np.float32(np.inf)
 # The largest block (numba_ce.launcher compiles every kernel for it: at most 64 registers a
-# thread, so that 1024 threads, two blocks of 512, fit a multiprocessor's 65536 registers).
+# thread, so that 1024 threads, two blocks of 512 or one of 1024, fit a multiprocessor's 65536
+# registers).
 MAX_THREADS = 1024
 WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
 # A slot per thread for the simulator's warp reductions; GPU warps shuffle registers instead, and
@@ -236,7 +237,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     @device_function
     def centred(word, i, row_max, softcap, inv_softcap):
         """(x_i - m, t_i): element i less the row's maximum and, in the capped kernel, its
-        t = tanh(r / c), with x = c * t - m in one fma (the capped kernels are issue-bound)."""
+        t = tanh(r / c), with x - m = c * t - m in one fma (the capped kernels are issue-bound)."""
         if capped:
             t = fast_tanh(raw(word, i), inv_softcap)
             return fma(softcap, t, -row_max), t
@@ -244,7 +245,8 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
 
     @device_function
     def word_max(word):
-        """The largest raw element of a word (softcap is increasing: cap the maximum once)."""
+        """The largest raw element of a word (softcap is increasing, up to fast_tanh's 2.3e-7:
+        cap the maximum once)."""
         top = raw(word, 0)
         for i in range(1, pack):
             top = max(top, raw(word, i))
@@ -318,14 +320,10 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
             return out
 
     @device_function
-    def first_read(words, row, k, keep):
-        """Pass 1's load of word k of a row from global memory, kept in L2 for pass 2."""
-        return load_word_hinted(words, row, k, keep) if hint_l2 else load_word(words, row, k)
-
-    @device_function
-    def second_read(words, row, k, drop):
-        """Pass 2's load of word k of a row from global memory, its last."""
-        return load_word_hinted(words, row, k, drop) if hint_l2 else load_word(words, row, k)
+    def global_read(words, row, k, policy):
+        """Word k of a row from global memory, with an L2 cache policy (keep in pass 1, drop in
+        pass 2) in the kernels that hint."""
+        return load_word_hinted(words, row, k, policy) if hint_l2 else load_word(words, row, k)
 
     @device_function
     def store_gradient(grad, row, word, k, label, row_max, log2_s, coef_p, coef_w, coef_y,
@@ -438,13 +436,13 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
                     cache[k + 3 * step], k, step, weight, softcap, inv_softcap)
             for k in range(n_cached + tid, n_grouped, group):
                 row_max, row_sum, weighted_x = absorb_group(
-                    row_max, row_sum, weighted_x, first_read(logits, row, k, keep),
-                    first_read(logits, row, k + step, keep),
-                    first_read(logits, row, k + 2 * step, keep),
-                    first_read(logits, row, k + 3 * step, keep), k, step, weight, softcap,
+                    row_max, row_sum, weighted_x, global_read(logits, row, k, keep),
+                    global_read(logits, row, k + step, keep),
+                    global_read(logits, row, k + 2 * step, keep),
+                    global_read(logits, row, k + 3 * step, keep), k, step, weight, softcap,
                     inv_softcap)
             for k in range(n_grouped + tid, n_words, step):
-                w0 = first_read(logits, row, k, keep)
+                w0 = global_read(logits, row, k, keep)
                 row_max, row_sum = rescaled(row_max, row_sum, word_max(w0), softcap, inv_softcap)
                 row_sum += word_exp_sum(w0, row_max, softcap, inv_softcap)
                 if smoothed:
@@ -503,13 +501,13 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
             # Backwards through what pass 1 read from global memory: the tail, the uncached
             # groups from the last; then the cached groups.
             for k in range(n_grouped + tid, n_words, step):
-                store_gradient(grad, row, second_read(logits, row, k, drop), k, label, row_max,
+                store_gradient(grad, row, global_read(logits, row, k, drop), k, label, row_max,
                                log2_s, coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
             for k in range(n_grouped - group + tid, n_cached + tid - 1, -group):
-                store_group(grad, row, second_read(logits, row, k, drop),
-                            second_read(logits, row, k + step, drop),
-                            second_read(logits, row, k + 2 * step, drop),
-                            second_read(logits, row, k + 3 * step, drop), k, step, label,
+                store_group(grad, row, global_read(logits, row, k, drop),
+                            global_read(logits, row, k + step, drop),
+                            global_read(logits, row, k + 2 * step, drop),
+                            global_read(logits, row, k + 3 * step, drop), k, step, label,
                             row_max, log2_s, coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
             for k in range(tid, n_cached, group):
                 store_group(grad, row, cache[k], cache[k + step], cache[k + 2 * step],

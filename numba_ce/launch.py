@@ -27,7 +27,7 @@ MAX_ROW_BLOCKS = 2**31 - 1  # one block a row; fewer blocks stride over the rows
 # Gradient kernels keep the first words of each row in shared memory (kernels.row_kernel): a few
 # blocks of kernels.MAX_THREADS // blocks threads share a multiprocessor and its shared memory,
 # and the grid is what fits at once. Two blocks of 512 threads measured fastest on the H200
-# (against one of 1024 and four of 256: bench/NOTES.md, v8) where the words they do not cache fit
+# (against one of 1024 and four of 256: bench/NOTES.md, v9) where the words they do not cache fit
 # in L2 for pass 2 to read again; for longer rows, one block of 1024 threads with twice the cache
 # (v12).
 CACHED_BLOCKS_PER_SM = (2, 1)  # in order of preference

@@ -20,10 +20,11 @@ adapter's numba_ce.torch.tensors.TensorArray). A launch goes on CuPy's current d
 or on the ones named by an enclosing :class:`on_stream`.
 
 Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions (the
-kernels take exp2 of x - m <= 0 only, so the one difference is that a probability below 2**-126
-becomes 0; in softcap's fast_tanh, exp(-2|y|) below 2**-126 becomes 0, giving tanh = 1, which
-float32 tanh is there anyway); and ``.maxntid`` kernels.MAX_THREADS = 1024, so ptxas keeps to 64
-registers a thread and two blocks of 512 threads share a multiprocessor.
+kernels take exp2 of x - m <= 0 only, the capped kernels up to half an ulp of m above 0, so the
+one difference is that a probability below 2**-126 becomes 0; in softcap's fast_tanh,
+exp(-2|y|) below 2**-126 becomes 0, giving tanh = 1, which float32 tanh is there anyway); and
+``.maxntid`` kernels.MAX_THREADS = 1024, so ptxas keeps to 64 registers a thread and 1024
+threads (two blocks of 512, or one of 1024) fit a multiprocessor.
 
 Dynamic shared memory: ``launch(..., shared=bytes)``; the first such launch of a kernel raises its
 limit to the device's opt-in maximum (48 KiB without asking).

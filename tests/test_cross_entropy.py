@@ -172,6 +172,29 @@ def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace, monkeypat
                against_torch=False)
 
 
+@pytest.mark.parametrize("n_classes, itemsize, l2_mib, expected", [
+    (32000, 2, 50, 2),    # fits in shared memory: nothing uncached
+    (128256, 2, 50, 2),   # 140 KB uncached x 264 blocks = 37 MB
+    (151936, 2, 50, 2),   # 47 MiB
+    (151936, 2, 40, 1),   # ... not in a 40 MiB L2
+    (256000, 2, 50, 1),   # 105 MB with two blocks, 37 MB with one
+    (128256, 4, 50, 1),   # float32: the same
+    (10**6, 2, 50, 1),    # fits neither way: the last choice
+])
+def test_cached_blocks_per_sm_fit_the_uncached_words_in_l2(monkeypatch, n_classes, itemsize, l2_mib,
+                                                           expected):
+    """Gradient kernels take two blocks a multiprocessor while the words their rows leave
+    uncached fit in L2 together (pass 2 reads them again from there), else one with twice the
+    cache; on an H200's figures: 132 multiprocessors, 227 KiB of shared memory a block."""
+    from numba_ce import launch
+    monkeypatch.setattr(launch, "SIMULATOR", False)
+    monkeypatch.setattr(launch, "multiprocessors", lambda: 132)
+    monkeypatch.setattr(launch, "l2_bytes", lambda: l2_mib * 2**20)
+    monkeypatch.setattr(launch, "max_shared_bytes",
+                        lambda blocks: min(232448, 233472 // blocks - 1024) - 256)
+    assert launch.cached_blocks_per_sm(n_classes * itemsize // 8, 8) == expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_poisoned_outputs_are_all_written(rng, dtype, monkeypatch):
     """Output buffers start as NaN bit patterns: every element must be written."""

@@ -63,7 +63,7 @@ def require_ptxas():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_one_element_a_word_row_kernels_have_no_f64_or_local_memory(dtype):
+def test_one_element_a_word_row_kernels_have_no_f64_and_spill_little(dtype):
     """An odd V gives the other specialisation of each row kernel: one element a load."""
     require_ptxas()
     packed = kernels_of(dtype, packed_only=True)

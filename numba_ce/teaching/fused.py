@@ -6,7 +6,9 @@ copied here). What it changes from step 2, and what each change saves:
    (8192 x 128256 bf16: 4.2 GB read, twice the logits) while every block streamed its own row,
    so each block keeps the first words of its row in shared memory between the passes (about
    113 KB of a 250 KB row, two blocks a multiprocessor), and copies in its next row's words
-   (cp.async) while pass 2 writes the gradient: 3.3 GB read, 1.49 ms instead of 1.61.
+   (cp.async) while pass 2 writes the gradient: 3.3 GB read, 1.49 ms instead of 1.61. Pass 1
+   then loads the rest with an L2 evict-last policy and pass 2 reads it backwards with
+   evict-first, so most of the second read comes from L2 (1.39 ms; WALKTHROUGH section 10).
 2. 16-bit logits, read as 8-byte words of four elements (``portable.load_word`` and row_kernel's
    ``element``): half the bytes of fp32 and a quarter of the load instructions. The gradient is
    packed and written the same way, rounded once from fp32, two elements an instruction.
