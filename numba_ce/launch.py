@@ -58,17 +58,15 @@ def row_blocks(n_rows):
     return min(n_rows, SIMULATOR_ROW_BLOCKS if SIMULATOR else MAX_ROW_BLOCKS)
 
 
-def cached_blocks_per_sm(n_words, word_bytes):
-    """Blocks a multiprocessor for the cached gradient kernel on rows of ``n_words`` words: the
-    first count of CACHED_BLOCKS_PER_SM whose blocks' uncached words (pass 2 reads them again)
-    fit in L2 together, else the last."""
-    if SIMULATOR:
-        return CACHED_BLOCKS_PER_SM[0]
+def cache_plan(n_words, word_bytes):
+    """(blocks a multiprocessor, cache bytes a block) for the cached gradient kernel on rows of
+    ``n_words`` words: the first count of CACHED_BLOCKS_PER_SM whose blocks' uncached words
+    (pass 2 reads them again) fit in L2 together, else the last; the first in the simulator."""
     for blocks in CACHED_BLOCKS_PER_SM:
-        uncached = n_words * word_bytes - cache_bytes(n_words, word_bytes, blocks)
-        if blocks * multiprocessors() * uncached <= l2_bytes():
-            return blocks
-    return CACHED_BLOCKS_PER_SM[-1]
+        shared = cache_bytes(n_words, word_bytes, blocks)
+        if SIMULATOR or blocks * multiprocessors() * (n_words * word_bytes - shared) <= l2_bytes():
+            break
+    return blocks, shared
 
 
 def resident_row_blocks(n_rows, blocks_per_sm):
@@ -146,9 +144,8 @@ def rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_los
     kernel = kernels.row_kernel(fmt, pack, grad is not None, softcap is not None, smoothing)
     n_words = words.shape[1]
     if grad is not None and pack > 1:  # the cached kernel (kernels.row_kernel)
-        per_sm = cached_blocks_per_sm(n_words, words.itemsize)
-        blocks, shared = resident_row_blocks(n_rows, per_sm), cache_bytes(n_words, words.itemsize,
-                                                                          per_sm)
+        per_sm, shared = cache_plan(n_words, words.itemsize)
+        blocks = resident_row_blocks(n_rows, per_sm)
         threads = threads_per_row(n_words, kernels.MAX_THREADS // per_sm)
     else:
         blocks, shared, threads = row_blocks(n_rows), 0, threads_per_row(n_words)

@@ -165,7 +165,7 @@ def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace, monkeypat
     monkeypatch.setattr(launch, "max_shared_bytes", lambda blocks_per_sm: 8 * group)
     pack = 8 // np.dtype(random_logits(rng, 1, 1, dtype).dtype).itemsize
     n_classes = pack * (3 * group + 7)
-    assert launch.cached_blocks_per_sm(n_classes // pack, 8) == per_sm
+    assert launch.cache_plan(n_classes // pack, 8)[0] == per_sm
     n_rows = 2 * launch.resident_row_blocks(10**9, per_sm) + 1
     check_once(rng, dtype, n_rows, n_classes, reduction="sum", ignored=0.2,
                smoothing=0.1, z_loss=1e-3, upstream="given", inplace=inplace,
@@ -181,8 +181,8 @@ def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace, monkeypat
     (128256, 4, 50, 1),   # float32: the same
     (10**6, 2, 50, 1),    # fits neither way: the last choice
 ])
-def test_cached_blocks_per_sm_fit_the_uncached_words_in_l2(monkeypatch, n_classes, itemsize, l2_mib,
-                                                           expected):
+def test_cache_plan_fits_the_uncached_words_in_l2(monkeypatch, n_classes, itemsize, l2_mib,
+                                                  expected):
     """Gradient kernels take two blocks a multiprocessor while the words their rows leave
     uncached fit in L2 together (pass 2 reads them again from there), else one with twice the
     cache; on an H200's figures: 132 multiprocessors, 227 KiB of shared memory a block."""
@@ -192,7 +192,10 @@ def test_cached_blocks_per_sm_fit_the_uncached_words_in_l2(monkeypatch, n_classe
     monkeypatch.setattr(launch, "l2_bytes", lambda: l2_mib * 2**20)
     monkeypatch.setattr(launch, "max_shared_bytes",
                         lambda blocks: min(232448, 233472 // blocks - 1024) - 256)
-    assert launch.cached_blocks_per_sm(n_classes * itemsize // 8, 8) == expected
+    n_words = n_classes * itemsize // 8
+    blocks, shared = launch.cache_plan(n_words, 8)
+    assert blocks == expected
+    assert shared == launch.cache_bytes(n_words, 8, blocks)  # the cache of that choice
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
