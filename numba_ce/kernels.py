@@ -235,13 +235,16 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         return cap(raw(word, i), softcap, inv_softcap)
 
     @device_function
-    def centred(word, i, row_max, softcap, inv_softcap):
-        """(x_i - m, t_i): element i less the row's maximum and, in the capped kernel, its
-        t = tanh(r / c), with x - m = c * t - m in one fma (the capped kernels are issue-bound)."""
+    def exponent(word, i, row_max, offset, softcap, inv_softcap):
+        """((x_i - m) * log2(e) - offset, t_i): exp(x_i - m) / 2**offset as a power of two and,
+        in the capped kernel, t = tanh(r / c). There x = c * t and the exponent is one fma of
+        t (the capped kernels are issue-bound); |m| <= c bounds what rounding m * log2(e)
+        first costs. Elsewhere x_i - m comes first: exact near the maximum, where the terms
+        that count are, at any |x| (offset 0 adds nothing: x - 0 is x)."""
         if capped:
             t = fast_tanh(raw(word, i), inv_softcap)
-            return fma(softcap, t, -row_max), t
-        return raw(word, i) - row_max, ZERO
+            return fma(softcap * LOG2E, t, -(row_max * LOG2E + offset)), t
+        return (raw(word, i) - row_max) * LOG2E - offset, ZERO
 
     @device_function
     def word_max(word):
@@ -257,7 +260,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         """sum_i exp(x_i - m) over the word's elements."""
         total = ZERO
         for i in range(pack):
-            total += exp2(centred(word, i, row_max, softcap, inv_softcap)[0] * LOG2E)
+            total += exp2(exponent(word, i, row_max, ZERO, softcap, inv_softcap)[0])
         return total
 
     @device_function
@@ -281,8 +284,8 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         """dL/dx_j = P * p_j - Q * w_j - T * [j == y] for j = k * pack + i (``at`` = y - k * pack,
         the label's place in the word, or ``pack`` when the word does not hold it), times the
         softcap derivative; float32. p_j = 2 ** ((x_j - m) * log2(e) - log2(s))."""
-        x_less_max, t = centred(word, i, row_max, softcap, inv_softcap)
-        d = coef_p * exp2(x_less_max * LOG2E - log2_s)
+        log2_p, t = exponent(word, i, row_max, log2_s, softcap, inv_softcap)
+        d = coef_p * exp2(log2_p)
         if smoothed:
             d -= coef_w * weight[k * pack + i] if weighted else coef_w
         if i == at:
