@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import numba_ce
-from numba_ce import reference
+from numba_ce import kernels, reference
 from helpers import (DTYPES, TOLERANCES, assert_close, random_logits, random_target, to_numpy,
                      torch_loss_and_grad)
 
@@ -81,6 +81,35 @@ def test_softcap_tames_infinite_logits(rng, dtype):
     assert np.isfinite(to_numpy(res.loss)).all()
     grad = to_numpy(res.grad)
     assert grad[0, 5] == 0 and grad[1, target[1]] == 0 and grad[2, target[2]] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", WIDTHS)
+@pytest.mark.parametrize("softcap", [kernels.CAP_AS_MAX_LIMIT,
+                                     float(np.nextafter(np.float32(kernels.CAP_AS_MAX_LIMIT),
+                                                        np.float32(np.inf)))])
+def test_softcap_with_and_without_a_running_maximum(rng, dtype, n_classes, softcap, monkeypatch):
+    """Up to kernels.CAP_AS_MAX_LIMIT pass 1 shifts every capped logit by softcap c itself,
+    above it by a running maximum; both give the reference's and torch's numbers on a row whose
+    capped logits all sit at -c (every term exp(-2c), the smallest the shift by c meets), a row
+    of one logit far beyond c (a loss of ~0 that the sum's rounding must not move) and rows of
+    ordinary logits. (Larger c: fast_tanh's absolute error, c * 3.1e-7, would pass these
+    tolerances.)"""
+    shifts = []
+    row_kernel = kernels.row_kernel
+
+    def recording_row_kernel(*args, cap_as_max=False):
+        shifts.append(cap_as_max)
+        return row_kernel(*args, cap_as_max=cap_as_max)
+
+    monkeypatch.setattr(kernels, "row_kernel", recording_row_kernel)
+    logits = random_logits(rng, 4, n_classes, dtype)
+    target = random_target(rng, 4, n_classes)
+    logits[1] = -np.inf
+    logits[2] = 0
+    logits[2, target[2]] = 3 * softcap
+    check_against_reference_and_torch(logits, target, dtype, softcap=softcap, reduction="none")
+    assert set(shifts) == {softcap <= kernels.CAP_AS_MAX_LIMIT}
 
 
 # --- -inf columns (a masked vocabulary) -------------------------------------------------------
