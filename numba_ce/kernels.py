@@ -35,8 +35,7 @@ row once and cache nothing, and so do gradient kernels of one element a word (ro
 alignment does not allow 8-byte words).
 
 Per element the plain kernels do: decode, max, exp2 (pass 1); decode, exp2, one multiply, one
-rounding of a pair (pass 2). Softcap and label smoothing are compiled in only where asked for;
-with softcap c <= 40, m = c instead of a running maximum (row_kernel's cap_as_max).
+rounding of a pair (pass 2). Softcap and label smoothing are compiled in only where asked for.
 
 Three kernels make one call, all on one stream, without host synchronisation:
     target_stats   1 block    sums over the targets: reduction denominators, S_w; the first bad row
@@ -171,9 +170,6 @@ UNROLL = 4  # absorb_group, store_group and the prefetch in row_kernel are writt
 # the pass loops need no test for an empty state; a row of -inf logits is recognised at the end
 # by its sum of 0.
 LOWEST = np.float32(np.finfo(np.float32).min)
-# The largest softcap c for which pass 1 may shift by c itself (row_kernel's cap_as_max): its
-# smallest term exp(-2c) must be a normal float32, which ex2.approx.ftz keeps (c < 43.6).
-CAP_AS_MAX_LIMIT = 40.0
 
 # What label smoothing adds per element (compile-time, so the plain kernel carries none of it)
 NO_SMOOTHING, SMOOTHING, WEIGHTED_SMOOTHING = 0, 1, 2
@@ -198,16 +194,11 @@ def join(lo, hi):
 
 
 @functools.lru_cache(maxsize=None)
-def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, cap_as_max=False):
+def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
     the gradient, with or without softcap (``capped``) and label smoothing (``smoothing``, class
     weighted or not). Each is fixed at compile time: the loops over a word's elements unroll and
-    the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element.
-
-    ``cap_as_max`` (capped kernels, for softcap c <= CAP_AS_MAX_LIMIT): pass 1 sums exp(x - c)
-    instead of exp(x - m) with a running maximum m. Every capped x is in [-c, c], so each term is
-    in [exp(-2c), 1], a normal float32 (no term lost, the sum as precise as with m), and the
-    maximum and its rescaling, a tanh and an exp2 per group of words, drop out."""
+    the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element."""
     bits, decode, encode = kernel_codec(fmt)
     mask = (1 << bits) - 1
     top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
@@ -245,17 +236,12 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, cap_a
 
     @device_function
     def exponent(word, i, row_max, offset, softcap, inv_softcap):
-        """((x_i - m) * log2(e) - offset, t_i): exp(x_i - m) / 2**offset as a power of two and,
-        in the capped kernel, t = tanh(r / c). x - m comes first, exact near the maximum where
-        the terms that count are, at any |x| (offset 0 adds nothing: x - 0 is x). With
-        cap_as_max, m = c and x = c * t: the exponent is c log2(e) t - (c log2(e) + offset), one
-        fma of t (the capped kernels are issue-bound); rounded once in pass 1 (offset 0), and in
-        pass 2 off by at most half an ulp of c log2(e) + log2(s) (1.3e-6 relative in p_j at
-        c = 40, a 1.9e-6 error in the exponent)."""
-        if capped and cap_as_max:
-            t = fast_tanh(raw(word, i), inv_softcap)
-            scale = softcap * LOG2E
-            return fma(scale, t, -(scale + offset)), t
+        """((x_i - m) * log2(e) - offset, t_i): exp(x_i - m) / 2**offset as a power of two and, in
+        the capped kernel, t = tanh(r / c) with x - m = c * t - m in one fma. x - m comes first:
+        exact near the maximum, where the terms that count are, at any |x| (offset 0 adds
+        nothing: x - 0 is x). Folding m * log2(e) into one fma of t (one instruction less) rounds
+        it to half an ulp first: measured 3-4% faster with softcap, but a confident row's loss
+        then came out below 0 and its p_y above 1 (bench/NOTES.md, v13-v15)."""
         if capped:
             t = fast_tanh(raw(word, i), inv_softcap)
             return fma(softcap, t, -row_max) * LOG2E - offset, t
@@ -374,10 +360,9 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, cap_a
                      inv_softcap):
         """The state (m, s, sum_j w_j x_j) after words k, k + step, k + 2 step, k + 3 step:
             m' = max(m, max_i x_i),  s' = s * exp(m - m') + sum_i exp(x_i - m')
-        with one rescale for the group (none with cap_as_max: m = c throughout)."""
-        if not cap_as_max:
-            top = max(max(word_max(w0), word_max(w1)), max(word_max(w2), word_max(w3)))
-            row_max, row_sum = rescaled(row_max, row_sum, top, softcap, inv_softcap)
+        with one rescale for the group."""
+        top = max(max(word_max(w0), word_max(w1)), max(word_max(w2), word_max(w3)))
+        row_max, row_sum = rescaled(row_max, row_sum, top, softcap, inv_softcap)
         row_sum += ((word_exp_sum(w0, row_max, softcap, inv_softcap)
                      + word_exp_sum(w1, row_max, softcap, inv_softcap))
                     + (word_exp_sum(w2, row_max, softcap, inv_softcap)
@@ -459,7 +444,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, cap_a
                 for k in range(tid, n_cached, step):
                     copy_word(cache, k, logits, row, k)
             wait_copies()
-            row_max = softcap if cap_as_max else LOWEST
+            row_max = LOWEST
             row_sum = ZERO
             weighted_x = ZERO
             for k in range(tid, n_cached, group):
@@ -475,9 +460,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, cap_a
                     inv_softcap)
             for k in range(n_grouped + tid, n_words, step):
                 w0 = global_read(logits, row, k, keep)
-                if not cap_as_max:
-                    row_max, row_sum = rescaled(row_max, row_sum, word_max(w0), softcap,
-                                                inv_softcap)
+                row_max, row_sum = rescaled(row_max, row_sum, word_max(w0), softcap, inv_softcap)
                 row_sum += word_exp_sum(w0, row_max, softcap, inv_softcap)
                 if smoothed:
                     weighted_x += weighted_sum(w0, k, weight, softcap, inv_softcap)

@@ -141,9 +141,7 @@ def rows(logits, fmt, target, weight, options, stats, grad, grad_output, row_los
     grad_words = words[:1, :1] if grad is None else grad.view(word_dtype)
     smoothing = (kernels.NO_SMOOTHING if label_smoothing == 0 else
                  kernels.WEIGHTED_SMOOTHING if has_weight else kernels.SMOOTHING)
-    capped = softcap is not None
-    kernel = kernels.row_kernel(fmt, pack, grad is not None, capped, smoothing,
-                                cap_as_max=capped and softcap <= kernels.CAP_AS_MAX_LIMIT)
+    kernel = kernels.row_kernel(fmt, pack, grad is not None, softcap is not None, smoothing)
     n_words = words.shape[1]
     if grad is not None and pack > 1:  # the cached kernel (kernels.row_kernel)
         per_sm, shared = cache_plan(n_words, words.itemsize)
