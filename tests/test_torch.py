@@ -156,6 +156,18 @@ def test_backward_twice_raises(rng):
         loss.backward()
 
 
+def test_z_part_added_to_the_loss_adds_no_gradient(rng):
+    """The z part is a non-differentiable output (its gradient reaches backward as None, not as
+    zeros): loss + z_part back-propagates the loss's gradient alone."""
+    logits, target = random_logits(rng, 4, 24), random_target(rng, 4, 24)
+    _, expected = torch_loss_and_grad(logits, target, z_loss=1e-2)
+    x = to_torch(logits).requires_grad_()
+    loss, z_part = nce.cross_entropy(x, to_torch(target), z_loss=1e-2, return_z_loss=True)
+    assert not z_part.requires_grad
+    (loss + z_part).backward()
+    assert_close(from_torch(x.grad), expected, 2e-5, 1e-7, "grad")
+
+
 def test_autocast(rng):
     check_autocast(rng, "cpu", 6, 16, 40)
 

@@ -79,6 +79,18 @@ def test_module_int32_target_and_empty_batch(rng):
     assert loss.isnan() and empty.grad.shape == (0, 300)
 
 
+def test_graph_lets_the_gradient_go_after_backward(rng):
+    """After backward the graph (alive as long as the loss is) holds no reference to the
+    gradient: once x.grad is dropped its memory is free, as with PyTorch's own loss."""
+    x = to_torch(random_logits(rng, 64, 4096), CUDA).requires_grad_()
+    loss = nce.cross_entropy(x, to_torch(random_target(rng, 64, 4096), CUDA))
+    loss.backward()
+    held = torch.cuda.memory_allocated()
+    x.grad = None
+    assert torch.cuda.memory_allocated() <= held - x.numel() * x.element_size()
+    assert loss.grad_fn is not None
+
+
 @pytest.mark.parametrize("where,message", [
     ("target", "target must be on the same device as input (expected cuda:0, got cpu)"),
     ("input", "numba_ce runs on CUDA tensors (expected input on cuda, got cpu); move the tensors "

@@ -21,7 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import api, validation
-from ..scale_kernel import scale_rows
+from ..scale_kernel import scaling
 from . import tensors
 
 
@@ -79,38 +79,39 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, options, with_grad, inplace, validate):
-        loss, z_part, grad, fmt = _forward(input, target, weight, options, with_grad, inplace,
-                                           validate)
+        loss, z_part, grad, grad_array, fmt = _forward(input, target, weight, options,
+                                                       with_grad, inplace, validate)
         ctx.mark_non_differentiable(z_part)
+        ctx.set_materialize_grads(False)  # no zeros made and filled for z_part's gradient
+        ctx.scale = None
         if grad is not None:
             ctx.save_for_backward(grad)
-        ctx.fmt = fmt
-        ctx.per_row = options[1] == "none"
-        ctx.scaled = False
+            # Everything but the upstream gradient, ready for the backward's one launch.
+            ctx.scale = scaling(grad_array, fmt, options[1] == "none")
         return loss, z_part
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_z_loss):
-        if not ctx.needs_input_grad[0]:  # e.g. only the class weights require grad
-            return (None,) * 7
-        if ctx.scaled:
+        if grad_loss is None or not ctx.needs_input_grad[0]:  # e.g. only the class weights
+            return (None,) * 7                                  # require grad
+        if ctx.scale is None:
             raise RuntimeError(
                 "numba_ce.torch.cross_entropy: backward ran twice on one forward (retain_graph="
                 "True?); the first scaled the saved gradient in place, so compute the loss again")
-        ctx.scaled = True
         (grad,) = ctx.saved_tensors
-        upstream = grad_loss.detach().float().reshape(-1)  # (1,), or (N,) for reduction="none"
-        view = tensors.as_kernel_array
+        upstream = grad_loss.float().reshape(-1)  # (1,), or (N,) for reduction="none"
         with tensors.on_torch_stream(grad.device):
-            scale_rows(view(grad), ctx.fmt, view(upstream), ctx.per_row)
+            ctx.scale(tensors.as_kernel_array(upstream))
+        ctx.scale = None  # nor does ctx hold the gradient any longer
         # The scaled gradient may live in the caller's logits (inplace_backward): say so.
         torch.autograd.graph.increment_version(grad)
         return grad, None, None, None, None, None, None
 
 
 def _forward(input, target, weight, options, with_grad, inplace, validate):
-    """(loss, z part, gradient for an upstream gradient of 1 or None, logits format)."""
+    """(loss, z part, gradient for an upstream gradient of 1 or None, its array view, logits
+    format)."""
     view = tensors.as_kernel_array
     logits, logits_array, copied = _readable_logits(input)
     fmt = validation.check_logits(logits_array)
@@ -129,21 +130,22 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
     reduced = options[1] != "none"
     loss, z_part = ((outputs[reduced_at[0]], outputs[reduced_at[1]]) if reduced
                     else (outputs[rows[0]], outputs[rows[1]]))
-    grad = None
+    grad = grad_array = None
     if with_grad:
         grad = logits if inplace else torch.empty((n_rows, n_classes), dtype=logits.dtype,
                                                   device=input.device)
+        grad_array = logits_array if inplace else view(grad)
     out = view(outputs)
     with tensors.on_torch_stream(input.device):
         api.run_or_fill(
             tensors.TorchArrays(input.device, view), logits_array, fmt, target_array,
-            weight_array, options, None if grad is None else view(grad),
+            weight_array, options, grad_array,
             tensors.ones(input.device, view), out[rows[0]], out[rows[1]], out[rows[2]],
             out[reduced_at[0]:reduced_at[0] + 1] if reduced else None,
             out[reduced_at[1]:reduced_at[1] + 1] if reduced else None, validate)
     if grad is logits and not copied:
         torch.autograd.graph.increment_version(input)  # the kernel wrote the caller's tensor
-    return loss, z_part, grad, fmt
+    return loss, z_part, grad, grad_array, fmt
 
 
 def _readable_logits(input):
