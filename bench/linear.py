@@ -87,6 +87,7 @@ def providers(torch, chunk_sizes):
 
     import numba_ce
     import numba_ce.torch as nce
+    from numba_ce.torch.tensors import cupy_stream
 
     def unfused(head, outputs):
         return autograd_step(torch, lambda x, w, t: F.cross_entropy(F.linear(x, w), t), head,
@@ -101,7 +102,7 @@ def providers(torch, chunk_sizes):
     def ours_cupy(head, outputs):
         import cupy
         x, w, t = (array_view(cupy, a) for a in (head.x, head.w, head.target))
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        stream = cupy_stream(head.x.device)
 
         def run():
             with stream:
@@ -129,6 +130,7 @@ def matmuls_and_kernel_steps(torch, head):
     import cupy
 
     import numba_ce
+    from numba_ce.torch.tensors import cupy_stream
     x, w = head.x, head.w
     logits = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device="cuda")
     grad_x, grad_w = torch.empty_like(x), torch.empty_like(w)
@@ -140,7 +142,7 @@ def matmuls_and_kernel_steps(torch, head):
         return 0.0
 
     z, t = array_view(cupy, logits), array_view(cupy, head.target)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    stream = cupy_stream(logits.device)
 
     def kernel():
         with stream:

@@ -116,7 +116,8 @@ class NumbaArrays(Provider):
                                                         **kwargs).loss
         if self.simulator:
             return Step(call)
-        stream = xp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        stream = importlib.import_module("numba_ce.torch.tensors").cupy_stream(
+            inputs.logits.device)
 
         def run():
             with stream:

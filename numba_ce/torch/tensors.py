@@ -233,9 +233,14 @@ def on_torch_stream_with_cupy(device):
     if SIMULATOR:
         yield
         return
-    with devices.cupy.cuda.Device(device.index), _cupy_stream(
-            torch._C._cuda_getCurrentRawStream(device.index), device.index):
+    with devices.cupy.cuda.Device(device.index), cupy_stream(device):
         yield
+
+
+def cupy_stream(device):
+    """CuPy's stream object for torch's current stream on CUDA ``device`` (made once per stream):
+    ``with cupy_stream(device):`` puts CuPy's launches, and numba_ce's through CuPy, on it."""
+    return _cupy_stream(torch._C._cuda_getCurrentRawStream(device.index), device.index)
 
 
 @functools.lru_cache(maxsize=64)
