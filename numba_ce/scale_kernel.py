@@ -81,26 +81,10 @@ def scale_rows(grad, fmt, grad_output, per_row):
     """Multiply ``grad`` (N, V) of format ``fmt`` in place by ``grad_output``: a float32 array of
     shape (1,), or (N,) with ``per_row`` (each row by its own value). Launches on the current
     stream; never synchronises."""
-    scaling(grad, fmt, per_row)(grad_output)
-
-
-def scaling(grad, fmt, per_row):
-    """:func:`scale_rows` of ``grad`` prepared ahead: a function of ``grad_output`` that only
-    launches. (The torch adapter prepares it in the forward: its backward runs on autograd's
-    device thread, where every microsecond of Python is paid twice, in the hand-offs of the
-    interpreter lock with the thread that called backward: bench/NOTES.md.)"""
     n_rows = grad.shape[0]
     if n_rows == 0:
-        return _no_launch
+        return
     pack, word_dtype = word_layout(grad, fmt)
     words = grad.view(word_dtype)
-    kernel = scale_kernel(fmt, pack)
-    grid, block, per_row = row_blocks(n_rows), threads_per_row(words.shape[1]), np.int32(per_row)
-
-    def scale(grad_output):
-        launch(kernel, grid, block, words, grad_output, per_row)
-    return scale
-
-
-def _no_launch(grad_output):
-    """The scaling of a gradient of no rows."""
+    launch(scale_kernel(fmt, pack), row_blocks(n_rows), threads_per_row(words.shape[1]), words,
+           grad_output, np.int32(per_row))

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import numba_ce.torch as nce
 from numba_ce import devices
@@ -165,6 +166,27 @@ def test_z_part_added_to_the_loss_adds_no_gradient(rng):
     loss, z_part = nce.cross_entropy(x, to_torch(target), z_loss=1e-2, return_z_loss=True)
     assert not z_part.requires_grad
     (loss + z_part).backward()
+    assert_close(from_torch(x.grad), expected, 2e-5, 1e-7, "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("saving", ["checkpoint", "copying hooks"])
+def test_saved_gradient_that_hooks_give_back(rng, reduction, saving):
+    """Backward scales the gradient that saved-tensor hooks give back (non-reentrant
+    checkpointing recomputes it, a packing hook may copy it), not the forward's buffer: with an
+    upstream gradient of 0.5 a scaled stale buffer would leave x.grad twice too large."""
+    logits, target = random_logits(rng, 4, 24), random_target(rng, 4, 24)
+    grad_output = np.full(4, 0.5) if reduction == "none" else 0.5
+    _, expected = torch_loss_and_grad(logits, target, reduction=reduction,
+                                      grad_output=grad_output)
+    x, t = to_torch(logits).requires_grad_(), to_torch(target)
+    if saving == "checkpoint":
+        loss = checkpoint(lambda a: nce.cross_entropy(a, t, reduction=reduction), x,
+                          use_reentrant=False)
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+            loss = nce.cross_entropy(x, t, reduction=reduction)
+    (loss.sum() * 0.5).backward()
     assert_close(from_torch(x.grad), expected, 2e-5, 1e-7, "grad")
 
 

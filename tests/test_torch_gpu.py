@@ -91,6 +91,18 @@ def test_graph_lets_the_gradient_go_after_backward(rng):
     assert loss.grad_fn is not None
 
 
+def test_gradient_offloaded_by_save_on_cpu(rng):
+    """save_on_cpu moves the saved gradient to the host after the forward and back to the GPU
+    for the backward, a new buffer: the backward scales that one (upstream 0.5)."""
+    logits, target = random_logits(rng, 64, 4096), random_target(rng, 64, 4096)
+    _, expected = torch_loss_and_grad(logits, target, grad_output=0.5)
+    x = to_torch(logits, CUDA).requires_grad_()
+    with torch.autograd.graph.save_on_cpu():
+        loss = nce.cross_entropy(x, to_torch(target, CUDA))
+    (loss * 0.5).backward()
+    assert_close(from_torch(x.grad), expected, *TOLERANCES["float32"]["grad"], "grad")
+
+
 @pytest.mark.parametrize("where,message", [
     ("target", "target must be on the same device as input (expected cuda:0, got cpu)"),
     ("input", "numba_ce runs on CUDA tensors (expected input on cuda, got cpu); move the tensors "

@@ -21,7 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import api, validation
-from ..scale_kernel import scaling
+from ..scale_kernel import scale_rows
 from . import tensors
 
 
@@ -79,39 +79,43 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, options, with_grad, inplace, validate):
-        loss, z_part, grad, grad_array, fmt = _forward(input, target, weight, options,
-                                                       with_grad, inplace, validate)
+        loss, z_part, grad, fmt = _forward(input, target, weight, options, with_grad, inplace,
+                                           validate)
         ctx.mark_non_differentiable(z_part)
-        ctx.set_materialize_grads(False)  # no zeros made and filled for z_part's gradient
-        ctx.scale = None
+        ctx.set_materialize_grads(False)  # z_part's gradient: None, not zeros made and filled
         if grad is not None:
             ctx.save_for_backward(grad)
-            # Everything but the upstream gradient, ready for the backward's one launch.
-            ctx.scale = scaling(grad_array, fmt, options[1] == "none")
+        ctx.fmt = fmt
+        ctx.per_row = options[1] == "none"
+        ctx.scaled = False
         return loss, z_part
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_z_loss):
+        """Runs on autograd's device thread, whose hand-offs of the interpreter lock with the
+        thread in loss.backward() make each line dearer than in the forward (bench/NOTES.md):
+        kept short. It scales the gradient that ctx.saved_tensors gives back, which
+        saved-tensor hooks (non-reentrant checkpointing, offloading) may have copied."""
         if grad_loss is None or not ctx.needs_input_grad[0]:  # e.g. only the class weights
             return (None,) * 7                                  # require grad
-        if ctx.scale is None:
+        if ctx.scaled:
             raise RuntimeError(
                 "numba_ce.torch.cross_entropy: backward ran twice on one forward (retain_graph="
                 "True?); the first scaled the saved gradient in place, so compute the loss again")
+        ctx.scaled = True
         (grad,) = ctx.saved_tensors
         upstream = grad_loss.float().reshape(-1)  # (1,), or (N,) for reduction="none"
+        view = tensors.as_kernel_array
         with tensors.on_torch_stream(grad.device):
-            ctx.scale(tensors.as_kernel_array(upstream))
-        ctx.scale = None  # nor does ctx hold the gradient any longer
+            scale_rows(view(grad), ctx.fmt, view(upstream), ctx.per_row)
         # The scaled gradient may live in the caller's logits (inplace_backward): say so.
         torch.autograd.graph.increment_version(grad)
         return grad, None, None, None, None, None, None
 
 
 def _forward(input, target, weight, options, with_grad, inplace, validate):
-    """(loss, z part, gradient for an upstream gradient of 1 or None, its array view, logits
-    format)."""
+    """(loss, z part, gradient for an upstream gradient of 1 or None, logits format)."""
     view = tensors.as_kernel_array
     logits, logits_array, copied = _readable_logits(input)
     fmt = validation.check_logits(logits_array)
@@ -145,7 +149,7 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
             out[reduced_at[1]:reduced_at[1] + 1] if reduced else None, validate)
     if grad is logits and not copied:
         torch.autograd.graph.increment_version(input)  # the kernel wrote the caller's tensor
-    return loss, z_part, grad, grad_array, fmt
+    return loss, z_part, grad, fmt
 
 
 def _readable_logits(input):
