@@ -239,7 +239,9 @@ def on_torch_stream_with_cupy(device):
 
 def cupy_stream(device):
     """CuPy's stream object for torch's current stream on CUDA ``device`` (made once per stream):
-    ``with cupy_stream(device):`` puts CuPy's launches, and numba_ce's through CuPy, on it."""
+    ``with cupy_stream(device):`` puts CuPy's launches, and numba_ce's through CuPy, on it.
+    ``device`` must be CuPy's current device there (CuPy raises otherwise);
+    :func:`on_torch_stream_with_cupy` makes it so."""
     return _cupy_stream(torch._C._cuda_getCurrentRawStream(device.index), device.index)
 
 
