@@ -39,18 +39,20 @@ class Step(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Repetitions:
     """Warm-up calls (the first one compiles), then enough timed calls to fill ``target_s``
-    of device time, at least ``min_reps`` and at most ``max_reps``."""
+    of device time, at least ``min_reps`` and at most ``max_reps``, in ``rounds`` turns (see
+    :func:`measure_side_by_side`)."""
     warmup: int
     min_reps: int
     max_reps: int
     target_s: float
+    rounds: int = 1
 
     def count(self, seconds_per_call):
         wanted = self.target_s / max(seconds_per_call, 1e-9)
         return int(min(self.max_reps, max(self.min_reps, wanted)))
 
 
-FULL = Repetitions(warmup=3, min_reps=20, max_reps=100, target_s=0.1)
+FULL = Repetitions(warmup=3, min_reps=20, max_reps=100, target_s=0.1, rounds=5)
 QUICK = Repetitions(warmup=2, min_reps=5, max_reps=20, target_s=0.05)
 SMOKE = Repetitions(warmup=1, min_reps=1, max_reps=1, target_s=0.0)
 
@@ -108,9 +110,59 @@ class Timing:
 
 def measure(step, timer, repetitions):
     """Warm up, then time ``repetitions.count(...)`` calls of ``step``."""
-    def wall_seconds(calls):
+    timing = measure_side_by_side({None: step}, timer, repetitions)[None]
+    if isinstance(timing, Exception):
+        raise timing
+    return timing
+
+
+def measure_side_by_side(steps, timer, repetitions, before_each=None):
+    """{key: Timing, or the exception its step raised} for the steps of a dict, timed side by
+    side: each is warmed up in turn (the first call compiles), then its timed calls are split
+    over ``repetitions.rounds`` rounds that visit every step, each turn after one untimed call.
+    A host that slows down for a while (other processes, clocks) then slows every step alike
+    instead of the one being timed: calls that the host's speed sets (small shapes) read within a
+    few percent of each other this way, where one window each moved them by tens of percent.
+    ``before_each()`` runs before each step's turn (the logits' restore after an in-place
+    provider)."""
+    outcome, counts = {}, {}
+    for key, step in steps.items():
+        try:
+            if before_each:
+                before_each()
+            first_s, loss, per_call_s = _warm_up(step, timer, repetitions.warmup)
+            counts[key] = repetitions.count(per_call_s)
+            outcome[key] = (first_s, loss, [])
+        except Exception as exc:
+            outcome[key] = exc
+    rounds = max(1, repetitions.rounds)
+    for turn in range(rounds):
+        for key, step in steps.items():
+            if isinstance(outcome[key], Exception):
+                continue
+            calls = counts[key] * (turn + 1) // rounds - counts[key] * turn // rounds
+            try:
+                if before_each:
+                    before_each()
+                if rounds > 1:
+                    _warm_up(step, timer, 1)
+                outcome[key][2].extend(timer.time_calls(step, calls))
+            except Exception as exc:
+                outcome[key] = exc
+            finally:
+                if step.reset:
+                    step.reset()  # no step's gradient lingers through the others' turns
+    return {key: result if isinstance(result, Exception) else
+            Timing(tuple(np.quantile(result[2], QUANTILES)), len(result[2]), result[0] * 1e3,
+                   float(result[1]))
+            for key, result in outcome.items()}
+
+
+def _warm_up(step, timer, calls):
+    """(seconds of the first call, its loss, seconds a call after it) over ``calls`` calls."""
+    def wall_seconds(n):
         start = time.perf_counter()
-        for _ in range(calls):
+        for _ in range(n):
             if step.reset:
                 step.reset()
             last = step.run()
@@ -119,11 +171,10 @@ def measure(step, timer, repetitions):
 
     first_s, loss = wall_seconds(1)
     per_call_s = first_s
-    if repetitions.warmup > 1:
-        warm_s, _ = wall_seconds(repetitions.warmup - 1)
-        per_call_s = warm_s / (repetitions.warmup - 1)
-    times = timer.time_calls(step, repetitions.count(per_call_s))
-    return Timing(tuple(np.quantile(times, QUANTILES)), len(times), first_s * 1e3, float(loss))
+    if calls > 1:
+        warm_s, _ = wall_seconds(calls - 1)
+        per_call_s = warm_s / (calls - 1)
+    return first_s, loss, per_call_s
 
 
 def peak_extra_bytes(step, torch, cupy_pool=None):

@@ -116,29 +116,43 @@ class Run:
         harness.free_device_memory(torch, self.pool)
         self.failures = 0
 
-    def measure(self, provider, spec, mode, inputs, target, expected):
-        """One row: ``provider`` in ``mode`` on ``spec``; None (reported) if it raised."""
-        label = (f"{provider.name:28s} {spec.shape:>12s} {spec.dtype} {spec.options.name:9s}"
-                 f" {mode:8s}")
-        inputs.restore()
-        step = None
-        try:
-            step = provider.step(mode, inputs, target, spec.options)
-            timing = harness.measure(step, self.timer, self.repetitions)
-            peak = (None if self.simulator
-                    else harness.peak_extra_bytes(step, self.torch, self.pool))
-        except Exception as exc:
-            self.failures += 1
-            self.log.say(f"{label} FAILED {type(exc).__name__}: {exc}")
-            self.log.detail(traceback.format_exc())
-            harness.free_device_memory(self.torch, self.pool)
-            return None
-        finally:
-            if step is not None and step.reset:
-                step.reset()  # drop the last gradient before the next measurement
-        return self._row(provider, spec, mode, timing, peak, expected, label)
+    def measure(self, providers, spec, mode, inputs, target, expected):
+        """One row per provider: ``providers`` in ``mode`` on ``spec``, timed side by side
+        (harness.measure_side_by_side); a provider that raised is reported and has no row."""
+        steps = {}
+        for provider in providers:
+            inputs.restore()
+            try:
+                steps[provider] = provider.step(mode, inputs, target, spec.options)
+            except Exception as exc:
+                self._failed(provider, spec, mode, exc)
+        timings = harness.measure_side_by_side(steps, self.timer, self.repetitions,
+                                               before_each=inputs.restore)
+        rows = []
+        for provider, step in steps.items():
+            timing = timings[provider]
+            try:
+                if isinstance(timing, Exception):
+                    raise timing
+                inputs.restore()
+                peak = (None if self.simulator
+                        else harness.peak_extra_bytes(step, self.torch, self.pool))
+            except Exception as exc:
+                self._failed(provider, spec, mode, exc)
+                continue
+            finally:
+                if step.reset:
+                    step.reset()  # drop the last gradient before the next measurement
+            rows.append(self._row(provider, spec, mode, timing, peak, expected))
+        return rows
 
-    def _row(self, provider, spec, mode, timing, peak, expected, label):
+    def _failed(self, provider, spec, mode, exc):
+        self.failures += 1
+        self.log.say(f"{_label(provider, spec, mode)} FAILED {type(exc).__name__}: {exc}")
+        self.log.detail("".join(traceback.format_exception(exc)))
+        harness.free_device_memory(self.torch, self.pool)
+
+    def _row(self, provider, spec, mode, timing, peak, expected):
         nbytes = harness.minimum_bytes(mode, spec.n, spec.v, cases.DTYPES[spec.dtype])
         p20, p50, p80 = timing.ms
         speed = harness.tbps(nbytes, p50)
@@ -152,10 +166,16 @@ class Run:
                    loss=f"{timing.loss:.6g}", loss_rel_err=f"{rel_err:.1e}")
         memory = "" if peak is None else f"  peak +{peak / 1e9:.2f} GB"
         check = "" if rel_err <= LOSS_TOLERANCE else f"  LOSS OFF: expected {expected:.6g}"
+        label = _label(provider, spec, mode)
         self.log.say(f"{label} {p50:8.3f} ms [{p20:.3f}, {p80:.3f}] x{timing.reps:<3d}"
                      f" {speed:5.2f} TB/s{memory}  first {timing.first_ms:.0f} ms"
                      f"  loss {timing.loss:.5g} (rel err {rel_err:.0e}){check}")
         return {column: str(value) for column, value in row.items()}
+
+
+def _label(provider, spec, mode):
+    return (f"{provider.name:28s} {spec.shape:>12s} {spec.dtype} {spec.options.name:9s}"
+            f" {mode:8s}")
 
 
 def _cupy_pool():
@@ -223,13 +243,9 @@ def main(argv=None):
         for spec in group:
             target = inputs.target(spec.options)
             expected = providers.reference_loss(inputs, target, spec.options)
-            for provider in chosen:
-                if not provider.applies(spec):
-                    continue
-                for mode in spec.modes:
-                    if mode in provider.modes:
-                        row = run.measure(provider, spec, mode, inputs, target, expected)
-                        rows += [row] if row else []
+            for mode in spec.modes:
+                here = [p for p in chosen if p.applies(spec) and mode in p.modes]
+                rows += run.measure(here, spec, mode, inputs, target, expected)
         del inputs, target
         harness.free_device_memory(run.torch, run.pool)
         log.say(f"-- {n}x{v} {dtype}: {time.perf_counter() - shape_started:.1f} s")
