@@ -1,4 +1,5 @@
-"""Time every provider on every case, in one process, and record the results.
+"""Time every provider on every case, in one process, and record the results. The providers of
+a case and mode are timed side by side, in rounds (harness.measure_side_by_side).
 
     python -m bench.run                        # the full run (meant to take ~4 minutes on an H200)
     python -m bench.run --quick                # two shapes, plain options, few repetitions
