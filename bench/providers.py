@@ -116,8 +116,8 @@ class NumbaArrays(Provider):
                                                         **kwargs).loss
         if self.simulator:
             return Step(call)
-        stream = importlib.import_module("numba_ce.torch.tensors").cupy_stream(
-            inputs.logits.device)
+        from numba_ce.torch.tensors import cupy_stream
+        stream = cupy_stream(inputs.logits.device)
 
         def run():
             with stream:

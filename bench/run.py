@@ -120,9 +120,8 @@ class Run:
     def measure(self, providers, spec, mode, inputs, target, expected):
         """One row per provider: ``providers`` in ``mode`` on ``spec``, timed side by side
         (harness.measure_side_by_side); a provider that raised is reported and has no row."""
-        steps = {}
+        steps = {}  # (making a step reads no logits: each turn restores them first)
         for provider in providers:
-            inputs.restore()
             try:
                 steps[provider] = provider.step(mode, inputs, target, spec.options)
             except Exception as exc:
