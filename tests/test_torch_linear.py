@@ -11,7 +11,7 @@ import torch
 import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
 from helpers import (DTYPES, assert_close, random_target, random_upstream, random_weight,
-                     torch_linear_loss_and_grads)
+                     torch_linear_loss_and_grads, torch_total_loss)
 from test_linear import N_CLASSES, N_FEATURES, N_ROWS, RELATIVE, random_head
 from torch_helpers import from_torch, to_torch
 
@@ -82,20 +82,49 @@ def test_module_owns_the_head(rng):
     assert "chunk_size=4" in repr(crit)
 
 
+def autocast_exact_head(rng):
+    """float32 x and W whose bfloat16 casts are small dyadic numbers (x = a/4, W = m/16, a few
+    bits each), each off its cast by up to a relative 2**-10 (under half a bf16 ulp, >= 2**-9):
+    the bf16 product's float32 sums are exact in any order, so its logits are the exact sums
+    rounded once to bfloat16, the same bits from cuBLAS, NumPy or torch. Returns x, W and the
+    casts."""
+    signs = rng.choice([-1.0, 1.0], (N_ROWS, N_FEATURES))
+    x_cast = signs * rng.integers(1, 9, (N_ROWS, N_FEATURES)) / 4
+    w_cast = rng.integers(-6, 7, (N_CLASSES, N_FEATURES)) / 16
+    off = [1 + 2.0**-10 * rng.uniform(-1, 1, a.shape) for a in (x_cast, w_cast)]
+    return ((x_cast * off[0]).astype(np.float32), (w_cast * off[1]).astype(np.float32), x_cast,
+            w_cast)
+
+
 def test_autocast_casts_the_head_like_linear(rng):
-    """float32 parameters under autocast: the product runs in the autocast dtype (as F.linear's
-    would), the gradients come back in float32."""
-    x, w, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
-    target = to_torch(random_target(rng, N_ROWS, N_CLASSES), DEVICE)
+    """float32 parameters under autocast: the product runs in bfloat16 (as F.linear's would) and
+    the gradients come back in float32. The reference is float64 on the same bf16 logits; a
+    product left in float32 (the inputs' offsets kept, the logits unrounded) misses the loss by
+    ~1e-4, fifty times the tolerance."""
+    x, w, x_cast, w_cast = autocast_exact_head(rng)
+    target = random_target(rng, N_ROWS, N_CLASSES)
     xt, wt = (to_torch(a, DEVICE).requires_grad_() for a in (x, w))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        loss = nce.linear_cross_entropy(xt, wt, target)
+        loss = nce.linear_cross_entropy(xt, wt, to_torch(target, DEVICE))
     loss.backward()
     assert xt.grad.dtype == torch.float32 and wt.grad.dtype == torch.float32
-    expected = torch_linear_loss_and_grads(x, w, from_torch(target).astype(np.int64))
-    assert_close(from_torch(loss), expected[0], 0.0, 1e-2 * abs(expected[0]), "loss")
-    assert_close(from_torch(wt.grad), expected[2], 0.0, 1e-2 * np.abs(expected[2]).max(),
-                 "weight.grad")
+
+    bf16_logits = (x_cast @ w_cast.T).astype(DTYPES["bfloat16"]).astype(np.float64)
+    logits = torch.tensor(bf16_logits, requires_grad=True)
+    expected = torch_total_loss(logits, target)
+    expected.backward()
+    dz = logits.grad.numpy()
+    assert_close(from_torch(loss), expected.item(), 2e-6, 0.0, "loss")
+    # The kernel's float32 gradient dz is stored as bfloat16 (half an ulp: 2**-8 relative) before
+    # the products, each rounded once (2**-8 again); float32 sums add ~1e-6 more.
+    for name, leaf, want, bound in (
+            ("input", xt, dz @ w_cast, np.abs(dz) @ np.abs(w_cast)),
+            ("linear_weight", wt, dz.T @ x_cast, np.abs(dz).T @ np.abs(x_cast))):
+        allowed = 2.0**-8 * (bound + np.abs(want)) + 1e-6 * np.abs(want).max()
+        error = np.abs(from_torch(leaf.grad) - want)
+        worst = np.unravel_index(np.argmax(error - allowed), error.shape)
+        assert error[worst] <= allowed[worst], (
+            f"{name}.grad off at {worst} by {error[worst]:.3g} (allowed {allowed[worst]:.3g})")
 
 
 def test_second_backward_is_refused(rng):
