@@ -46,6 +46,9 @@ lacks through this module:
   module's globals) on the per-element path;
 * ``SIMULATOR``: whether ``NUMBA_ENABLE_CUDASIM=1`` was set when Numba was imported.
 
+In the simulator, this module also mends its shared arrays (below) and silences NumPy's float32
+overflow warnings in the kernels' own code, where the GPU rounds to +-inf without a word.
+
 Every function takes the same arguments on both backends, so the kernel source does not branch.
 """
 import math
@@ -63,6 +66,7 @@ if SIMULATOR:
     # Device functions run as Python code on NumPy scalars; the views below are exact.
     import sys
     import threading
+    import warnings
 
     from numba.cuda.simulator import kernelapi
     from numba.np import numpy_support
@@ -92,6 +96,13 @@ if SIMULATOR:
 
     _dynamic_shared_array = kernelapi.FakeCUDAShared.array
     kernelapi.FakeCUDAShared.array = _shared_array
+
+    # A float32 result too large for the format is +-inf on the GPU, silently (IEEE 754), and
+    # the kernels count on it: the running maximum starts at -FLT_MAX, so the first rescale's
+    # exponent (-FLT_MAX - m) * log2(e) is -inf and its factor 0. NumPy's scalars warn instead;
+    # the simulator keeps the GPU's silence for the kernels' own code.
+    warnings.filterwarnings("ignore", "overflow encountered in scalar", RuntimeWarning,
+                            r"numba_ce\.(kernels|reductions)$")
 
     def device_function(fn):
         return fn
