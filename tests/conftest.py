@@ -1,7 +1,8 @@
 """Test set-up: without a GPU the suite runs in Numba's CUDA simulator; with one, on the GPU.
 
 The backend is fixed when numba is first imported, so this runs before any test module.
-Set NUMBA_CE_TEST_SEED to replay a run's random inputs (the seed is printed in the header).
+Set NUMBA_CE_TEST_SEED to replay a run's random inputs (the seed is printed in the header and
+after the summary).
 """
 import os
 import sys
@@ -32,10 +33,18 @@ import pytest  # noqa: E402
 from numba_ce import devices  # noqa: E402
 
 SEED = int(os.environ.get("NUMBA_CE_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+# pytest-xdist's workers start after this runs in the main process and inherit its environment,
+# so every worker draws from the seed that the summary prints.
+os.environ["NUMBA_CE_TEST_SEED"] = str(SEED)
 
 
 def pytest_report_header(config):
     return [f"numba_ce backend: {devices.backend_name()}", f"NUMBA_CE_TEST_SEED={SEED}"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed again after the summary, where -q (no header) still shows it."""
+    terminalreporter.write_line(f"replay these inputs with NUMBA_CE_TEST_SEED={SEED}")
 
 
 @pytest.fixture
