@@ -1,7 +1,9 @@
 """Property-based tests: random small shapes, dtypes, options and targets (valid, ignored and out of
 range) against the float64 reference. Few examples: a simulator call costs about 0.3 s."""
+import os
 import re
 
+import hypothesis
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -13,6 +15,8 @@ from helpers import DTYPES, TOLERANCES, assert_close, to_numpy
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# The run's seed (tests/conftest.py exports it), so NUMBA_CE_TEST_SEED replays these examples too.
+RUN_SEED = hypothesis.seed(int(os.environ["NUMBA_CE_TEST_SEED"]))
 
 
 @st.composite
@@ -61,6 +65,7 @@ def term_scale(target, n_classes, options, lse):
     return upstream * (1 + 2 * options["z_loss"] * np.nanmax(np.abs(lse), initial=0.0)) + 1e-30
 
 
+@RUN_SEED
 @SETTINGS
 @given(calls())
 def test_matches_the_reference(call):
@@ -117,6 +122,7 @@ def test_matches_the_reference(call):
     assert (target == target_before).all() and target.dtype == target_before.dtype
 
 
+@RUN_SEED
 @SETTINGS
 @given(n_rows=st.integers(1, 4), n_classes=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
        ignore_index=st.sampled_from([-100, 0, 3]))
