@@ -224,7 +224,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     @device_function
     def cap(x, softcap, inv_softcap):
         """softcap * tanh(x / softcap) (the kernel for capped logits), else x. The tanh is
-        portable.fast_tanh (one ex2, the division by FMAs; within 2.3e-7 of tanh): libdevice's
+        portable.fast_tanh (one ex2, the division by FMAs; within 2.4e-7 of tanh): libdevice's
         tanhf adds an rcp to its ex2, and two tanh an element (one a pass) at two special-function
         operations each made the capped kernel SFU-bound."""
         return softcap * fast_tanh(x, inv_softcap) if capped else x
@@ -262,7 +262,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
 
     @device_function
     def word_max(word):
-        """The largest raw element of a word (softcap is increasing, up to fast_tanh's 2.3e-7:
+        """The largest raw element of a word (softcap is increasing, up to fast_tanh's 2.4e-7:
         cap the maximum once)."""
         top = raw(word, 0)
         for i in range(1, pack):
