@@ -24,7 +24,7 @@ P * p_y - T forms p_y - 1 in fp32; the result is rounded to the logits' format o
 Memory traffic of the fused kernel: pass 1 reads the row (online max and sum), pass 2 reads it
 again and writes the gradient. A row (256 KB for 128256 bf16 logits) does not fit a block's share
 of shared memory, so each block keeps the first words of its row there (~113 KB with two blocks a
-multiprocessor, ~226 KB with one): pass 2 reads those from chip and only the rest from L2 or
+multiprocessor, ~227 KB with one): pass 2 reads those from chip and only the rest from L2 or
 DRAM. Pass 1 loads that rest with an L2 "evict last" policy and pass 2 reads it backwards (the
 words pass 1 read last come first) with "evict first", so that it comes from L2 when the rows in
 flight let it (numba_ce.launch picks one block a multiprocessor where two would hold more
