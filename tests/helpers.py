@@ -1,5 +1,7 @@
 """Shared test helpers: inputs, tolerances, comparisons that report the worst element, and an
 independent torch (float64, autograd) implementation of the loss."""
+from typing import NamedTuple
+
 import ml_dtypes
 import numpy as np
 
@@ -23,8 +25,13 @@ def random_logits(rng, n_rows, n_classes, dtype="float32", scale=3.0):
 
 
 def random_target(rng, n_rows, n_classes, ignore_index=-100, ignored_share=0.0):
+    """Classes, each row ignored with probability ``ignored_share``; unless that is 1, row 0
+    always counts (a "mean" over no rows is 0 / 0, which its own tests check)."""
     target = rng.integers(0, n_classes, n_rows)
-    target[rng.random(n_rows) < ignored_share] = ignore_index
+    ignored = rng.random(n_rows) < ignored_share
+    if ignored_share < 1:
+        ignored[:1] = False
+    target[ignored] = ignore_index
     return target
 
 
@@ -47,7 +54,8 @@ def to_numpy(a):
 
 
 def assert_close(actual, expected, rtol, atol, what):
-    """|actual - expected| <= atol + rtol * |expected| everywhere (NaN only where expected NaN)."""
+    """|actual - expected| <= atol + rtol * |expected| everywhere (NaN only where expected NaN);
+    ``atol`` may be an array of the expected's shape."""
     actual = np.asarray(to_numpy(actual)).astype(np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
@@ -57,13 +65,14 @@ def assert_close(actual, expected, rtol, atol, what):
     with np.errstate(invalid="ignore"):
         error = np.where(np.isnan(expected), 0.0, np.abs(actual - expected))
         error = np.where(np.isinf(expected) & (actual == expected), 0.0, error)
-    excess = error - (atol + rtol * np.abs(np.nan_to_num(expected)))
+    allowed = np.broadcast_to(atol + rtol * np.abs(np.nan_to_num(expected)), expected.shape)
+    excess = error - allowed
     if excess.size and excess.max() > 0:
         worst = np.unravel_index(np.argmax(excess), excess.shape)
         raise AssertionError(
             f"{what}: {int((excess > 0).sum())} of {excess.size} elements off; worst at "
             f"{tuple(int(i) for i in worst)}: got {actual[worst]!r}, expected {expected[worst]!r} "
-            f"(error {error[worst]:.3g}, allowed {atol + rtol * abs(expected[worst]):.3g})")
+            f"(error {error[worst]:.3g}, allowed {allowed[worst]:.3g})")
 
 
 def torch_loss_and_grad(logits, target, *, grad_output=None, **options):
@@ -77,21 +86,60 @@ def torch_loss_and_grad(logits, target, *, grad_output=None, **options):
     return total.detach().numpy(), grad.numpy()
 
 
+# Half an ulp, relative: the largest relative error of one rounding to each format; and the
+# largest absolute error of a rounding below its normal range (half fp16's subnormal spacing;
+# float32 and bf16 values below 2**-126 may be flushed to 0 by the kernels' float32 math).
+HALF_ULP = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+TINY_ERROR = {"float32": 2.0**-126, "float16": 2.0**-25, "bfloat16": 2.0**-126}
+
+
+class LinearExpected(NamedTuple):
+    """The unfused linear cross-entropy in float64: the loss, the gradients (grad_linear_bias
+    None without a bias), and for each gradient the magnitudes that scale its rounding errors:
+    the sum of its terms' magnitudes (|dz| @ |W|, |dz|^T @ |x|, sum_i |dz_i|) and the same
+    with every |dz| = 1 (for the absolute error of a dz rounded below the normal range)."""
+    loss: np.ndarray
+    grad_input: np.ndarray
+    grad_linear_weight: np.ndarray
+    grad_linear_bias: np.ndarray | None
+    magnitudes: tuple
+
+
 def torch_linear_loss_and_grads(input, linear_weight, target, *, linear_bias=None,
-                                grad_output=None, **options):
-    """The unfused linear + cross-entropy in torch float64 (CPU): logits = x @ W^T + b, the loss
-    of :func:`torch_total_loss`, and the autograd gradients of x, W and b (None without b)."""
+                                grad_output=None, logits_format=None, **options):
+    """The unfused linear + cross-entropy in torch float64 (CPU): logits z = x @ W^T + b, the loss
+    of :func:`torch_total_loss` and its autograd gradient dz, then dx = dz @ W, dW = dz^T @ x,
+    db = sum_i dz_i. With ``logits_format`` the logits are first rounded to that format, as
+    numba_ce (and torch's unfused computation in that format) rounds each chunk's logits."""
     import torch
 
-    leaves = [torch.tensor(np.asarray(a).astype(np.float64), requires_grad=True)
-              for a in (input, linear_weight)]
-    if linear_bias is not None:
-        leaves.append(torch.tensor(np.asarray(linear_bias).astype(np.float64),
-                                   requires_grad=True))
-    logits = leaves[0] @ leaves[1].T + (leaves[2] if linear_bias is not None else 0.0)
+    x, w = (np.asarray(a).astype(np.float64) for a in (input, linear_weight))
+    z = x @ w.T + (0.0 if linear_bias is None else np.asarray(linear_bias).astype(np.float64))
+    if logits_format is not None:
+        z = z.astype(DTYPES[logits_format]).astype(np.float64)
+    logits = torch.tensor(z, requires_grad=True)
     total = torch_total_loss(logits, target, **options)
-    grads = [g.numpy() for g in _torch_grads(total, leaves, grad_output)]
-    return (total.detach().numpy(), *grads, *([None] if linear_bias is None else []))
+    (dz,) = (t.numpy() for t in _torch_grads(total, [logits], grad_output))
+    grads = [dz @ w, dz.T @ x, None if linear_bias is None else dz.sum(axis=0)]
+    ones = np.ones_like(dz)
+    magnitudes = ((np.abs(dz) @ np.abs(w), ones @ np.abs(w)),
+                  (np.abs(dz).T @ np.abs(x), ones.T @ np.abs(x)),
+                  (np.abs(dz).sum(axis=0), ones.sum(axis=0)))
+    return LinearExpected(total.detach().numpy(), *grads, magnitudes)
+
+
+def assert_rounded_close(actual, expected, magnitudes, dtype, what, roundings=1):
+    """A gradient that numba_ce forms from float32 terms of dz rounded to ``dtype`` (stored in
+    the logits' format) and rounds ``roundings`` times more (the result; an upstream factor
+    applied to it): |error| <= half an ulp of each, relative, times the terms' magnitudes and
+    the result's; TINY_ERROR per term for a dz below the normal range; 1e-5 of the terms'
+    magnitudes for the kernel's float32 math and 1e-6 of the largest result for float32 sums.
+    ``magnitudes``: a pair of LinearExpected.magnitudes."""
+    expected = np.asarray(expected, dtype=np.float64)
+    terms, unit_terms = magnitudes
+    atol = ((HALF_ULP[dtype] + 1e-5) * terms + TINY_ERROR[dtype] * unit_terms
+            + 1e-6 * np.abs(expected).max(initial=0.0) + 1e-30)
+    assert_close(actual, expected, roundings * HALF_ULP[dtype], atol, what)
 
 
 def torch_total_loss(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
