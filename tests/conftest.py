@@ -51,3 +51,11 @@ def pytest_terminal_summary(terminalreporter):
 def rng(request):
     """A generator seeded from the run's seed and the test's name: fresh each run, replayable."""
     return np.random.default_rng([SEED, *request.node.nodeid.encode()])
+
+
+@pytest.fixture(autouse=True)
+def torch_seed(request):
+    """torch's global generator seeded the same way, for tests that draw with torch.rand*."""
+    if "torch" in sys.modules:
+        seed = np.random.default_rng([SEED, *request.node.nodeid.encode(), 1]).integers(2**63)
+        sys.modules["torch"].manual_seed(int(seed))
