@@ -71,7 +71,9 @@ def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ign
         if want is None:
             assert got is None, f"{name}: expected None without a bias"
             continue
-        assert_rounded_close(got, want, magnitude, dtype, name)
+        # fp16 "mean" scales the rounded input gradient by g / S_w afterwards (linear.compute)
+        rescaled = dtype == "float16" and reduction == "mean" and name == "grad_input"
+        assert_rounded_close(got, want, magnitude, dtype, name, roundings=2 if rescaled else 1)
     for got, of in zip(res[1:4], (x, w, b)):
         if of is not None:
             assert got.dtype == of.dtype and got.shape == of.shape
