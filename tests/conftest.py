@@ -2,7 +2,7 @@
 
 The backend is fixed when numba is first imported, so this runs before any test module.
 Set NUMBA_CE_TEST_SEED to replay a run's random inputs (the seed is printed in the header and
-after the summary).
+above the summary's last lines).
 """
 import os
 import sys
@@ -43,7 +43,7 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The seed again after the summary, where -q (no header) still shows it."""
+    """The seed again at the end of the report, where -q (no header) still shows it."""
     terminalreporter.write_line(f"replay these inputs with NUMBA_CE_TEST_SEED={SEED}")
 
 

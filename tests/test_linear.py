@@ -35,8 +35,8 @@ needs_gpu = pytest.mark.skipif(not devices.gpu_available(), reason="needs a CUDA
 
 
 def random_head(rng, n_rows, n_features, n_classes, dtype, bias):
-    """Hidden states in [-2, 2] (multiples of 1/4), a head weight spread like an initialised
-    nn.Linear's times 2 (multiples of 1/64) and a bias in [-2, 2] (multiples of 1/64). Every
+    """Hidden states in [-2, 2] (multiples of 1/4), a head weight of std 2 / sqrt(n_features)
+    (multiples of 1/64) and a bias in [-2, 2] (multiples of 1/64). Every
     product is a multiple of 1/256 and every logit a sum of under 2**16 of those for up to 64
     features: exact in float32 in any order, so the logits are the exact sums rounded once to the
     format, the same bits from cuBLAS, NumPy and the float64 reference."""
