@@ -101,7 +101,7 @@ if SIMULATOR:
     # the kernels count on it: the running maximum starts at -FLT_MAX, so the first rescale's
     # exponent (-FLT_MAX - m) * log2(e) is -inf and its factor 0. NumPy's scalars warn instead;
     # the simulator keeps the GPU's silence for the kernels' own code.
-    warnings.filterwarnings("ignore", "overflow encountered in scalar", RuntimeWarning,
+    warnings.filterwarnings("ignore", "overflow encountered in scalar multiply", RuntimeWarning,
                             r"numba_ce\.(kernels|reductions)$")
 
     def device_function(fn):
