@@ -87,14 +87,10 @@ def test_module_owns_the_head(rng):
 
 
 def autocast_exact_head(rng):
-    """float32 x and W whose bfloat16 casts are small dyadic numbers (x = a/4, W = m/16, a few
-    bits each), each off its cast by up to a relative 2**-10 (under half a bf16 ulp, >= 2**-9):
-    the bf16 product's float32 sums are exact in any order, so its logits are the exact sums
-    rounded once to bfloat16, the same bits from cuBLAS, NumPy or torch. Returns x, W and the
-    casts."""
-    signs = rng.choice([-1.0, 1.0], (N_ROWS, N_FEATURES))
-    x_cast = signs * rng.integers(1, 9, (N_ROWS, N_FEATURES)) / 4
-    w_cast = rng.integers(-6, 7, (N_CLASSES, N_FEATURES)) / 16
+    """float32 x and W whose bfloat16 casts are random_head's exact head, each off its cast by
+    up to a relative 2**-10 (under half a bf16 ulp, >= 2**-9, so the cast gives the head back).
+    Returns x, W and the casts."""
+    x_cast, w_cast, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
     off = [1 + 2.0**-10 * rng.uniform(-1, 1, a.shape) for a in (x_cast, w_cast)]
     return ((x_cast * off[0]).astype(np.float32), (w_cast * off[1]).astype(np.float32), x_cast,
             w_cast)
