@@ -67,6 +67,8 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
     go_shape = validation.check_grad_output(grad_output, reduction, n_rows) if with_grad else ()
     if inplace:
         validation.check_writeable(logits)
+        validation.check_not_overlapping(logits, "inplace=True", target=target, weight=weight,
+                                         grad_output=grad_output)
 
     caller_logits = logits
     logits, target, weight, grad_output = on_device(on_host, logits, target, weight, grad_output)
@@ -120,12 +122,16 @@ def empty(xp, shape, dtype):
 
 def array_kind(**arrays):
     """(array module, whether the inputs are NumPy arrays that must travel to a GPU and back) of
-    the named arguments (None and plain numbers are skipped). Checked before anything reads an
-    array's shape, dtype or strides: those mean other things in other frameworks (torch strides
-    count elements)."""
+    the named arguments (None and scalars are skipped: their own checks say what they must be).
+    Checked before anything reads an array's shape, dtype or strides: those mean other things in
+    other frameworks (torch strides count elements). NumPy arrays must be plain and native
+    (validation.check_plain_array)."""
     devices.require_backend()
     arrays = {name: a for name, a in arrays.items()
-              if a is not None and not isinstance(a, numbers.Real)}
+              if a is not None and not isinstance(a, (numbers.Number, np.generic))}
+    for name, a in arrays.items():
+        if isinstance(a, np.ndarray):
+            validation.check_plain_array(name, a)
     kinds = ", ".join(f"{name}: {_kind(a)}" for name, a in arrays.items())
     hint = ("; for torch tensors use numba_ce.torch"
             if any(type(a).__module__.split(".")[0] == "torch" for a in arrays.values()) else "")

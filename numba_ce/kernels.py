@@ -508,8 +508,14 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
             else:
                 grad_ce = upstream
                 grad_z = upstream
-            coef_p = (grad_ce * (ce_part_weight + eps_over_v * all_weights)
-                      + grad_z * TWO * z_loss * lse)
+            # Terms only where their option is on: a NaN or inf weight of a class that no row
+            # targets (in S_w) must multiply nothing, and an upstream of inf must not meet a
+            # z-loss of 0 (inf * 0 = NaN), as neither does in torch's formula.
+            coef_p = grad_ce * ce_part_weight
+            if smoothed:
+                coef_p += grad_ce * (eps_over_v * all_weights)
+            if z_loss != ZERO:
+                coef_p += grad_z * (TWO * z_loss * lse)
             coef_w = grad_ce * eps_over_v
             coef_y = grad_ce * ce_part_weight
             log2_s = log_s * LOG2E

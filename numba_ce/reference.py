@@ -91,9 +91,14 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     with np.errstate(invalid="ignore", over="ignore"):
         # dce/dx_j = (1 - eps) w_y (p_j - [j == y]) + (eps / V) (S_w p_j - w_j)
         # dzl/dx_j = 2 z lse p_j
-        d_ce = (1 - eps) * w[label][:, None] * (p - onehot) + eps / n_classes * (w.sum() * p - w)
-        d_z = 2 * z_loss * lse[:, None] * p
-        grad = g_ce[:, None] * d_ce + g_z[:, None] * d_z
+        # (each term only where its option is on, as in torch's formula: a NaN weight of a class
+        # no row targets multiplies nothing, and an infinite g meets no zero z-loss)
+        d_ce = (1 - eps) * w[label][:, None] * (p - onehot)
+        if eps:
+            d_ce += eps / n_classes * (w.sum() * p - w)
+        grad = g_ce[:, None] * d_ce
+        if z_loss:
+            grad += g_z[:, None] * (2 * z_loss * lse[:, None] * p)
         if softcap is not None:
             grad *= 1 - np.tanh(raw / softcap) ** 2
     grad[~valid] = 0.0

@@ -6,7 +6,8 @@ logits, one write of the gradient). Backward multiplies it by the real upstream 
 
     grad[r, j] *= g_r        g_r = grad_output[0] ("mean", "sum"), grad_output[r] ("none")
 
-Each element is decoded to float32, multiplied and rounded once more to the logits' format.
+Each element is decoded to float32, multiplied and rounded once more to the logits' format;
+zeros stay zero (an ignored row's gradient is 0 for any g, +-inf included, as PyTorch's).
 Memory traffic: one read and one write of the gradient, except where g_r == 1 (a plain
 ``loss.backward()``): the kernel reads g on the device, and a row block whose g is 1 returns at
 once, so that case costs one launch and no pass over the gradient, and the host never
@@ -24,6 +25,7 @@ from .launcher import launch
 from .portable import device_function
 
 ONE = np.float32(1.0)
+ZERO = np.float32(0.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,12 +38,14 @@ def scale_kernel(fmt, pack):
     @device_function
     def store_scaled(row_words, k, n_words, word, g):
         """row_words[k] = word with each element multiplied by g, rounded once (past the row's
-        end: nothing)."""
+        end: nothing). Zeros stay zero: an ignored row's gradient is 0 for any g, +-inf too, as
+        torch's."""
         if k >= n_words:
             return
         out = 0
         for i in range(pack):
-            code = encode(decode((word >> (bits * i)) & mask) * g) & mask
+            value = decode((word >> (bits * i)) & mask)
+            code = encode(value * g if value != ZERO else value) & mask
             if i == pack - 1:
                 code = (code ^ top_sign) - top_sign
             out |= code << (bits * i)

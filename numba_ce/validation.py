@@ -9,6 +9,12 @@ from .floatbits import FORMATS
 
 REDUCTIONS = ("mean", "sum", "none")
 INT64_RANGE = (-2**63, 2**63 - 1)
+# softcap's tanh (portable.fast_tanh) is within 2.4e-7 of exact, so a capped logit is within
+# softcap * 2.4e-7: at most 2.4e-4 up to this limit. Beyond it the error would grow without bound
+# (a softcap far above the logits' range caps nothing and only adds that error).
+MAX_SOFTCAP = 1000.0
+# The kernels take 1 / softcap in float32: from float32's smallest normal number on, it is finite.
+MIN_SOFTCAP = float(np.finfo(np.float32).tiny)
 
 
 def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
@@ -28,6 +34,13 @@ def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
         softcap = _real("softcap", softcap)
         if not (softcap > 0.0 and math.isfinite(softcap)):
             raise ValueError(f"softcap must be None or a finite number > 0 (got {softcap})")
+        if softcap > MAX_SOFTCAP:
+            raise ValueError(
+                f"softcap must be at most {MAX_SOFTCAP:g} (got {softcap:g}): capped logits are "
+                "within softcap * 2.4e-7 of exact; for logits that need no cap pass softcap=None")
+        if softcap < MIN_SOFTCAP:
+            raise ValueError(f"softcap must be at least {MIN_SOFTCAP:.8g}, float32's smallest "
+                             f"normal number (got {softcap:g})")
     return int(ignore_index), reduction, label_smoothing, z_loss, softcap
 
 
@@ -36,6 +49,42 @@ def check_flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False (got {value!r})")
     return bool(value)
+
+
+def check_plain_array(name, array):
+    """A NumPy array the kernels can read as its bytes say: not a masked array (its mask would
+    be ignored; mark masked rows of a target with ignore_index instead) and in the machine's byte
+    order (the kernels read the bytes as they are: big-endian float32 would read as 1e29)."""
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a plain array, not a masked array (got "
+                        f"numpy.ma.MaskedArray); pass {name}.filled(...), and give masked rows "
+                        "of a target the ignore_index")
+    if not array.dtype.isnative:
+        raise TypeError(f"{name} must be in the machine's byte order (got dtype "
+                        f"{array.dtype.str!r}); pass {name}.astype({array.dtype.name!r})")
+
+
+def check_not_overlapping(written, flag, **read):
+    """Raise if an array in ``read`` shares memory with the logits that ``flag`` (say
+    "inplace=True") makes the call overwrite: the kernels would read values they are
+    overwriting. Compares the bytes each array spans, so an interleaved view counts too."""
+    span = memory_span(written)
+    for name, array in read.items():
+        other = None if array is None or isinstance(array, numbers.Real) else memory_span(array)
+        if span and other and other[0] < span[1] and span[0] < other[1]:
+            raise ValueError(f"{name} shares memory with the logits, which {flag} overwrites "
+                             f"with the gradient; pass a copy of {name}")
+
+
+def memory_span(array):
+    """(first byte, one past the last byte) that an array's elements span; None if it has
+    none. For NumPy and CuPy arrays and the torch adapter's TensorArrays (strides in bytes)."""
+    if array.size == 0:
+        return None
+    start = data_pointer(array)
+    extents = [(n - 1) * s for n, s in zip(array.shape, array.strides)]
+    return (start + sum(min(e, 0) for e in extents),
+            start + sum(max(e, 0) for e in extents) + array.itemsize)
 
 
 def _real(name, value):
@@ -177,8 +226,17 @@ def check_weight(weight, n_classes):
 
 
 def check_grad_output(grad_output, reduction, n_rows):
-    """None, a scalar, or (N,) for reduction='none'. Returns the shape to read it as."""
-    if grad_output is None or isinstance(grad_output, numbers.Real):
+    """None, a real scalar, or a real (N,) array for reduction='none'. Returns the shape to read
+    it as. Booleans and complex numbers are refused, as for every numeric option."""
+    if grad_output is None:
+        return ()
+    dtype = getattr(grad_output, "dtype", None)
+    if (isinstance(grad_output, (bool, np.bool_, complex, np.complexfloating))
+            or (dtype is not None and dtype.kind not in "fiu" and dtype.name not in FORMATS)):
+        got = type(grad_output).__name__ if dtype is None else dtype.name
+        raise TypeError(f"grad_output must be a real number or an array of real numbers "
+                        f"(got {got})")
+    if isinstance(grad_output, numbers.Real):
         return ()
     shape = tuple(getattr(grad_output, "shape", (None,)))
     if shape in ((), (1,)):

@@ -153,6 +153,8 @@ def torch_total_loss(logits, target, *, weight=None, ignore_index=-100, reductio
     capped = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(capped, t, weight=w, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
+    if not z_loss:  # torch's own graph: an infinite upstream then meets no 0 * inf
+        return loss
     valid = t != ignore_index
     z_rows = z_loss * torch.logsumexp(capped, dim=1) ** 2 * valid
     # "mean" over no counted rows: the z part is 0 (its sum is), so that the total keeps

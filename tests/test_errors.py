@@ -484,3 +484,122 @@ def test_gpus_before_ampere_are_refused_with_a_reason(capability):
 @pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0), (10, 0)])
 def test_ampere_and_later_are_accepted(capability):
     assert devices.check_capability(capability, "GPU") is None
+
+
+# --- byte order, masked arrays, grad_output's kind, aliasing (issue 17's adversarial review) ---
+
+LINEAR_ENTRY = "linear_cross_entropy_with_grad"
+
+
+def byte_order_message(name, dtype):
+    dtype = np.dtype(dtype)
+    return (f"{name} must be in the machine's byte order (got dtype {dtype.str!r}); pass "
+            f"{name}.astype({dtype.name!r})")
+
+
+@pytest.mark.parametrize("name,dtype", [("logits", ">f4"), ("logits", ">f2"),
+                                        ("target", ">i8"), ("target", ">i4"),
+                                        ("weight", ">f4"), ("grad_output", ">f8")])
+def test_non_native_byte_order_is_refused(rng, name, dtype):
+    """The kernels read bytes as they are: big-endian float32 logits read as ~1e29 and the loss
+    came out wrong; a big-endian int64 target was refused as 'int64' (not int32 or int64)."""
+    logits, target = inputs(rng)
+    arguments = dict(logits=logits, target=target, weight=rng.random(N_CLASSES) + 0.5,
+                     grad_output=rng.standard_normal(N_ROWS))
+    arguments[name] = arguments[name].astype(dtype)
+    with raises(TypeError, byte_order_message(name, dtype)):
+        numba_ce.cross_entropy_with_grad(**arguments, reduction="none")
+    if name != "grad_output":
+        del arguments["grad_output"]
+        with raises(TypeError, byte_order_message(name, dtype)):
+            numba_ce.cross_entropy(**arguments)
+
+
+@pytest.mark.parametrize("name", ["input", "linear_weight", "linear_bias", "target", "weight",
+                                  "grad_output"])
+def test_non_native_byte_order_is_refused_by_the_linear_entry_points(rng, name):
+    """The linear cross-entropy crashed inside the kernel on big-endian hidden states."""
+    arguments = dict(input=rng.standard_normal((N_ROWS, 3)).astype(np.float32),
+                     linear_weight=rng.standard_normal((N_CLASSES, 3)).astype(np.float32),
+                     linear_bias=rng.standard_normal(N_CLASSES).astype(np.float32),
+                     target=random_target(rng, N_ROWS, N_CLASSES),
+                     weight=(rng.random(N_CLASSES) + 0.5).astype(np.float32),
+                     grad_output=rng.standard_normal(N_ROWS))
+    arguments[name] = arguments[name].astype(arguments[name].dtype.newbyteorder(">"))
+    with raises(TypeError, byte_order_message(name, arguments[name].dtype)):
+        numba_ce.linear_cross_entropy_with_grad(**arguments, reduction="none")
+
+
+@pytest.mark.parametrize("name", ["logits", "target", "weight"])
+def test_masked_arrays_are_refused(rng, entry, name):
+    """A mask would be ignored (and the reshape inside failed with an unrelated message)."""
+    logits, target = inputs(rng)
+    arguments = dict(logits=logits, target=target, weight=rng.random(N_CLASSES) + 0.5)
+    arguments[name] = np.ma.masked_array(arguments[name], mask=np.zeros_like(arguments[name]))
+    with raises(TypeError, f"{name} must be a plain array, not a masked array (got "
+                           f"numpy.ma.MaskedArray); pass {name}.filled(...), and give masked "
+                           "rows of a target the ignore_index"):
+        entry(**arguments)
+
+
+@pytest.mark.parametrize("grad_output,got", [
+    (True, "bool"), (np.bool_(True), "bool"), (1 + 2j, "complex"),
+    (np.complex64(1), "complex64"), (np.ones(N_ROWS, bool), "bool"),
+    (np.ones(N_ROWS, np.complex128), "complex128"), (np.array(["a"] * N_ROWS), "str32")])
+def test_grad_output_must_be_real(rng, grad_output, got):
+    logits, target = inputs(rng)
+    with raises(TypeError, f"grad_output must be a real number or an array of real numbers "
+                           f"(got {got})"):
+        numba_ce.cross_entropy_with_grad(logits, target, reduction="none",
+                                         grad_output=grad_output)
+
+
+@pytest.mark.parametrize("name", ["weight", "grad_output", "target"])
+def test_inputs_that_share_memory_with_inplace_logits_are_refused(rng, name):
+    """With inplace=True the kernels overwrite the logits: a weight that is one of their rows, a
+    grad_output that is one of their columns or a target viewing their bytes would be read while
+    being overwritten (silently wrong before). The logits are left as they were."""
+    buffer = random_logits(rng, N_CLASSES, N_CLASSES)  # square: a row is (V,), a column (N,)
+    logits = buffer[:N_ROWS]
+    views = {"weight": buffer[2], "grad_output": buffer[:N_ROWS, 3],
+             "target": buffer.view(np.int32)[:N_ROWS, 6]}
+    arguments = dict(target=random_target(rng, N_ROWS, N_CLASSES),
+                     weight=rng.random(N_CLASSES) + 0.5, grad_output=rng.standard_normal(N_ROWS))
+    arguments[name] = views[name]
+    before = checksum(buffer)
+    with raises(ValueError, f"{name} shares memory with the logits, which inplace=True "
+                            f"overwrites with the gradient; pass a copy of {name}"):
+        numba_ce.cross_entropy_with_grad(logits, reduction="none", inplace=True, **arguments)
+    assert checksum(buffer) == before
+    arguments[name] = views[name].copy()  # a copy is fine (and so is a view without inplace)
+    numba_ce.cross_entropy_with_grad(logits, reduction="none", inplace=True, validate=False,
+                                     **arguments)
+
+
+@pytest.mark.parametrize("softcap,message", [
+    (1e8, "softcap must be at most 1000 (got 1e+08): capped logits are within softcap * 2.4e-7 "
+          "of exact; for logits that need no cap pass softcap=None"),
+    (1e39, "softcap must be at most 1000 (got 1e+39): capped logits are within softcap * "
+           "2.4e-7 of exact; for logits that need no cap pass softcap=None"),
+    (1000.5, "softcap must be at most 1000 (got 1000.5): capped logits are within softcap * "
+             "2.4e-7 of exact; for logits that need no cap pass softcap=None"),
+    (1e-40, "softcap must be at least 1.1754944e-38, float32's smallest normal number "
+            "(got 1e-40)"),
+])
+def test_softcap_beyond_its_accurate_range_is_refused(rng, entry, softcap, message):
+    """A softcap far above the logits' range silently gave wrong losses (the tanh's absolute
+    error grows with softcap); one that overflows float32 gave NaN everywhere."""
+    logits, target = inputs(rng)
+    with raises(ValueError, message):
+        entry(logits, target, softcap=softcap)
+
+
+@pytest.mark.parametrize("softcap", [1000.0, 1.2e-38])
+def test_softcap_at_the_ends_of_its_range(rng, softcap):
+    """The limits themselves are accepted and accurate: at 1000 the capped logits are within
+    2.4e-4 of exact; at float32's smallest normal number every logit is capped to ~0."""
+    logits, target = inputs(rng)
+    res = numba_ce.cross_entropy_with_grad(logits, target, softcap=softcap)
+    expected = reference.cross_entropy_with_grad(logits, target, softcap=softcap)
+    assert_close(res.loss, expected.loss, 0, 3e-4, "loss")
+    assert_close(res.grad, expected.grad, 0, 1e-4, "grad")

@@ -3,11 +3,11 @@ host threads on two streams, 10,000 calls without a device-memory leak, and call
 validate=False that never wait for the GPU. Each test takes a few seconds on an H200."""
 import gc
 import threading
-import time
 
 import ml_dtypes
 import numpy as np
 import pytest
+from numba import cuda
 
 import numba_ce
 from numba_ce import devices, reference
@@ -273,56 +273,81 @@ def test_ten_thousand_calls_do_not_leak_device_memory(rng):
 
 # --- no host synchronisation --------------------------------------------------------------------
 
-def queue_gpu_work(stream, a, out, seconds):
-    """Queue about ``seconds`` of matrix products on ``stream`` (the current one) and return at
-    once. Each product of two 8192 x 8192 fp32 matrices takes milliseconds."""
-    cupy.matmul(a, a, out=out)  # cuBLAS handle and kernel ready
-    stream.synchronize()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record(stream)
-    for _ in range(3):
-        cupy.matmul(a, a, out=out)
-    stop.record(stream)
-    stop.synchronize()
-    each = cupy.cuda.get_elapsed_time(start, stop) / 3 / 1e3
-    for _ in range(min(int(seconds / each) + 1, 900)):  # the launch queue holds about 1000
-        cupy.matmul(a, a, out=out)
-    return each
+class Gate:
+    """Holds a stream's later work until the host calls :meth:`open`: a one-thread kernel spins
+    on a device flag, which another stream sets. Whether a call waited for the GPU is then a
+    matter of order (did it return while the gate was closed?), not of wall-clock time."""
+
+    def __init__(self, stream):
+        self.flag = cupy.zeros(1, np.int32)
+        cupy.cuda.Device().synchronize()  # the zero is written before anything can open it
+        self.opener = cupy.cuda.Stream(non_blocking=True)
+        spin_until_set[1, 1, cuda.external_stream(stream.ptr)](self.flag)
+
+    def open(self):
+        with self.opener:
+            self.flag.fill(1)
+        self.opener.synchronize()
+
+
+@cuda.jit
+def spin_until_set(flag):
+    while cuda.atomic.add(flag, 0, 0) == 0:  # an atomic read: never a stale cached value
+        pass
+
+
+def call_on(stream, function):
+    """Start ``function()`` in a thread whose current CuPy stream is ``stream``."""
+    def run():
+        with stream:
+            function()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_unchecked_calls_never_wait_for_the_gpu(rng):
-    """Behind half a second of queued work, validate=False calls return at once, with the stream
-    still busy (no host synchronisation: CUDA-graph capture and overlap stay possible); a checked
-    call waits for the work queued before it (its one 8-byte read)."""
+    """Behind a closed gate (work that cannot finish until the host opens it), validate=False
+    calls return, with the stream still busy (no host synchronisation: CUDA-graph capture and
+    overlap stay possible); a checked call does not return until the gate opens (its one 8-byte
+    read waits for the work queued before it)."""
     logits_host = random_logits(rng, 64, 4096, "bfloat16")
     target_host = random_target(rng, 64, 4096, ignored_share=0.1)
-    queued = 0.5
+    results = {}
     with cupy.cuda.Stream(non_blocking=True) as stream:
         logits, target = cupy.asarray(logits_host), cupy.asarray(target_host)
-        a = cupy.ones((8192, 8192), np.float32)
-        out = cupy.empty_like(a)
         for validate in (True, False):  # compile, and leave freed buffers of every size in the pool
             numba_ce.cross_entropy_with_grad(logits, target, validate=validate)
             numba_ce.cross_entropy(logits, target, validate=validate)
         stream.synchronize()
 
-        each = queue_gpu_work(stream, a, out, queued)
-        assert each * 900 > queued, f"a matrix product took only {each * 1e3:.3f} ms"
-        start = time.perf_counter()
-        res = numba_ce.cross_entropy_with_grad(logits, target, validate=False)
-        loss_only = numba_ce.cross_entropy(logits, target, validate=False)
-        elapsed = time.perf_counter() - start
-        still_busy = not stream.done
-        stream.synchronize()
-        assert still_busy and elapsed < queued / 2, (
-            f"validate=False calls took {elapsed:.3f} s behind {queued} s of queued work")
-        expected = reference.cross_entropy_with_grad(logits_host, target_host)
-        assert_close(res.loss, expected.loss, *TOLERANCES["bfloat16"]["loss"], "loss")
-        assert_close(loss_only, expected.loss, *TOLERANCES["bfloat16"]["loss"], "loss-only")
+        def unchecked():
+            results["grad"] = numba_ce.cross_entropy_with_grad(logits, target, validate=False)
+            results["loss"] = numba_ce.cross_entropy(logits, target, validate=False)
 
-        queue_gpu_work(stream, a, out, queued)
-        start = time.perf_counter()
-        numba_ce.cross_entropy(logits, target)
-        elapsed = time.perf_counter() - start
+        gate = Gate(stream)
+        try:
+            thread = call_on(stream, unchecked)
+            thread.join(timeout=60)  # a call that waited for the GPU would wait for ever
+            returned_while_closed = not thread.is_alive()
+            still_busy = not stream.done
+        finally:
+            gate.open()
+        thread.join()
         stream.synchronize()
-        assert elapsed > queued / 2, f"a checked call returned after {elapsed:.3f} s"
+        assert returned_while_closed and still_busy, "validate=False calls waited for the GPU"
+        expected = reference.cross_entropy_with_grad(logits_host, target_host)
+        assert_close(results["grad"].loss, expected.loss, *TOLERANCES["bfloat16"]["loss"], "loss")
+        assert_close(results["loss"], expected.loss, *TOLERANCES["bfloat16"]["loss"], "loss-only")
+
+        gate = Gate(stream)
+        try:
+            thread = call_on(stream, lambda: numba_ce.cross_entropy(logits, target))
+            thread.join(timeout=2)  # a call that does not wait returns in milliseconds
+            returned_while_closed = not thread.is_alive()
+        finally:
+            gate.open()
+        thread.join(timeout=60)
+        assert not returned_while_closed, "a checked call returned before the GPU work it follows"
+        assert not thread.is_alive(), "a checked call did not return once the gate opened"

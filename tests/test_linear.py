@@ -272,3 +272,20 @@ def test_gpu_default_chunks_at_a_larger_shape(rng, dtype):
         torch_error = np.abs(theirs - want).max() / scale
         allowed = max(RELATIVE[dtype], 1.5 * torch_error)
         assert_close(got, want, 0.0, allowed * scale, f"{name} (torch's error {torch_error:.2g})")
+
+
+def test_non_finite_weight_of_a_class_no_row_targets_multiplies_nothing(rng):
+    """As in the fused cross-entropy: the results of any finite weight for that class, to the
+    bit (every gradient was NaN)."""
+    x, w, b = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", True)
+    target = random_target(rng, N_ROWS, N_CLASSES)
+    weight = random_weight(rng, N_CLASSES, True)
+    unused = int(np.setdiff1d(np.arange(N_CLASSES), target)[0])
+    results = []
+    for value in (np.nan, 1.0):
+        weight[unused] = value
+        results.append(numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b,
+                                                               weight=weight, chunk_size=4))
+    for name, got, finite in zip(results[0]._fields, *results):
+        assert np.isfinite(to_numpy(got)).all(), name
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(finite), err_msg=name)

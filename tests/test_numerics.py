@@ -266,3 +266,44 @@ def test_confident_bf16_gradient_beats_torch_bf16(rng, reduction):
         f"max gradient error: ours {ours_error.max():.3g}, torch bf16 {torch_error.max():.3g}")
     relative = ours_error[rows, target] / np.abs(exact[rows, target])
     assert relative.max() < 1e-2, f"relative error at the target column up to {relative.max():.3g}"
+
+
+# --- class weights and upstream gradients that are not finite ---------------------------------
+
+def untargeted_class(target, n_classes):
+    """A class that no row targets."""
+    return int(np.setdiff1d(np.arange(n_classes), target)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weight_of_a_class_no_row_targets(rng, dtype, reduction, bad):
+    """Such a weight multiplies nothing in torch's formula: loss and gradient stay finite, as
+    torch's (every gradient entry was NaN: the sum of all weights entered it at eps = 0)."""
+    logits = random_logits(rng, 6, 40, dtype)
+    target = random_target(rng, 6, 40, ignored_share=0.3)
+    weight = (rng.random(40) + 0.5).astype(np.float32)
+    weight[untargeted_class(target, 40)] = bad
+    res = check_against_reference_and_torch(logits, target, dtype, weight=weight,
+                                            reduction=reduction)
+    assert np.isfinite(to_numpy(res.grad).astype(np.float64)).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("upstream", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_non_finite_upstream_gives_torchs_gradient(rng, reduction, upstream, label_smoothing):
+    """An upstream gradient of +-inf or NaN (a loss-scale overflow) gives torch's gradient: +-inf
+    off the target, NaN at it (torch forms g * p_y - g) and everywhere with label smoothing, 0
+    in ignored rows. It was NaN everywhere: the z-loss term formed inf * 0 at z_loss = 0."""
+    logits = random_logits(rng, 6, 40)
+    target = random_target(rng, 6, 40)
+    target[2] = -100
+    grad_output = (np.array([1.0, upstream, upstream, -2.0, upstream, 0.5])
+                   if reduction == "none" else upstream)
+    options = dict(reduction=reduction, label_smoothing=label_smoothing)
+    res = numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output, **options)
+    _, expected = torch_loss_and_grad(logits, target, grad_output=grad_output, **options)
+    assert_close(res.grad, expected, *TOLERANCES["float32"]["grad"], "grad vs torch")
+    assert not np.isfinite(expected).all(), "the case has non-finite gradient entries"

@@ -299,3 +299,53 @@ def test_without_gpu_or_simulator(monkeypatch):
             "numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator (CuPy is not installed). "
             "To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")):
         nce.cross_entropy(_logits(), _target())
+
+
+def test_inplace_backward_refuses_a_weight_in_the_logits_memory(rng):
+    """The gradient overwrites the logits while the kernel still reads the class weights: a
+    weight viewing the logits' memory would be read while being overwritten."""
+    logits = to_torch(random_logits(rng, 6, 6)).requires_grad_()
+    target = to_torch(random_target(rng, 6, 6))
+    weight = logits.detach()[2]
+    with pytest.raises(ValueError, match=re.escape(
+            "weight shares memory with the logits, which inplace_backward=True overwrites with "
+            "the gradient; pass a copy of weight")):
+        nce.cross_entropy(logits, target, weight=weight, inplace_backward=True)
+    nce.cross_entropy(logits.clone(), target, weight=weight.clone(), inplace_backward=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_of_a_class_no_row_targets_multiplies_nothing(rng, bad):
+    """The loss and gradient are those of any finite weight for that class, to the bit."""
+    logits = to_torch(random_logits(rng, 6, 40))
+    target = to_torch(random_target(rng, 6, 40, ignored_share=0.3))
+    weight = to_torch(rng.random(40) + 0.5, dtype=torch.float32)
+    unused = int(np.setdiff1d(np.arange(40), target.numpy())[0])
+    results = []
+    for value in (bad, 1.0):
+        weight[unused] = value
+        x = logits.clone().requires_grad_()
+        loss = nce.cross_entropy(x, target, weight=weight)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (finite_loss, finite_grad) = results
+    assert torch.isfinite(grad).all()
+    assert torch.equal(loss, finite_loss) and torch.equal(grad, finite_grad)
+
+
+@pytest.mark.parametrize("upstream", [float("inf"), float("-inf")])
+def test_infinite_upstream_is_non_finite_where_torchs_is(rng, upstream):
+    """The backward scales the forward's finite gradient by g: +-inf where torch's is +-inf, and
+    at the target, where torch forms g * p_y - g = NaN, -+inf; ignored rows stay 0."""
+    logits = random_logits(rng, 5, 24)
+    target = random_target(rng, 5, 24)
+    target[1] = -100
+    _, expected = torch_loss_and_grad(logits, target, reduction="sum",
+                                      grad_output=np.float64(upstream))
+    x = to_torch(logits).requires_grad_()
+    nce.cross_entropy(x, to_torch(target), reduction="sum").backward(torch.tensor(upstream))
+    got = from_torch(x.grad)
+    infinite = np.isinf(expected)
+    assert infinite.any() and (got[infinite] == expected[infinite]).all()
+    assert not np.isfinite(got[np.isnan(expected)]).any()
+    assert not got[1].any() and not expected[1].any()

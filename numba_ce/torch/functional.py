@@ -135,6 +135,10 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
     loss, z_part = ((outputs[reduced_at[0]], outputs[reduced_at[1]]) if reduced
                     else (outputs[rows[0]], outputs[rows[1]]))
     grad = grad_array = None
+    if with_grad and inplace:
+        validation.check_not_overlapping(logits_array, "inplace_backward=True",
+                                         target=target_array,
+                                         weight=None if weight is None else view(weight))
     if with_grad:
         grad = logits if inplace else torch.empty((n_rows, n_classes), dtype=logits.dtype,
                                                   device=input.device)
