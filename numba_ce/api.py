@@ -3,7 +3,10 @@ import numbers
 
 import numpy as np
 
-from . import devices, launch, validation
+from . import buffers, devices, execution, validation
+from .execution import RowCall
+from .options import Options
+from .planning import RowInputs
 from .portable import SIMULATOR
 from .results import CrossEntropyResult
 
@@ -28,8 +31,8 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     float32 array: 0-d for 'mean' and 'sum', (N,) for 'none'. Reads the logits once and writes
     nothing of size N x V.
     """
-    return _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap, None, False, False, validate).loss
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return compute(logits, target, options, weight=weight, validate=validate).loss
 
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
@@ -48,13 +51,17 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     computed in fp32 and rounded once; ``z_loss`` is the z-loss part of ``loss``; ``lse`` is the
     float32 (N,) log-sum-exp of the (softcapped) logits, 0 for ignored rows.
     """
-    return _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap, grad_output, True, inplace, validate)
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return compute(logits, target, options, weight=weight, grad_output=grad_output,
+                   with_grad=True, inplace=inplace, validate=validate)
 
 
-def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             grad_output, with_grad, inplace, validate):
-    options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+def compute(logits, target, options, *, weight=None, grad_output=None, with_grad=False,
+            inplace=False, validate=True, alloc=None, device=None):
+    """The checked call behind both functions, with ``options`` an :class:`Options`. ``alloc``
+    makes the output buffers with its ``empty(shape, dtype)`` (default: the arrays' module);
+    ``device`` is the DeviceProperties to plan for (default: the current device's). Tests pass
+    an allocator that poisons the buffers, and properties that exercise other plans."""
     validate = validation.check_flag("validate", validate)
     inplace = validation.check_flag("inplace", inplace)
     xp, on_host = array_kind(logits=logits, target=target, weight=weight,
@@ -64,7 +71,8 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
     validation.check_target(target, n_rows)
     if weight is not None:
         validation.check_weight(weight, n_classes)
-    go_shape = validation.check_grad_output(grad_output, reduction, n_rows) if with_grad else ()
+    go_shape = (validation.check_grad_output(grad_output, options.reduction, n_rows)
+                if with_grad else ())
     if inplace:
         validation.check_writeable(logits)
         validation.check_not_overlapping(logits, "inplace=True", target=target, weight=weight,
@@ -72,20 +80,18 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
 
     caller_logits = logits
     logits, target, weight, grad_output = on_device(on_host, logits, target, weight, grad_output)
-    weight = class_weights(xp, weight)
-    grad_output = upstream(xp, grad_output, go_shape)
-
+    inputs = RowInputs(logits, fmt, target, class_weights(xp, weight),
+                       upstream(xp, grad_output, go_shape))
+    alloc = alloc or xp
     grad = None
     if with_grad:
-        grad = logits if inplace else empty(xp, logits.shape, logits.dtype)
-    row_loss, row_z, row_lse = (empty(xp, n_rows, np.float32) for _ in range(3))
-    reduced = reduction != "none"
-    loss_out, z_out = ((empty(xp, 1, np.float32), empty(xp, 1, np.float32)) if reduced
-                       else (None, None))
-    run_or_fill(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
-                row_lse, loss_out, z_out, validate)
+        grad = logits if inplace else alloc.empty(logits.shape, logits.dtype)
+    outputs = buffers.allocate(alloc, n_rows, options.reduced)
+    execution.run(RowCall(inputs, options, grad, outputs, validate), alloc, device)
 
-    loss, z_part = (loss_out.reshape(()), z_out.reshape(())) if reduced else (row_loss, row_z)
+    loss, z_part = ((outputs.loss.reshape(()), outputs.z_loss.reshape(())) if options.reduced
+                    else (outputs.row_loss, outputs.row_z))
+    row_lse = outputs.row_lse
     if on_host:
         loss, z_part, row_lse = (devices.cupy.asnumpy(a) for a in (loss, z_part, row_lse))
         if grad is not None:
@@ -95,29 +101,6 @@ def _compute(logits, target, weight, ignore_index, reduction, label_smoothing, z
             else:
                 grad = devices.cupy.asnumpy(grad)
     return CrossEntropyResult(loss, grad, z_part, row_lse)
-
-
-def run_or_fill(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
-                row_lse, loss_out, z_out, validate):
-    """:func:`numba_ce.launch.run` (same arguments), or for a batch of no rows the reduced
-    outputs PyTorch gives: "sum" is 0 and "mean" is 0 / 0 = NaN. Shared with numba_ce.torch."""
-    if logits.shape[0] > 0:
-        launch.run(xp, logits, fmt, target, weight, options, grad, grad_output, row_loss, row_z,
-                   row_lse, loss_out, z_out, validate)
-    elif loss_out is not None:
-        fill_no_rows(options[1], loss_out, z_out)
-
-
-def fill_no_rows(reduction, *outputs):
-    """The reduced outputs of a batch of no rows, as PyTorch gives them: "sum" is 0 and "mean"
-    is 0 / 0 = NaN."""
-    for out in outputs:
-        out.fill(np.nan if reduction == "mean" else 0.0)
-
-
-def empty(xp, shape, dtype):
-    """Every output buffer comes from here (tests replace it to poison the buffers)."""
-    return xp.empty(shape, dtype)
 
 
 def array_kind(**arrays):

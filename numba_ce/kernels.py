@@ -66,7 +66,7 @@ MAX_THREADS = 1024
 WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
 # A slot per thread for the simulator's warp reductions; GPU warps shuffle registers instead, and
 # a one-slot array keeps the kernels' static shared memory at the 256 bytes of the warp slots,
-# which numba_ce.launcher.max_shared_bytes counts on.
+# which numba_ce.planning.STATIC_SHARED_BYTES counts on.
 LANE_SLOTS = MAX_THREADS if SIMULATOR else 1
 
 # reduction codes, the kernels' argument `reduction`
@@ -210,10 +210,10 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     # Gradient kernels of 8-byte words keep the first words of each row in shared memory.
     cached = with_grad and pack > 1
     # Gradient kernels read the uncached words twice, pass 2 backwards (the latest read first,
-    # the likeliest still in L2). The cached kernels, whose rows in flight launch.py fits to L2,
-    # also ask L2 to keep those words from pass 1 (evict last) and let them go in pass 2 (evict
-    # first). Not the capped kernels: they are issue-bound, and the hints measured 6-8% slower
-    # there (bench/NOTES.md, v12).
+    # the likeliest still in L2). The cached kernels, whose rows in flight numba_ce.planning
+    # fits to L2, also ask L2 to keep those words from pass 1 (evict last) and let them go in
+    # pass 2 (evict first). Not the capped kernels: they are issue-bound, and the hints measured
+    # 6-8% slower there (bench/NOTES.md, v12).
     hint_l2 = cached and not capped
 
     @device_function

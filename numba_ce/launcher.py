@@ -39,6 +39,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
+from . import device_properties
 from .devices import cupy, data_pointer, kernel_array
 from .kernels import MAX_THREADS
 from .portable import SIMULATOR
@@ -75,8 +76,8 @@ def _numba_types(key):
 
 def launch(kernel, grid, block, *args, shared=0):
     """kernel[grid, block](*args) on the current stream; ``args`` are arrays and NumPy scalars,
-    ``shared`` the bytes of dynamic shared memory of each block (at most
-    :func:`max_shared_bytes`)."""
+    ``shared`` the bytes of dynamic shared memory of each block (at most the device's opt-in
+    limit less the kernel's static shared memory)."""
     if SIMULATOR:
         kernel[grid, block, 0, shared](
             *(a if isinstance(a, np.generic) else kernel_array(a) for a in args))
@@ -121,67 +122,16 @@ class on_stream:
         _chosen.stream = _chosen.outer.pop()
 
 
-def max_shared_bytes(blocks_per_sm=1):
-    """The dynamic shared memory a block may ask for so that ``blocks_per_sm`` of them fit on a
-    multiprocessor of the current GPU (leaving each 1 KiB for the system and 256 bytes for the
-    kernel's static arrays); a small buffer in the simulator, enough to exercise the code."""
-    if SIMULATOR:
-        return SIMULATOR_SHARED_BYTES
-    per_block, per_sm = (SM90_SHARED_LIMITS if cupy is None  # planning offline (inspect)
-                         else _shared_limits(current_stream()[0]))
-    return min(per_block, per_sm // blocks_per_sm - 1024) - 256
-
-
-SIMULATOR_SHARED_BYTES = 1024
-SM90_SHARED_LIMITS = (232448, 233472)  # H100 / H200: 227 KiB a block, 228 KiB a multiprocessor
-
-
-def multiprocessors():
-    """The current GPU's multiprocessor count (132 on an H100 or H200, offline)."""
-    if cupy is None:
-        return 132
-    return _multiprocessors(current_stream()[0])
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_id):
-    return cupy.cuda.runtime.deviceGetAttribute(_MULTIPROCESSOR_COUNT, device_id)
-
-
-def l2_bytes():
-    """The current GPU's L2 cache size (50 MiB on an H100 or H200, offline)."""
-    if cupy is None:
-        return SM90_L2_BYTES
-    return _l2_bytes(current_stream()[0])
-
-
-SM90_L2_BYTES = 50 * 2**20
-
-
-@functools.lru_cache(maxsize=None)
-def _l2_bytes(device_id):
-    return cupy.cuda.runtime.deviceGetAttribute(_L2_CACHE_SIZE, device_id)
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_limits(device_id):
-    """(opt-in bytes a block, bytes a multiprocessor) of shared memory."""
-    attribute = cupy.cuda.runtime.deviceGetAttribute
-    return (attribute(_MAX_SHARED_OPTIN, device_id), attribute(_MAX_SHARED_SM, device_id))
-
-
 @functools.lru_cache(maxsize=None)
 def _allow_shared(function, device_id):
     """Let ``function`` (a CUfunction handle) take up to the device's opt-in limit of dynamic
     shared memory (48 KiB without asking)."""
     static = driver.funcGetAttribute(_FUNC_SHARED_SIZE, function)
     driver.funcSetAttribute(function, _FUNC_MAX_DYNAMIC_SHARED,
-                            _shared_limits(device_id)[0] - static)
+                            device_properties.current().shared_per_block - static)
 
 
-# cudaDevAttrMaxSharedMemoryPerBlockOptin, ...PerMultiprocessor, cudaDevAttrMultiProcessorCount,
-# cudaDevAttrL2CacheSize; CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, ...MAX_DYNAMIC_SHARED_SIZE_BYTES
-_MAX_SHARED_OPTIN, _MAX_SHARED_SM, _MULTIPROCESSOR_COUNT, _L2_CACHE_SIZE = 97, 81, 16, 38
+# CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, ...MAX_DYNAMIC_SHARED_SIZE_BYTES
 _FUNC_SHARED_SIZE, _FUNC_MAX_DYNAMIC_SHARED = 1, 8
 # cuLaunchKernel's `extra` keys (cuda.h)
 _PARAM_END, _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE = 0, 1, 2

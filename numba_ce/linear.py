@@ -24,15 +24,17 @@ is 4096 rows (CHUNK_ROWS), fewer when its logits would exceed 1 GiB.
 fp16 "mean" forms the chunk gradient without the 1 / S_w and the upstream factor, which it
 applies afterwards (see ``compute``): p_j / S_w would flush to zero, g * p_j overflow.
 """
+from typing import Any, NamedTuple
+
 import numpy as np
 
-from . import api, devices, launch, validation
+from . import api, buffers, device_properties, devices, execution, validation
 from .host_read import start_read
 from .kernels import STAT_WEIGHT_SUM
 from .matmul import matmul
+from .options import Options
+from .planning import RowInputs, plan_reduce, plan_rows
 from .results import LinearCrossEntropyResult
-from .rounding import round_into
-from .scale_kernel import scale_rows
 
 # The default chunk: 4096 rows, halved while its logits exceed 1 GiB. Each chunk's weight-gradient
 # product reads and writes the float32 accumulator (8 * V * H bytes) for 2 * V * H * C flops:
@@ -62,8 +64,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     -------
     float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'.
     """
-    return _api_call(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-                     label_smoothing, z_loss, softcap, chunk_size, validate, None, False).loss
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return call(input, linear_weight, target, options, linear_bias=linear_bias, weight=weight,
+                chunk_size=chunk_size, validate=validate).loss
 
 
 def linear_cross_entropy_with_grad(input, linear_weight, target, *, linear_bias=None,
@@ -80,26 +83,31 @@ def linear_cross_entropy_with_grad(input, linear_weight, target, *, linear_bias=
     gradients in the dtype of what they differentiate (grad_linear_bias None without a bias);
     the weight and bias gradients are summed over the rows in float32 and rounded once.
     """
-    return _api_call(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-                     label_smoothing, z_loss, softcap, chunk_size, validate, grad_output, True)
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return call(input, linear_weight, target, options, linear_bias=linear_bias, weight=weight,
+                chunk_size=chunk_size, grad_output=grad_output, with_grad=True,
+                validate=validate)
 
 
-def _api_call(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-              label_smoothing, z_loss, softcap, chunk_size, validate, grad_output, with_grad):
-    options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+def call(input, linear_weight, target, options, *, linear_bias=None, weight=None,
+         chunk_size=None, grad_output=None, with_grad=False, validate=True, alloc=None):
+    """The checked call behind both functions, with ``options`` an :class:`Options`; ``alloc``
+    makes every buffer with its ``empty(shape, dtype)`` (default: the arrays' module; tests pass
+    one that poisons them)."""
     validate = validation.check_flag("validate", validate)
     xp, on_host = api.array_kind(input=input, linear_weight=linear_weight, target=target,
                                  linear_bias=linear_bias, weight=weight, grad_output=grad_output)
     fmt = check_arguments(input, linear_weight, target, linear_bias, weight, chunk_size)
-    go_shape = (validation.check_grad_output(grad_output, reduction, input.shape[0])
+    go_shape = (validation.check_grad_output(grad_output, options.reduction, input.shape[0])
                 if with_grad else ())
     input, linear_weight, target, linear_bias, weight, grad_output = api.on_device(
         on_host, input, linear_weight, target, linear_bias, weight, grad_output)
     weight = api.class_weights(xp, weight)
     grad_output = api.upstream(xp, grad_output, go_shape)
     needed = (with_grad, with_grad, with_grad and linear_bias is not None)
-    result = compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt,
-                     chunk_size, grad_output, needed, validate)
+    inputs = LinearInputs(input, linear_weight, linear_bias, target, weight, grad_output, fmt)
+    result = compute(alloc or xp, inputs, options, needed, chunk_size=chunk_size,
+                     validate=validate)
     if on_host:
         result = LinearCrossEntropyResult(*(None if a is None else devices.cupy.asnumpy(a)
                                             for a in result))
@@ -130,41 +138,55 @@ def check_arguments(input, linear_weight, target, linear_bias, weight, chunk_siz
     return fmt
 
 
-def compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt, chunk_size,
-            grad_output, needed, validate):
-    """The loss and the gradients named by ``needed`` = (input, weight, bias) of checked arrays
-    on the compute device (shared with numba_ce.torch). ``weight`` is float32 or None,
-    ``grad_output`` a float32 array (1,) or (N,). Launches on the current stream; synchronises
-    only for ``validate``."""
-    ignore_index, reduction = options[:2]
+class LinearInputs(NamedTuple):
+    """The checked arrays of a call on the compute device: input (N, H) of format ``fmt``,
+    linear_weight (V, H), linear_bias (V,) or None, target (N,), class weights as float32 (V,)
+    or None, grad_output as float32 (1,) or (N,)."""
+    input: Any
+    linear_weight: Any
+    linear_bias: Any
+    target: Any
+    weight: Any
+    grad_output: Any
+    fmt: str
+
+
+def compute(alloc, inputs, options, needed, *, chunk_size=None, validate=True):
+    """The loss and the gradients named by ``needed`` = (input, weight, bias) (shared with
+    numba_ce.torch); ``alloc.empty`` makes every buffer. Launches on the current stream;
+    synchronises only for ``validate``."""
+    input, linear_weight, linear_bias, target, weight, grad_output, fmt = inputs
     n_rows, n_features = input.shape
     n_classes = linear_weight.shape[0]
     dtype = input.dtype
     need_input, need_weight, need_bias = needed
     with_grad = any(needed)
     chunk = min(chunk_size or default_chunk(n_classes, dtype.itemsize), max(n_rows, 1))
+    device = device_properties.current()
 
-    row_loss, row_z, row_lse = (api.empty(xp, n_rows, np.float32) for _ in range(3))
-    grad_input = api.empty(xp, (n_rows, n_features), dtype) if need_input else None
-    weight_sum = _zeros(xp, (n_classes, n_features)) if need_weight else None
-    bias_sum = _zeros(xp, (n_classes, 1)) if need_bias else None
-    ones = _ones(xp, (chunk, 1), dtype) if need_bias else None
-    logits = api.empty(xp, (chunk, n_classes), dtype)
+    outputs = buffers.allocate(alloc, n_rows, options.reduced)
+    grad_input = alloc.empty((n_rows, n_features), dtype) if need_input else None
+    weight_sum = _zeros(alloc, (n_classes, n_features)) if need_weight else None
+    bias_sum = _zeros(alloc, (n_classes, 1)) if need_bias else None
+    ones = _ones(alloc, (chunk, 1), dtype) if need_bias else None
+    logits = alloc.empty((chunk, n_classes), dtype)
     stats = None
     if n_rows:  # checked before any chunk: the matrix products dwarf the wait for the read
-        stats, bad_row = launch.target_statistics(xp, target, weight, ignore_index, n_classes)
+        stats, bad_row = execution.target_statistics(alloc, target, weight, options, n_classes,
+                                                     device)
         if validate:
-            launch.check_targets(start_read(bad_row), target, n_classes, ignore_index)
+            execution.check_targets(start_read(bad_row), target, n_classes,
+                                    options.ignore_index)
     # fp16 only: its smallest subnormal is 6e-8 and its largest value 65504, so the entries
     # g * p_j / S_w of a "mean" gradient (S_w = the batch's sum of w_y, g the scalar upstream)
     # would flush to zero for a large batch, or overflow for a loss-scaled g. The chunk gradient
     # is formed for an upstream of S_w instead (entries ~ p_j - [j == y], within [-1, 1]); the
     # input gradient is then scaled by g / S_w once more, and the float32 weight and bias sums
     # are scaled by it as they are rounded.
-    rescale = bool(with_grad and n_rows and fmt == "float16" and reduction == "mean")
-    unscale = _ones(xp, (1,), np.dtype(np.float32))
+    rescale = bool(with_grad and n_rows and fmt == "float16" and options.reduction == "mean")
+    unscale = _ones(alloc, (1,), np.dtype(np.float32))
     if rescale:
-        grad_output = _undo_mean(xp, grad_output, stats, unscale)
+        grad_output = _undo_mean(alloc, grad_output, stats, unscale)
 
     for start in range(0, n_rows, chunk):
         rows = slice(start, min(start + chunk, n_rows))
@@ -173,9 +195,11 @@ def compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt,
         if linear_bias is not None:
             _broadcast_rows(z, linear_bias)
         matmul(x, linear_weight.T, z, accumulate=linear_bias is not None)
-        launch.rows(z, fmt, target[rows], weight, options, stats, z if with_grad else None,
-                    grad_output[rows] if grad_output.shape[0] > 1 else grad_output,
-                    row_loss[rows], row_z[rows], row_lse[rows])
+        chunk_inputs = RowInputs(z, fmt, target[rows], weight,
+                                 grad_output[rows] if grad_output.shape[0] > 1 else grad_output)
+        execution.EXECUTOR.launch(plan_rows(chunk_inputs, options, stats,
+                                            z if with_grad else None, outputs.rows(rows),
+                                            device))
         if need_input:
             matmul(z, linear_weight, grad_input[rows])
         if need_weight:
@@ -183,20 +207,20 @@ def compute(xp, input, linear_weight, linear_bias, target, weight, options, fmt,
         if need_bias:
             matmul(z.T, ones[:x.shape[0]], bias_sum, accumulate=True)
 
-    if reduction == "none":
-        loss, z_part = row_loss, row_z
+    if not options.reduced:
+        loss, z_part = outputs.row_loss, outputs.row_z
     else:
-        loss, z_part = api.empty(xp, 1, np.float32), api.empty(xp, 1, np.float32)
         if n_rows:
-            launch.reduce(row_loss, row_z, stats, reduction, loss, z_part)
+            execution.EXECUTOR.launch(plan_reduce(outputs, stats, options, device))
         else:
-            api.fill_no_rows(reduction, loss, z_part)
-        loss, z_part = loss.reshape(()), z_part.reshape(())
+            execution.fill_no_rows(options, outputs.loss, outputs.z_loss)
+        loss, z_part = outputs.loss.reshape(()), outputs.z_loss.reshape(())
     if rescale and need_input:
-        scale_rows(grad_input, fmt, unscale, False)
-    grad_weight = None if weight_sum is None else _rounded(xp, weight_sum, unscale, dtype, fmt)
+        execution.scale_rows(grad_input, fmt, unscale, False, device)
+    grad_weight = (None if weight_sum is None
+                   else _rounded(alloc, weight_sum, unscale, dtype, fmt, device))
     grad_bias = (None if bias_sum is None
-                 else _rounded(xp, bias_sum, unscale, dtype, fmt).reshape(-1))
+                 else _rounded(alloc, bias_sum, unscale, dtype, fmt, device).reshape(-1))
     return LinearCrossEntropyResult(loss, grad_input, grad_weight, grad_bias, z_part)
 
 
@@ -207,26 +231,26 @@ def default_chunk(n_classes, itemsize):
     return rows
 
 
-def _undo_mean(xp, grad_output, stats, unscale):
+def _undo_mean(alloc, grad_output, stats, unscale):
     """The upstream S_w for the row kernel, and unscale[0] = g / S_w, on the device. With no
     row counted, S_w = 0 is replaced by a tiny value: the gradient is all zeros either way."""
     array_module = np if isinstance(stats, np.ndarray) else devices.cupy
-    weight_sum = api.empty(xp, 1, np.float32)
+    weight_sum = alloc.empty(1, np.float32)
     array_module.maximum(stats[STAT_WEIGHT_SUM:STAT_WEIGHT_SUM + 1], np.float32(1e-30),
                          out=weight_sum)
     array_module.divide(grad_output, weight_sum, out=unscale)
     return weight_sum
 
 
-def _zeros(xp, shape):
-    out = api.empty(xp, shape, np.float32)
+def _zeros(alloc, shape):
+    out = alloc.empty(shape, np.float32)
     out.fill(0)
     return out
 
 
-def _ones(xp, shape, dtype):
+def _ones(alloc, shape, dtype):
     """An array of ones in ``dtype`` (fp16/bf16 too), written through an integer view of it."""
-    out = api.empty(xp, shape, dtype)
+    out = alloc.empty(shape, dtype)
     bits = np.dtype(f"int{8 * dtype.itemsize}")
     out.view(bits).fill(np.ones(1, dtype).view(bits)[0])
     return out
@@ -238,11 +262,11 @@ def _broadcast_rows(out, row):
     out.view(bits)[...] = row.view(bits)
 
 
-def _rounded(xp, sums, scale, dtype, fmt):
+def _rounded(alloc, sums, scale, dtype, fmt, device):
     """The float32 ``sums`` times scale[0] in ``dtype``: the sums themselves for float32 (scale
     is 1 there), else rounded once."""
     if dtype == np.float32:
         return sums
-    out = api.empty(xp, sums.shape, dtype)
-    round_into(sums, scale, out, fmt)
+    out = alloc.empty(sums.shape, dtype)
+    execution.round_into(sums, scale, out, fmt, device)
     return out

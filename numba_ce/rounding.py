@@ -9,15 +9,9 @@ step. Memory traffic: 4 bytes read and 2 written per element.
 """
 import functools
 
-import numpy as np
 from numba import cuda
 
 from .floatbits import kernel_codec
-from .launcher import launch
-from .portable import SIMULATOR
-
-THREADS = 32 if SIMULATOR else 256
-MAX_BLOCKS = 2 if SIMULATOR else 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,14 +33,3 @@ def round_kernel(fmt):
             out[i] = (code ^ top_sign) - top_sign
 
     return kernel
-
-
-def round_into(source, scale, out, fmt):
-    """out[...] = source * scale[0] rounded to ``fmt`` ('float16' or 'bfloat16'); ``source`` and
-    ``out`` contiguous, same shape. Launches on the current stream."""
-    n = source.size
-    if n == 0:
-        return
-    blocks = min(MAX_BLOCKS, -(-n // THREADS))
-    launch(round_kernel(fmt), blocks, THREADS, source.reshape(-1), scale,
-           out.reshape(-1).view(np.int16))

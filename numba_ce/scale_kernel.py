@@ -20,8 +20,6 @@ from numba import cuda
 
 from .floatbits import kernel_codec
 from .kernels import load
-from .launch import row_blocks, threads_per_row, word_layout
-from .launcher import launch
 from .portable import device_function
 
 ONE = np.float32(1.0)
@@ -79,16 +77,3 @@ def scale_kernel(fmt, pack):
                 store_scaled(grad_row, k + 3 * step, n_words, w3, g)
 
     return kernel
-
-
-def scale_rows(grad, fmt, grad_output, per_row):
-    """Multiply ``grad`` (N, V) of format ``fmt`` in place by ``grad_output``: a float32 array of
-    shape (1,), or (N,) with ``per_row`` (each row by its own value). Launches on the current
-    stream; never synchronises."""
-    n_rows = grad.shape[0]
-    if n_rows == 0:
-        return
-    pack, word_dtype = word_layout(grad, fmt)
-    words = grad.view(word_dtype)
-    launch(scale_kernel(fmt, pack), row_blocks(n_rows), threads_per_row(words.shape[1]), words,
-           grad_output, np.int32(per_row))

@@ -1,5 +1,4 @@
 """Checks of every public argument. Each error says what was expected and what arrived."""
-import math
 import numbers
 
 import numpy as np
@@ -7,45 +6,10 @@ import numpy as np
 from .devices import data_pointer
 from .floatbits import FORMATS
 
-REDUCTIONS = ("mean", "sum", "none")
-INT64_RANGE = (-2**63, 2**63 - 1)
-# softcap's tanh (portable.fast_tanh) is within 2.4e-7 of exact, so a capped logit is within
-# softcap * 2.4e-7: at most 2.4e-4 up to this limit. Beyond it the error would grow without bound
-# (a softcap far above the logits' range caps nothing and only adds that error).
-MAX_SOFTCAP = 1000.0
-# The kernels take 1 / softcap in float32: from float32's smallest normal number on, it is finite.
-MIN_SOFTCAP = float(np.finfo(np.float32).tiny)
-
-
-def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none' (got {reduction!r})")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int (got {type(ignore_index).__name__})")
-    if not INT64_RANGE[0] <= ignore_index <= INT64_RANGE[1]:
-        raise ValueError(f"ignore_index must fit in int64 (got {ignore_index})")
-    label_smoothing = _real("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1] (got {label_smoothing})")
-    z_loss = _real("z_loss", z_loss)
-    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
-        raise ValueError(f"z_loss must be a finite number >= 0 (got {z_loss})")
-    if softcap is not None:
-        softcap = _real("softcap", softcap)
-        if not (softcap > 0.0 and math.isfinite(softcap)):
-            raise ValueError(f"softcap must be None or a finite number > 0 (got {softcap})")
-        if softcap > MAX_SOFTCAP:
-            raise ValueError(
-                f"softcap must be at most {MAX_SOFTCAP:g} (got {softcap:g}): capped logits are "
-                "within softcap * 2.4e-7 of exact; for logits that need no cap pass softcap=None")
-        if softcap < MIN_SOFTCAP:
-            raise ValueError(f"softcap must be at least {MIN_SOFTCAP:.8g}, float32's smallest "
-                             f"normal number (got {softcap:g})")
-    return int(ignore_index), reduction, label_smoothing, z_loss, softcap
-
 
 def check_flag(name, value):
-    """``validate`` and ``inplace`` are bools: a None or a string would silently mean False/True."""
+    """``validate``, ``inplace`` and the like are bools: a None or a string would silently mean
+    False or True."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False (got {value!r})")
     return bool(value)
@@ -85,12 +49,6 @@ def memory_span(array):
     extents = [(n - 1) * s for n, s in zip(array.shape, array.strides)]
     return (start + sum(min(e, 0) for e in extents),
             start + sum(max(e, 0) for e in extents) + array.itemsize)
-
-
-def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number (got {type(value).__name__})")
-    return float(value)
 
 
 def check_logits(logits):

@@ -43,6 +43,33 @@ def random_upstream(rng, n_rows, reduction, upstream):
     return {"ones": None, "scaled": 65536.0}[upstream]
 
 
+def core_call(logits, target, *, with_grad=True, weight=None, grad_output=None, inplace=False,
+              validate=True, alloc=None, device=None, **options):
+    """numba_ce.api.compute, the call behind the public functions, with an allocator and
+    device properties of the test's own (``options``: those of numba_ce.options.Options)."""
+    from numba_ce import api
+    from numba_ce.options import Options
+
+    return api.compute(logits, target, Options(**options), weight=weight,
+                       grad_output=grad_output, with_grad=with_grad, inplace=inplace,
+                       validate=validate, alloc=alloc, device=device)
+
+
+class PoisonedArrays:
+    """An allocator (``empty``) of arrays whose every byte is 0xFF: NaN in every float format,
+    so an element a kernel does not write shows. CuPy arrays on a GPU, NumPy in the simulator:
+    what the calls of NumPy inputs compute with."""
+
+    def __init__(self):
+        from numba_ce import devices
+        self.xp = devices.cupy if devices.gpu_available() else np
+
+    def empty(self, shape, dtype):
+        out = self.xp.empty(shape, dtype)
+        out.view(np.uint8).fill(0xFF)
+        return out
+
+
 def to_numpy(a):
     """NumPy arrays and scalars as they are, CuPy arrays copied to the host."""
     return a.get() if hasattr(a, "__cuda_array_interface__") else a

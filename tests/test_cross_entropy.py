@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import numba_ce
-from numba_ce import api, reference
-from helpers import (DTYPES, TOLERANCES, assert_close, random_logits, random_target,
-                     random_upstream, random_weight, to_numpy, torch_loss_and_grad)
+from numba_ce import device_properties, kernels, planning, reference
+from helpers import (DTYPES, TOLERANCES, PoisonedArrays, assert_close, core_call, random_logits,
+                     random_target, random_upstream, random_weight, to_numpy,
+                     torch_loss_and_grad)
 
 # Every combination of the options; the logits dtype rotates through the combinations so that
 # each dtype meets every option value (the full product with dtypes triples the simulator time).
@@ -23,8 +24,9 @@ ROTATION = list(DTYPES)
 
 def check_once(rng, dtype, n_rows, n_classes, *, reduction="mean", ignored=0.0, weighted=False,
                smoothing=0.0, z_loss=0.0, softcap=None, upstream="ones", inplace=False,
-               ignore_index=-100, against_torch=True):
-    """cross_entropy_with_grad and cross_entropy once, against the reference and torch."""
+               ignore_index=-100, against_torch=True, alloc=None, device=None):
+    """cross_entropy_with_grad and cross_entropy once, against the reference and torch; with an
+    allocator or device properties (helpers.core_call), the call behind them."""
     logits = random_logits(rng, n_rows, n_classes, dtype)
     target = random_target(rng, n_rows, n_classes, ignore_index, ignored)
     weight = random_weight(rng, n_classes, weighted)
@@ -34,8 +36,15 @@ def check_once(rng, dtype, n_rows, n_classes, *, reduction="mean", ignored=0.0, 
     original = logits.copy()
 
     expected = reference.cross_entropy_with_grad(logits, target, grad_output=grad_output, **options)
-    res = numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output,
-                                           inplace=inplace, **options)
+    if alloc is None and device is None:
+        res = numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output,
+                                               inplace=inplace, **options)
+        loss_only = numba_ce.cross_entropy(original, target, **options)
+    else:
+        res = core_call(logits, target, grad_output=grad_output, inplace=inplace,
+                        alloc=alloc, device=device, **options)
+        loss_only = core_call(original, target, with_grad=False, alloc=alloc, device=device,
+                              **options).loss
     loss_tol, grad_tol = TOLERANCES[dtype]["loss"], TOLERANCES[dtype]["grad"]
     # Gradient errors scale with the terms that cancel in them (p_y - 1 + eps / V, ...), each of
     # the order of a row's upstream gradient over the reduction's denominator.
@@ -55,7 +64,6 @@ def check_once(rng, dtype, n_rows, n_classes, *, reduction="mean", ignored=0.0, 
     else:
         assert (logits.view(np.uint8) == original.view(np.uint8)).all(), "logits were modified"
 
-    loss_only = numba_ce.cross_entropy(original, target, **options)
     assert_close(loss_only, expected.loss, *loss_tol, "loss-only kernel")
 
     if against_torch:
@@ -141,35 +149,34 @@ def test_negative_infinity_columns(rng):
     assert not to_numpy(res.grad)[:, ::3].any()
 
 
-def test_multi_warp_reduction(rng, monkeypatch):
+def test_multi_warp_reduction(rng):
     """The simulator normally runs one warp a block; with four, the cross-warp stage is covered."""
-    from numba_ce import launch
-    monkeypatch.setattr(launch, "SIMULATOR_THREADS", 128)
+    device = device_properties.SIMULATED._replace(threads=128)
     for dtype in DTYPES:
         check_once(rng, dtype, 3, 701, smoothing=0.1, weighted=True, z_loss=1e-3,
-                   against_torch=False)
+                   against_torch=False, device=device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inplace", [False, True])
-def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace, monkeypatch):
+def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace):
     """Gradient kernels read the first words of a row from shared memory (copied in, or
     prefetched while the block's previous row finished) and the rest from the logits, pass 2
     backwards: with a cache of one group of words, rows of a cached group, two uncached groups
     and a tail, more rows than blocks, and an ignored row between them give the reference's
     numbers."""
-    from numba_ce import kernels, launch
-    per_sm = launch.CACHED_BLOCKS_PER_SM[0]  # rows this short: their uncached words fit in L2
-    threads = launch.threads_per_row(10**9, kernels.MAX_THREADS // per_sm)
-    group = kernels.UNROLL * threads  # words
-    monkeypatch.setattr(launch, "max_shared_bytes", lambda blocks_per_sm: 8 * group)
+    simulated = device_properties.SIMULATED
+    per_sm = planning.CACHED_BLOCKS_PER_SM[0]  # rows this short: their uncached words fit in L2
+    group = kernels.UNROLL * simulated.threads  # words
+    device = simulated._replace(  # a cache of one group a block
+        shared_per_block=8 * group + planning.STATIC_SHARED_BYTES)
     pack = 8 // np.dtype(random_logits(rng, 1, 1, dtype).dtype).itemsize
     n_classes = pack * (3 * group + 7)
-    assert launch.cache_plan(n_classes // pack, 8)[0] == per_sm
-    n_rows = 2 * launch.resident_row_blocks(10**9, per_sm) + 1
+    assert planning.cache_plan(n_classes // pack, 8, device) == (per_sm, 8 * group)
+    n_rows = 2 * planning.resident_row_blocks(10**9, per_sm, device) + 1
     check_once(rng, dtype, n_rows, n_classes, reduction="sum", ignored=0.2,
                smoothing=0.1, z_loss=1e-3, upstream="given", inplace=inplace,
-               against_torch=False)
+               against_torch=False, device=device)
 
 
 @pytest.mark.parametrize("n_classes, itemsize, l2_mib, expected", [
@@ -181,31 +188,21 @@ def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace, monkeypat
     (128256, 4, 50, 1),   # float32: the same
     (10**6, 2, 50, 1),    # fits neither way: the last choice
 ])
-def test_cache_plan_fits_the_uncached_words_in_l2(monkeypatch, n_classes, itemsize, l2_mib,
-                                                  expected):
+def test_cache_plan_fits_the_uncached_words_in_l2(n_classes, itemsize, l2_mib, expected):
     """Gradient kernels take two blocks a multiprocessor while the words their rows leave
     uncached fit in L2 together (pass 2 reads them again from there), else one with twice the
     cache; on an H200's figures: 132 multiprocessors, 227 KiB of shared memory a block."""
-    from numba_ce import launch
-    monkeypatch.setattr(launch, "SIMULATOR", False)
-    monkeypatch.setattr(launch, "multiprocessors", lambda: 132)
-    monkeypatch.setattr(launch, "l2_bytes", lambda: l2_mib * 2**20)
-    monkeypatch.setattr(launch, "max_shared_bytes",
-                        lambda blocks: min(232448, 233472 // blocks - 1024) - 256)
+    device = device_properties.SM90._replace(l2_bytes=l2_mib * 2**20)
     n_words = n_classes * itemsize // 8
-    blocks, shared = launch.cache_plan(n_words, 8)
+    blocks, shared = planning.cache_plan(n_words, 8, device)
     assert blocks == expected
-    assert shared == launch.cache_bytes(n_words, 8, blocks)  # the cache of that choice
+    # the cache of that choice: the block's share of 228 KiB, or the whole row
+    assert shared == min(n_words * 8, (233472 // blocks - 1024 - 256) // 8 * 8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_poisoned_outputs_are_all_written(rng, dtype, monkeypatch):
+def test_poisoned_outputs_are_all_written(rng, dtype):
     """Output buffers start as NaN bit patterns: every element must be written."""
-    def poisoned(xp, shape, out_dtype):
-        out = xp.empty(shape, out_dtype)
-        out.view(np.uint8).fill(0xFF)  # NaN in every float format
-        return out
-
-    monkeypatch.setattr(api, "empty", poisoned)
     for reduction in REDUCTIONS:
-        check_once(rng, dtype, 5, 24, reduction=reduction, ignored=0.4, against_torch=False)
+        check_once(rng, dtype, 5, 24, reduction=reduction, ignored=0.4, against_torch=False,
+                   alloc=PoisonedArrays())

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 import numba_ce
-from numba_ce import devices, launch, reference
+from numba_ce import buffers, devices, execution, reference
+from numba_ce.execution import RowCall
+from numba_ce.options import Options
+from numba_ce.planning import RowInputs
 from numba_ce.portable import SIMULATOR
 from helpers import TOLERANCES, assert_close, random_logits, random_target, to_numpy
 
@@ -91,56 +94,67 @@ def test_unchecked_out_of_range_rows_give_nan(rng, dtype, reduction):
         assert np.isnan(to_numpy(res.loss))
 
 
-def test_target_check_costs_one_small_read_and_none_when_off(rng, entry, monkeypatch):
+class RecordingExecutor(execution.Executor):
+    """Launches and reads as usual, recording each: a kernel's name, or ("read", bytes) when a
+    read starts and "wait for the check" when the host waits for one."""
+
+    def __init__(self):
+        self.events = []
+
+    def launch(self, plan):
+        self.events.append(plan.kernel.py_func.__qualname__.split(".")[0])
+        super().launch(plan)
+
+    def start_read(self, array):
+        self.events.append(("read", array.size * array.itemsize))
+        return RecordedRead(super().start_read(array), self.events)
+
+
+class RecordedRead:
+    def __init__(self, read, events):
+        self.read, self.events = read, events
+
+    def result(self):
+        self.events.append("wait for the check")
+        return self.read.result()
+
+
+def recorded_run(logits, target, *, reduction="mean", with_grad=True, inplace=False,
+                 validate=True):
+    """The events of execution.run, the sequence behind both public functions, on the arrays the
+    calls compute with (NumPy in the simulator, CuPy on a GPU)."""
+    xp = devices.cupy if devices.gpu_available() else np
+    logits, target = xp.asarray(logits), xp.asarray(target)
+    options = Options(reduction=reduction)
+    inputs = RowInputs(logits, logits.dtype.name, target, None, xp.ones(1, np.float32))
+    grad = logits if inplace else xp.empty_like(logits) if with_grad else None
+    outputs = buffers.allocate(xp, logits.shape[0], options.reduced)
+    executor = RecordingExecutor()
+    execution.run(RowCall(inputs, options, grad, outputs, validate), xp, executor=executor)
+    return executor.events
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_target_check_costs_one_small_read_and_none_when_off(rng, with_grad):
     """The fused check reads one device flag (8 bytes) per checked call; validate=False reads
     nothing (with CuPy inputs the call then never waits for the GPU: test_gpu_scale.py)."""
-    reads = []
-
-    def counting_read(a):
-        reads.append(a.nbytes)
-        return real_read(a)
-
-    real_read = launch.start_read
-    monkeypatch.setattr(launch, "start_read", counting_read)
     logits, target = inputs(rng)
-    entry(logits, target)
-    assert reads == [8]
-    reads.clear()
+    reads = [e for e in recorded_run(logits, target, with_grad=with_grad) if e[0] == "read"]
+    assert reads == [("read", 8)]
     target[1] = N_CLASSES
-    entry(logits, target, validate=False)
-    assert reads == []
-
-
-def launch_order(monkeypatch, call):
-    """The kernels ``call`` launches and when it waits for the target check's read, in order."""
-    events = []
-    real_launch, real_read = launch.launch, launch.start_read
-
-    def recording_launch(kernel, *args, **kwargs):
-        events.append(kernel.py_func.__qualname__.split(".")[0])
-        return real_launch(kernel, *args, **kwargs)
-
-    class RecordingRead:
-        def __init__(self, array):
-            self.read = real_read(array)
-
-        def result(self):
-            events.append("wait for the check")
-            return self.read.result()
-
-    monkeypatch.setattr(launch, "launch", recording_launch)
-    monkeypatch.setattr(launch, "start_read", RecordingRead)
-    call()
-    return events
+    events = recorded_run(logits, target, with_grad=with_grad, validate=False)
+    assert not [e for e in events if e[0] == "read"]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_target_check_waits_after_the_launches(rng, entry, reduction, monkeypatch):
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_target_check_waits_after_the_launches(rng, entry, reduction, with_grad):
     """The host waits for the check's read only after launching the row kernel (and the
     reduction), so the GPU need not idle while it waits; a bad target still raises."""
     logits, target = inputs(rng)
-    events = launch_order(monkeypatch, lambda: entry(logits, target, reduction=reduction))
-    kernels = ["target_stats", "row_kernel"] + (["reduce_rows"] if reduction == "mean" else [])
+    events = recorded_run(logits, target, reduction=reduction, with_grad=with_grad)
+    kernels = ["target_stats", ("read", 8), "row_kernel"] + (
+        ["reduce_rows"] if reduction == "mean" else [])
     assert events == kernels + ["wait for the check"]
     target[3] = -7
     before = checksum(logits)
@@ -149,14 +163,13 @@ def test_target_check_waits_after_the_launches(rng, entry, reduction, monkeypatc
     assert checksum(logits) == before
 
 
-def test_inplace_target_check_waits_before_the_row_kernel(rng, monkeypatch):
+def test_inplace_target_check_waits_before_the_row_kernel(rng):
     """In place, the row kernel would write the caller's logits: the check comes first, and a
     bad target leaves them untouched."""
     logits, target = inputs(rng)
-    events = launch_order(
-        monkeypatch, lambda: numba_ce.cross_entropy_with_grad(logits.copy(), target,
-                                                              inplace=True))
-    assert events == ["target_stats", "wait for the check", "row_kernel", "reduce_rows"]
+    events = recorded_run(logits.copy(), target, inplace=True)
+    assert events == ["target_stats", ("read", 8), "wait for the check", "row_kernel",
+                      "reduce_rows"]
     target[0] = N_CLASSES
     before = checksum(logits)
     with raises(ValueError, out_of_range_message(0, N_CLASSES)):

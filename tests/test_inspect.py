@@ -103,7 +103,7 @@ def test_inspect_command_prints_sm90_ptx_and_resources(dtype):
             problems.append(f"{label}: expected packed loads, got pack {row['pack']}")
         problems += conversion_problems(label, dtype, ptx, KERNELS[name].rounds)
         # 4096 x 128256: two blocks' uncached words (140 KB a bf16 row) fit in the 50 MiB L2,
-        # float32 rows (397 KB uncached) take one block of 1024 (launch.CACHED_BLOCKS_PER_SM)
+        # float32 rows (397 KB uncached) take one block of 1024 (planning.CACHED_BLOCKS_PER_SM)
         expected_blocks = ("1024", "1") if dtype == "float32" else ("512", "2")
         if name == "fused" and (row["block"], row["blocks/SM"]) != expected_blocks:
             problems.append(f"{label}: block, blocks/SM {row['block']}, {row['blocks/SM']}; "

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import numba_ce
-from numba_ce import api, devices, validation
-from helpers import (DTYPES, assert_close, assert_rounded_close, random_target, random_upstream,
-                     random_weight, to_numpy, torch_linear_loss_and_grads)
+from numba_ce import devices, linear, validation
+from numba_ce.options import Options
+from helpers import (DTYPES, PoisonedArrays, assert_close, assert_rounded_close, random_target,
+                     random_upstream, random_weight, to_numpy, torch_linear_loss_and_grads)
 
 # The large-shape GPU test's error allowed, relative to the largest |expected| value of each
 # output (the issue's 1e-2 in bf16 and 1e-5 in fp32; fp16 keeps 3 more bits than bf16), against
@@ -50,18 +51,28 @@ def random_head(rng, n_rows, n_features, n_classes, dtype, bias):
 
 def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ignored=0.0,
                  weighted=False, smoothing=0.0, z_loss=0.0, softcap=None, upstream="ones",
-                 chunk_size=None, target_dtype=np.int64):
+                 chunk_size=None, target_dtype=np.int64, alloc=None):
     x, w, b = random_head(rng, n_rows, N_FEATURES, N_CLASSES, dtype, bias)
     target = random_target(rng, n_rows, N_CLASSES, ignored_share=ignored).astype(target_dtype)
     weight = random_weight(rng, N_CLASSES, weighted)
     grad_output = random_upstream(rng, n_rows, reduction, upstream)
-    options = dict(weight=weight, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
-                   softcap=softcap)
+    loss_options = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
+                        softcap=softcap)
+    options = dict(weight=weight, **loss_options)
     originals = [a.copy() for a in (x, w, b) if a is not None]
 
-    res = numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b,
-                                                  chunk_size=chunk_size,
-                                                  grad_output=grad_output, **options)
+    if alloc is None:
+        res = numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b,
+                                                      chunk_size=chunk_size,
+                                                      grad_output=grad_output, **options)
+        loss = numba_ce.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk_size,
+                                             **options)
+    else:  # the call behind both functions, with the test's allocator
+        def call(with_grad):
+            return linear.call(x, w, target, Options(**loss_options), linear_bias=b,
+                               weight=weight, chunk_size=chunk_size, with_grad=with_grad,
+                               grad_output=grad_output if with_grad else None, alloc=alloc)
+        res, loss = call(True), call(False).loss
     expected = torch_linear_loss_and_grads(x, w, target, linear_bias=b, grad_output=grad_output,
                                            logits_format=dtype, **options)
     assert_close(res.loss, expected.loss, 0.0,
@@ -79,8 +90,6 @@ def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ign
             assert got.dtype == of.dtype and got.shape == of.shape
     assert to_numpy(res.loss).dtype == np.float32
 
-    loss = numba_ce.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk_size,
-                                         **options)
     np.testing.assert_array_equal(to_numpy(loss), to_numpy(res.loss))  # same kernels, same order
     for before, after in zip(originals, (a for a in (x, w, b) if a is not None)):
         assert (before.view(np.uint8) == after.view(np.uint8)).all(), "an input was modified"
@@ -114,15 +123,9 @@ def test_weight_gradient_accumulates_in_float32(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_poisoned_outputs_are_all_written(rng, dtype, monkeypatch):
+def test_poisoned_outputs_are_all_written(rng, dtype):
     """Every buffer starts as NaN bit patterns (logits chunk and accumulators included)."""
-    def poisoned(xp, shape, out_dtype):
-        out = xp.empty(shape, out_dtype)
-        out.view(np.uint8).fill(0xFF)
-        return out
-
-    monkeypatch.setattr(api, "empty", poisoned)
-    check_linear(rng, dtype, bias=True, ignored=0.3, chunk_size=4)
+    check_linear(rng, dtype, bias=True, ignored=0.3, chunk_size=4, alloc=PoisonedArrays())
 
 
 def test_fp16_mean_with_a_loss_scale(rng):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from numba_ce.portable import SIMULATOR
-from numba_ce.scale_kernel import scale_rows
+from numba_ce.execution import scale_rows
 from helpers import DTYPES, random_logits
 
 pytestmark = pytest.mark.skipif(

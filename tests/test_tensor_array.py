@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from numba_ce import launch
+from numba_ce import planning
 from numba_ce.torch.tensors import TensorArray
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)
@@ -78,13 +78,13 @@ def test_reshape_and_fill_write_the_tensor():
 @pytest.mark.parametrize("layout", ["contiguous", "one_row_odd_stride", "offset_column",
                                     "row_window"])
 def test_the_word_launch_picks_is_a_view_it_can_make(dtype, layout):
-    """launch.word_layout's word for a tensor is a dtype view torch makes (torch refuses strides
+    """planning.word_layout's word for a tensor is a dtype view torch makes (torch refuses strides
     the word size does not divide, even a one-row tensor's), over the bytes NumPy sees."""
     base = (torch.randn(3, 50) * 100).to(dtype)
     tensor = {"contiguous": base[:, :48].contiguous(), "one_row_odd_stride": base[:1, :48],
               "offset_column": base[:, 1:49], "row_window": base[1:3, :48]}[layout]
     array = TensorArray(tensor)
-    pack, word = launch.word_layout(array, array.dtype.name)
+    pack, word = planning.word_layout(array, array.dtype.name)
     words = array.view(word)
     np.testing.assert_array_equal(numpy_view(words.tensor), numpy_view(tensor).view(word))
     assert words.shape[1] * pack == tensor.shape[1]

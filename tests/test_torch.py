@@ -1,7 +1,10 @@
 """numba_ce.torch against torch.nn.functional.cross_entropy (float64 autograd), on CPU tensors in
 the CUDA simulator: options, dtypes, upstream gradients, in-place backward, layouts, the module,
 autocast, torch.compile and the errors. test_torch_gpu.py repeats the checks on CUDA tensors."""
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +12,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import numba_ce.torch as nce
-from numba_ce import devices
 from numba_ce.portable import SIMULATOR
 from helpers import TOLERANCES, assert_close, random_logits, random_target, torch_loss_and_grad
 from torch_helpers import (CASES, ROTATION, check_against_torch, check_autocast, from_torch,
@@ -292,13 +294,20 @@ def test_module_checks_options_when_built():
         nce.CrossEntropyLoss(z_loss=-1.0)
 
 
-def test_without_gpu_or_simulator(monkeypatch):
-    monkeypatch.setattr(devices, "SIMULATOR", False)
-    monkeypatch.setattr(devices, "cupy", None)
-    with pytest.raises(RuntimeError, match=re.escape(
-            "numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator (CuPy is not installed). "
-            "To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")):
-        nce.cross_entropy(_logits(), _target())
+def test_without_gpu_or_simulator():
+    """A process without the simulator on a machine without a usable GPU (this one): a call
+    says what it needs (CuPy may be installed or not)."""
+    code = ("import torch, numba_ce.torch as nce; "
+            "nce.cross_entropy(torch.zeros(5, 67), torch.zeros(5, dtype=torch.int64))")
+    environment = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                          text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        re.escape("RuntimeError: numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator (")
+        + "(CuPy is not installed|no CUDA GPU is visible)"
+        + re.escape("). To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba."),
+        last), done.stderr
 
 
 def test_inplace_backward_refuses_a_weight_in_the_logits_memory(rng):

@@ -11,7 +11,7 @@ roofline report. Compiles offline (no GPU needed) for sm_90 by default, or for t
 The same from the shell: ``python -m numba_ce inspect --help`` and ``python -m numba_ce roofline
 --help``. Compiling needs a process without NUMBA_ENABLE_CUDASIM=1, NVVM (pip
 ``cuda-toolkit[nvvm,nvrtc]==13.0.*``), and for resources and SASS ptxas and nvdisasm (see
-:mod:`numba_ce.inspect.tools`). ``shape`` (N, V) decides what launch.py would run: 8-byte packed
+:mod:`numba_ce.inspect.tools`). ``shape`` (N, V) decides what numba_ce.planning plans: 8-byte packed
 loads when V fills whole words, else one element a load; and the block size.
 """
 from .compiler import compiled, default_arch, sass

@@ -1,15 +1,14 @@
 """Which kernels a call launches, with what grid, block and argument types: asked of the code
 that launches them.
 
-The signatures are never written down here. :func:`planned_launch` runs the launching function
-itself (:func:`numba_ce.launch.run` for the loss kernels, :func:`numba_ce.scale_kernel.scale_rows`
-for the torch adapter's backward, :func:`numba_ce.rounding.round_into` for the linear
-cross-entropy's weight gradient) on stand-in NumPy arrays, with ``launch`` replaced by a
-recorder, and types each recorded argument list with :func:`numba_ce.launcher.argument_types`,
-the function the GPU path compiles with. So whatever is passed to a kernel, and whatever block
-size is picked for a row length, is what gets inspected. The stand-in arrays are views whose
-rows (or elements) all alias one real row: the launching code only looks at their dtype, shape,
-strides and alignment.
+The signatures are never written down here. :func:`planned_launch` asks the planning functions
+that the entry points use (numba_ce.planning: the loss kernels, the torch adapter's backward
+scaling, the linear cross-entropy's weight-gradient rounding) for the plans of a call on
+stand-in NumPy arrays and the current device's properties (an sm_90 GPU offline), and types each
+plan's arguments with :func:`numba_ce.launcher.argument_types`, the function the GPU path
+compiles with. So whatever is passed to a kernel, and whatever block size is picked for a row
+length, is what gets inspected. The stand-in arrays are views whose rows (or elements) all alias
+one real row: planning only looks at their dtype, shape, strides and alignment.
 """
 import inspect as pyinspect
 from typing import NamedTuple
@@ -17,9 +16,10 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .. import kernels, launch, launcher, rounding, scale_kernel, validation
+from .. import buffers, device_properties, kernels, launcher, planning, rounding, scale_kernel
 from ..demo import GPU_SHAPE
 from ..floatbits import FORMATS
+from ..options import Options
 from ..portable import SIMULATOR
 
 
@@ -29,8 +29,8 @@ DTYPES = tuple(FORMATS)  # float32, float16, bfloat16
 class KernelSpec(NamedTuple):
     module: object   # the module that defines it
     function: str    # its name there (row_kernel, scale_kernel, round_kernel: factories)
-    call: str        # what launches it: "with_grad", "loss" (numba_ce.launch.run with or without
-    #                  a gradient), "backward" (scale_rows), "round" (round_into)
+    call: str        # what launches it: "with_grad", "loss" (a call with or without a
+    #                  gradient), "backward" (scale_rows), "round" (round_into)
     per_dtype: bool  # whether the logits' dtype changes the compiled code
     packed: bool     # whether it reads the logits (or gradient) as words of packed elements
     rounds: bool     # whether it rounds float32 results to the logits' format
@@ -137,17 +137,15 @@ def planned_launch(name, dtype, shape, variant=PLAIN):
     spec = check_kernel_dtype(name, dtype)
     if SIMULATOR:
         raise RuntimeError(
-            "planning a GPU launch needs a process without NUMBA_ENABLE_CUDASIM=1 (launch.run "
-            "picks simulator block sizes there)")
+            "planning a GPU launch needs a process without NUMBA_ENABLE_CUDASIM=1 (the kernels "
+            "are Python functions there)")
     n_rows, n_classes = (int(n) for n in shape)
     if n_rows < 1 or n_classes < 1:
         raise ValueError(f"shape must be (N, V) with N >= 1 and V >= 1 (got {tuple(shape)})")
-    recorded = []
-    for kernel, grid, block, args, shared in _dry_run(spec.call, dtype, n_rows, n_classes,
-                                                      variant):
-        if _function_name(kernel) == spec.function:
-            recorded.append(Launch(name, dtype, kernel, grid, block,
-                                   launcher.argument_types(args), shared))
+    recorded = [Launch(name, dtype, plan.kernel, plan.grid, plan.block,
+                       launcher.argument_types(plan.arguments), plan.shared)
+                for plan in _plans(spec.call, dtype, n_rows, n_classes, variant)
+                if _function_name(plan.kernel) == spec.function]
     if len(recorded) != 1:
         raise RuntimeError(
             f"expected the {spec.call} call to launch {spec.function} once, but it did "
@@ -156,50 +154,30 @@ def planned_launch(name, dtype, shape, variant=PLAIN):
     return recorded[0]
 
 
-# The modules whose `launch` the dry run replaces: where each planned call looks it up.
-LAUNCHING_MODULES = (launch, scale_kernel, rounding)
-
-
-def _dry_run(call, dtype, n_rows, n_classes, variant):
-    """[(kernel, grid, block, args, shared)] of one call of kind ``call`` (KernelSpec.call),
-    recorded instead of launched."""
-    recorded = []
-
-    def record(kernel, grid, block, *args, shared=0):
-        recorded.append((kernel, grid, block, args, shared))
-
-    real = [module.launch for module in LAUNCHING_MODULES]
-    for module in LAUNCHING_MODULES:
-        module.launch = record
-    try:
-        _planned_call(call, dtype, n_rows, n_classes, variant)
-    finally:
-        for module, function in zip(LAUNCHING_MODULES, real):
-            module.launch = function
-    return recorded
-
-
-def _planned_call(call, dtype, n_rows, n_classes, variant):
-    """Run the launching code of ``call`` on stand-in arrays of ``dtype`` (launches recorded)."""
+def _plans(call, dtype, n_rows, n_classes, variant):
+    """The plans (numba_ce.planning) of one call of kind ``call`` (KernelSpec.call) on stand-in
+    arrays of ``dtype``, for the current device (an sm_90 GPU offline)."""
+    device = device_properties.current()
     one_row = np.zeros(n_classes, numpy_dtype(dtype))
     logits = np.broadcast_to(one_row, (n_rows, n_classes))
     if call == "backward":
-        scale_kernel.scale_rows(logits, dtype, np.full(1, 0.5, np.float32), False)
-        return
+        return [planning.plan_scale(logits, dtype, np.full(1, 0.5, np.float32), False, device)]
     if call == "round":  # N x V elements, all aliasing one
         n = n_rows * n_classes
         source = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (n,), (0,))
         out = np.lib.stride_tricks.as_strided(one_row, (n,), (0,))
-        rounding.round_into(source, np.ones(1, np.float32), out, dtype)
-        return
+        return [planning.plan_round(source, np.ones(1, np.float32), out, dtype, device)]
     grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if call == "with_grad" else None
-    options = validation.check_options(-100, "mean", variant.label_smoothing, 0.0,
-                                       variant.softcap)
+    options = Options(label_smoothing=variant.label_smoothing, softcap=variant.softcap)
     weight = np.ones(n_classes, np.float32) if variant.class_weights else None
-    rows = [np.zeros(n_rows, np.float32) for _ in range(3)]  # row_loss, row_z, row_lse
-    reduced = [np.zeros(1, np.float32) for _ in range(2)]  # loss_out, z_out
-    launch.run(np, logits, dtype, np.zeros(n_rows, np.int64), weight, options, grad,
-               np.ones(1, np.float32), *rows, *reduced, False)
+    inputs = planning.RowInputs(logits, dtype, np.zeros(n_rows, np.int64), weight,
+                                np.ones(1, np.float32))
+    outputs = buffers.allocate(np, n_rows, options.reduced)
+    stats, bad_row = np.zeros(3, np.float32), np.zeros(1, np.int64)
+    return [planning.plan_target_stats(inputs.target, weight, options, n_classes, stats,
+                                       bad_row, device),
+            planning.plan_rows(inputs, options, stats, grad, outputs, device),
+            planning.plan_reduce(outputs, stats, options, device)]
 
 
 def _function_name(kernel):

@@ -1,6 +1,6 @@
 """``cross_entropy`` for torch tensors: an autograd function around one fused kernel call.
 
-    forward   one call of numba_ce.launch.run with a gradient buffer: loss and d(loss)/d(input)
+    forward   one call of numba_ce.execution.run with a gradient buffer: loss and d(loss)/d(input)
               for an upstream gradient of 1 from the same kernel (the gradient is written once,
               while the logits are still on chip); the gradient is saved.
     backward  scales the saved gradient in place by the upstream gradient (per row for
@@ -20,8 +20,10 @@ copies the buffers that inplace_backward and the in-place backward exist to avoi
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import api, validation
-from ..scale_kernel import scale_rows
+from .. import buffers, execution, validation
+from ..execution import RowCall
+from ..options import Options
+from ..planning import RowInputs
 from . import tensors
 
 
@@ -63,7 +65,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     subnormal (6e-8) are zero before a loss scale (GradScaler) multiplies them; bfloat16 has
     float32's range and does not lose them.
     """
-    options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
     return_z_loss = validation.check_flag("return_z_loss", return_z_loss)
     validate = validation.check_flag("validate", validate)
@@ -86,7 +88,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.fmt = fmt
-        ctx.per_row = options[1] == "none"
+        ctx.per_row = not options.reduced
         ctx.scaled = False
         return loss, z_part
 
@@ -108,7 +110,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         upstream = grad_loss.float().reshape(-1)  # (1,), or (N,) for reduction="none"
         view = tensors.as_kernel_array
         with tensors.on_torch_stream(grad.device):
-            scale_rows(view(grad), ctx.fmt, view(upstream), ctx.per_row)
+            execution.scale_rows(view(grad), ctx.fmt, view(upstream), ctx.per_row)
         # The scaled gradient may live in the caller's logits (inplace_backward): say so.
         torch.autograd.graph.increment_version(grad)
         return grad, None, None, None, None, None, None
@@ -126,14 +128,11 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
     if weight_array is not None:
         validation.check_weight(weight_array, n_classes)
 
-    # One float32 buffer for the row losses, z parts, lse and the reduced loss and z part: one
-    # allocation and one array view instead of five (host work is what small shapes pay for).
-    outputs = torch.empty(3 * n_rows + 2, dtype=torch.float32, device=input.device)
-    rows = [slice(i * n_rows, (i + 1) * n_rows) for i in range(3)]
-    reduced_at = [3 * n_rows, 3 * n_rows + 1]
-    reduced = options[1] != "none"
-    loss, z_part = ((outputs[reduced_at[0]], outputs[reduced_at[1]]) if reduced
-                    else (outputs[rows[0]], outputs[rows[1]]))
+    # The outputs as tensors to return and as the kernels' views of the same memory.
+    memory = torch.empty(buffers.size(n_rows), dtype=torch.float32, device=input.device)
+    returned = buffers.row_outputs(memory, n_rows, options.reduced)
+    loss, z_part = ((returned.loss[0], returned.z_loss[0]) if options.reduced
+                    else (returned.row_loss, returned.row_z))
     grad = grad_array = None
     if with_grad and inplace:
         validation.check_not_overlapping(logits_array, "inplace_backward=True",
@@ -143,14 +142,12 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
         grad = logits if inplace else torch.empty((n_rows, n_classes), dtype=logits.dtype,
                                                   device=input.device)
         grad_array = logits_array if inplace else view(grad)
-    out = view(outputs)
+    inputs = RowInputs(logits_array, fmt, target_array, weight_array,
+                       tensors.ones(input.device, view))
+    outputs = buffers.row_outputs(view(memory), n_rows, options.reduced)
     with tensors.on_torch_stream(input.device):
-        api.run_or_fill(
-            tensors.TorchArrays(input.device, view), logits_array, fmt, target_array,
-            weight_array, options, grad_array,
-            tensors.ones(input.device, view), out[rows[0]], out[rows[1]], out[rows[2]],
-            out[reduced_at[0]:reduced_at[0] + 1] if reduced else None,
-            out[reduced_at[1]:reduced_at[1] + 1] if reduced else None, validate)
+        execution.run(RowCall(inputs, options, grad_array, outputs, validate),
+                      tensors.TorchArrays(input.device, view))
     if grad is logits and not copied:
         torch.autograd.graph.increment_version(input)  # the kernel wrote the caller's tensor
     return loss, z_part, grad, fmt

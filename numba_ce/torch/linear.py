@@ -14,8 +14,8 @@ torch.nn.functional.linear would be.
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import linear, validation
-from ..scale_kernel import scale_rows
+from .. import execution, linear, validation
+from ..options import Options
 from . import tensors
 
 
@@ -43,7 +43,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     the rows in float32 and rounded once (a backward whose upstream gradient is not 1 rounds them
     once more as it scales them).
     """
-    options = validation.check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     validation.check_chunk_size(chunk_size)
     validate = validation.check_flag("validate", validate)
     tensors.check_devices(input, linear_weight=linear_weight, target=target,
@@ -63,7 +63,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, options, chunk_size,
                 validate, needed):
-        ctx.per_row = options[1] == "none"
+        ctx.per_row = not options.reduced
         ctx.arguments = (options, chunk_size, validate, needed)
         eager = any(needed) and not ctx.per_row
         loss, grads = _run(input, linear_weight, linear_bias, target, weight, options,
@@ -95,8 +95,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 for grad in grads:
                     if grad is not None:
                         array = view(grad)
-                        scale_rows(array.reshape(-1, array.shape[-1]), array.dtype.name,
-                                   view(upstream), False)
+                        execution.scale_rows(array.reshape(-1, array.shape[-1]),
+                                             array.dtype.name, view(upstream), False)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -111,10 +111,11 @@ def _run(input, linear_weight, linear_bias, target, weight, options, chunk_size,
     input_array, weight_array, target_array, bias_array = arrays
     device = input.device
     xp = tensors.TorchArrays(device)
+    inputs = linear.LinearInputs(input_array, weight_array, bias_array, target_array,
+                                 class_weight,
+                                 tensors.ones(device) if upstream is None else view(upstream), fmt)
     with tensors.on_torch_stream_with_cupy(device):
-        result = linear.compute(
-            xp, input_array, weight_array, bias_array, target_array, class_weight, options, fmt,
-            chunk_size, tensors.ones(device) if upstream is None else view(upstream), needed,
-            validate)
+        result = linear.compute(xp, inputs, options, needed, chunk_size=chunk_size,
+                                validate=validate)
     grads = tuple(None if a is None else xp.tensor(a) for a in result[1:4])
     return xp.tensor(result.loss), grads

@@ -1,8 +1,11 @@
 """The module forms: ``CrossEntropyLoss`` of :func:`numba_ce.torch.cross_entropy`, and
 ``LinearCrossEntropyLoss`` of :func:`numba_ce.torch.linear_cross_entropy`."""
+from dataclasses import astuple
+
 import torch
 
 from .. import validation
+from ..options import Options
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
 
@@ -17,9 +20,9 @@ class CrossEntropyLoss(torch.nn.Module):
                  z_loss=0.0, softcap=None, inplace_backward=False, validate=True):
         super().__init__()
         # Bad options fail here, where they were written, not at the first call.
+        options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
         (self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
-         self.softcap) = validation.check_options(ignore_index, reduction, label_smoothing,
-                                                  z_loss, softcap)
+         self.softcap) = astuple(options)
         self.inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
         self.validate = validation.check_flag("validate", validate)
         self.register_buffer("weight", weight)
@@ -45,9 +48,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  reduction="mean", weight=None, ignore_index=-100, label_smoothing=0.0,
                  z_loss=0.0, softcap=None, chunk_size=None, validate=True):
         super().__init__()
+        options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
         (self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
-         self.softcap) = validation.check_options(ignore_index, reduction, label_smoothing,
-                                                  z_loss, softcap)
+         self.softcap) = astuple(options)
         validation.check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.validate = validation.check_flag("validate", validate)

@@ -198,12 +198,18 @@ class TorchArrays:
         return array
 
     def tensor(self, array):
-        """The tensor made for ``array`` (or for the array it reshapes), in its shape. Arrays of
-        no elements may share a pointer (0): they get a new empty tensor, which is all they
-        hold."""
+        """The tensor made for ``array`` (or for a contiguous part of it, such as one of
+        buffers.RowOutputs), in its shape. Arrays of no elements may share a pointer (0): they
+        get a new empty tensor, which is all they hold."""
         if array.size == 0:
             return torch.empty(array.shape, dtype=_torch_dtype(array.dtype), device=self.device)
-        return self._made[devices.data_pointer(array)].view(array.shape)
+        pointer = devices.data_pointer(array)
+        for start, made in self._made.items():
+            offset = pointer - start
+            if 0 <= offset < made.numel() * made.element_size():
+                first = offset // made.element_size()
+                return made.view(-1)[first:first + array.size].view(array.shape)
+        raise KeyError(f"no array made by this allocator holds address {pointer:#x}")
 
 
 def on_torch_stream(device):

@@ -1,0 +1,261 @@
+"""Launch planning: from what a call computes to what to launch.
+
+A plan is a :class:`Launch`: the kernel, its grid, block and dynamic shared memory, and its
+arguments as a named tuple whose fields are the kernel's parameters in order (a test checks each
+against the kernel's signature). Planning is pure: it reads the arrays' shapes, strides and
+addresses, the options and a :class:`numba_ce.device_properties.DeviceProperties`, and launches
+nothing; :mod:`numba_ce.execution` runs the plans, ``python -m numba_ce inspect`` prints them.
+
+Block sizes. Row kernels give a row to a block: a warp, doubled while each thread would have more
+than WORDS_PER_THREAD words, up to MAX_ROW_THREADS. Gradient kernels of 8-byte words keep the
+first words of each row in shared memory (kernels.row_kernel): their blocks stay resident (as
+many as fit at once) and stride over the rows, and a multiprocessor holds the first count of
+CACHED_BLOCKS_PER_SM whose blocks' uncached words, which pass 2 reads again, fit in L2 together
+(else the last): each block gets its share of the multiprocessor's shared memory, no more than
+its row needs.
+"""
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import kernels, rounding, scale_kernel
+from .devices import data_pointer
+from .floatbits import FORMATS
+from .portable import WARP_SIZE
+
+WORD_BYTES = 8  # packed loads and stores: 4 x 16-bit or 2 x 32-bit elements a word
+WORDS_PER_THREAD = 2 * kernels.UNROLL  # a row block grows until each thread has about this many
+MAX_ROW_THREADS = 256  # row blocks without a shared-memory cache (bench/NOTES.md)
+CACHED_BLOCKS_PER_SM = (2, 1)  # in order of preference (bench/NOTES.md, v9 and v12)
+SYSTEM_SHARED_BYTES = 1024  # what the system keeps of a multiprocessor's shared memory a block
+STATIC_SHARED_BYTES = 256  # the kernels' static shared arrays (kernels.WARP_SLOTS float32)
+ROUND_THREADS, ROUND_MAX_BLOCKS = 256, 4096  # the rounding kernel's grid-stride launch
+REDUCTION_CODES = {"none": kernels.NONE, "sum": kernels.SUM, "mean": kernels.MEAN}
+
+
+class Launch(NamedTuple):
+    kernel: Any       # a Numba kernel
+    grid: int
+    block: int
+    arguments: tuple  # one of the *Arguments tuples below
+    shared: int = 0   # bytes of dynamic shared memory a block
+
+
+class StatsArguments(NamedTuple):
+    """kernels.target_stats's parameters."""
+    target: Any
+    weight: Any
+    has_weight: np.int32
+    ignore_index: np.int64
+    n_classes: np.int64
+    stats: Any
+    bad_row: Any
+
+
+class RowArguments(NamedTuple):
+    """kernels.row_kernel's kernel's parameters."""
+    logits: Any
+    target: Any
+    weight: Any
+    grad: Any
+    row_loss: Any
+    row_z: Any
+    row_lse: Any
+    stats: Any
+    grad_output: Any
+    n_classes: np.int64
+    ignore_index: np.int64
+    one_minus_eps: np.float32
+    eps_over_v: np.float32
+    z_loss: np.float32
+    softcap: np.float32
+    has_weight: np.int32
+    reduction: np.int32
+    go_per_row: np.int32
+
+
+class ReduceArguments(NamedTuple):
+    """kernels.reduce_rows's parameters."""
+    row_loss: Any
+    row_z: Any
+    stats: Any
+    reduction: np.int32
+    loss_out: Any
+    z_out: Any
+
+
+class ScaleArguments(NamedTuple):
+    """scale_kernel.scale_kernel's kernel's parameters."""
+    grad: Any
+    grad_output: Any
+    per_row: np.int32
+
+
+class RoundArguments(NamedTuple):
+    """rounding.round_kernel's kernel's parameters."""
+    source: Any
+    scale: Any
+    out: Any
+
+
+class RowKernelSpec(NamedTuple):
+    """What is compiled into a row kernel (kernels.row_kernel's arguments)."""
+    fmt: str
+    pack: int
+    with_grad: bool
+    capped: bool
+    smoothing: int
+
+
+class RowInputs(NamedTuple):
+    """The arrays a row kernel reads: logits (N, V) of format ``fmt``, target (N,), float32
+    class weights (V,) or None, float32 grad_output (1,) or (N,)."""
+    logits: Any
+    fmt: str
+    target: Any
+    weight: Any
+    grad_output: Any
+
+
+def row_kernel_spec(options, fmt, pack, with_grad, weighted):
+    """The compile-time part of a row kernel for these options."""
+    smoothing = (kernels.NO_SMOOTHING if options.label_smoothing == 0 else
+                 kernels.WEIGHTED_SMOOTHING if weighted else kernels.SMOOTHING)
+    return RowKernelSpec(fmt, pack, with_grad, options.softcap is not None, smoothing)
+
+
+def word_layout(array, fmt):
+    """(elements per word, word dtype) for reading ``array`` (N, V): 8-byte words when every row
+    starts 8-byte aligned and V fills whole words, else one element a word."""
+    bits = FORMATS[fmt][0]
+    pack = WORD_BYTES // (bits // 8)
+    n_classes = array.shape[1]
+    # The row stride counts even for one row: torch's dtype views (the adapter's TensorArray)
+    # refuse any stride the word size does not divide.
+    aligned = data_pointer(array) % WORD_BYTES == 0 and array.strides[0] % WORD_BYTES == 0
+    if aligned and n_classes % pack == 0:
+        return pack, np.int64
+    return 1, _element_word(fmt)
+
+
+def _element_word(fmt):
+    return np.int16 if FORMATS[fmt][0] == 16 else np.int32
+
+
+def block_threads(device):
+    """Threads of a one-block kernel (target_stats, reduce_rows)."""
+    return device.threads or kernels.MAX_THREADS
+
+
+def row_blocks(n_rows, device):
+    """Blocks of a row kernel without a cache: one a row (a few, striding, in the simulator)."""
+    return min(n_rows, device.max_grid)
+
+
+def threads_per_row(n_words, device, limit=MAX_ROW_THREADS):
+    """Threads of a row block: a warp, doubled while each thread has over WORDS_PER_THREAD
+    words, up to ``limit``."""
+    if device.threads:
+        return device.threads
+    threads = WARP_SIZE
+    while threads < limit and threads * WORDS_PER_THREAD < n_words:
+        threads *= 2
+    return threads
+
+
+def max_shared_bytes(device, blocks_per_sm):
+    """The dynamic shared memory a block may ask for so that ``blocks_per_sm`` of them fit on a
+    multiprocessor."""
+    per_block = device.shared_per_sm // blocks_per_sm - SYSTEM_SHARED_BYTES
+    return min(device.shared_per_block, per_block) - STATIC_SHARED_BYTES
+
+
+def cache_bytes(n_words, word_bytes, blocks_per_sm, device):
+    """Dynamic shared memory of a cached row block: its share of the multiprocessor's, whole
+    words, no more than the row needs."""
+    budget = max_shared_bytes(device, blocks_per_sm)
+    return min(budget - budget % word_bytes, n_words * word_bytes)
+
+
+def cache_plan(n_words, word_bytes, device):
+    """(blocks a multiprocessor, cache bytes a block) for the cached gradient kernel on rows of
+    ``n_words`` words (see the module docstring)."""
+    for blocks in CACHED_BLOCKS_PER_SM:
+        shared = cache_bytes(n_words, word_bytes, blocks, device)
+        uncached = blocks * device.multiprocessors * (n_words * word_bytes - shared)
+        if uncached <= device.l2_bytes:
+            break
+    return blocks, shared
+
+
+def resident_row_blocks(n_rows, blocks_per_sm, device):
+    """Blocks of a cached row kernel: as many as are resident at once, striding over the rows."""
+    return min(n_rows, device.max_grid, device.multiprocessors * blocks_per_sm)
+
+
+def plan_target_stats(target, weight, options, n_classes, stats, bad_row, device):
+    """kernels.target_stats: the batch's reduction denominators into ``stats`` (3,) float32 and
+    its first bad row into ``bad_row`` (1,) int64."""
+    has_weight = weight is not None
+    arguments = StatsArguments(target, weight if has_weight else stats, np.int32(has_weight),
+                               np.int64(options.ignore_index), np.int64(n_classes), stats,
+                               bad_row)
+    return Launch(kernels.target_stats, 1, block_threads(device), arguments)
+
+
+def plan_rows(inputs, options, stats, grad, outputs, device):
+    """The row kernel over ``inputs.logits`` with the batch's ``stats``: row losses, z parts,
+    lse (``outputs``, a buffers.RowOutputs) and, unless ``grad`` is None, the gradient."""
+    logits, fmt = inputs.logits, inputs.fmt
+    n_rows, n_classes = logits.shape
+    pack, word_dtype = word_layout(logits, fmt)
+    if grad is not None and word_layout(grad, fmt)[0] != pack:
+        pack, word_dtype = 1, _element_word(fmt)  # e.g. a misaligned view, an aligned gradient
+    words = logits.view(word_dtype)
+    spec = row_kernel_spec(options, fmt, pack, grad is not None, inputs.weight is not None)
+    n_words = words.shape[1]
+    if grad is not None and pack > 1:  # the cached kernel
+        per_sm, shared = cache_plan(n_words, words.itemsize, device)
+        blocks = resident_row_blocks(n_rows, per_sm, device)
+        threads = threads_per_row(n_words, device, kernels.MAX_THREADS // per_sm)
+    else:
+        blocks, shared, threads = row_blocks(n_rows, device), 0, threads_per_row(n_words, device)
+    eps = options.label_smoothing
+    arguments = RowArguments(
+        words, inputs.target, stats if inputs.weight is None else inputs.weight,
+        words[:1, :1] if grad is None else grad.view(word_dtype),
+        outputs.row_loss, outputs.row_z, outputs.row_lse, stats, inputs.grad_output,
+        np.int64(n_classes), np.int64(options.ignore_index), np.float32(1.0 - eps),
+        np.float32(eps / n_classes), np.float32(options.z_loss),
+        np.float32(options.softcap or 0.0), np.int32(inputs.weight is not None),
+        np.int32(REDUCTION_CODES[options.reduction]), np.int32(inputs.grad_output.shape[0] > 1))
+    return Launch(kernels.row_kernel(*spec), blocks, threads, arguments, shared)
+
+
+def plan_reduce(outputs, stats, options, device):
+    """kernels.reduce_rows: the row losses and z parts reduced by "sum" or "mean" into
+    ``outputs.loss`` and ``outputs.z_loss``."""
+    arguments = ReduceArguments(outputs.row_loss, outputs.row_z, stats,
+                                np.int32(REDUCTION_CODES[options.reduction]), outputs.loss,
+                                outputs.z_loss)
+    return Launch(kernels.reduce_rows, 1, block_threads(device), arguments)
+
+
+def plan_scale(grad, fmt, grad_output, per_row, device):
+    """scale_kernel: ``grad`` (N, V) of format ``fmt`` times ``grad_output`` ((1,), or (N,)
+    with ``per_row``) in place, a block a row."""
+    pack, word_dtype = word_layout(grad, fmt)
+    words = grad.view(word_dtype)
+    arguments = ScaleArguments(words, grad_output, np.int32(per_row))
+    return Launch(scale_kernel.scale_kernel(fmt, pack), row_blocks(grad.shape[0], device),
+                  threads_per_row(words.shape[1], device), arguments)
+
+
+def plan_round(source, scale, out, fmt, device):
+    """rounding.round_kernel: ``out`` = ``source`` * scale[0] rounded to ``fmt``, for
+    contiguous arrays of the same shape, a grid-stride loop over their elements."""
+    n = source.size
+    threads = device.threads or ROUND_THREADS
+    blocks = min(device.max_grid, ROUND_MAX_BLOCKS, -(-n // threads))
+    arguments = RoundArguments(source.reshape(-1), scale, out.reshape(-1).view(np.int16))
+    return Launch(rounding.round_kernel(fmt), blocks, threads, arguments)
