@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from . import devices
+from . import __version__, devices
 from .inspect import cli as inspect_cli
 from .portable import SIMULATOR
 
@@ -51,6 +51,7 @@ def run_in_simulator_without_a_gpu():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numba_ce")
+    parser.add_argument("--version", action="version", version=f"numba_ce {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="loss and gradient of a realistic shape, checked and timed "
                                      "(in the CUDA simulator where there is no usable GPU)")

@@ -63,6 +63,13 @@ def test_command_without_a_gpu_chooses_the_simulator(command):
     assert printed[1] == "backend: Numba CUDA simulator (CPU)", printed
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"numba_ce {numba_ce.__version__}\n"
+
+
 @pytest.mark.parametrize("command", COMMAND_LINES)
 def test_command_reports_a_disagreement(command, monkeypatch, capsys):
     """Kernels whose gradient is 5% off: the closing line says FAILED, the exit status is 1."""
