@@ -35,6 +35,8 @@ def backend_name():
 
 # cp.async and the bf16 conversion instructions of the kernels (numba_ce.portable)
 MIN_CAPABILITY = (8, 0)
+# CuPy's wheels are each built for one CUDA major version, which the driver must support
+GPU_EXTRAS = "pip install 'numba_ce[gpu]' for a CUDA 13 driver, 'numba_ce[gpu-cuda12]' for CUDA 12"
 
 
 def require_backend():
@@ -44,8 +46,8 @@ def require_backend():
         _check_capability(cupy.cuda.Device().id)
         return
     raise RuntimeError(
-        f"numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator ({gpu_problem()}). "
-        "To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")
+        f"numba_ce needs a CUDA GPU with CuPy ({gpu_problem()}; {GPU_EXTRAS}), or the CUDA "
+        "simulator: to run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")
 
 
 def gpu_problem():

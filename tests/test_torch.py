@@ -296,6 +296,8 @@ def test_without_gpu_or_simulator(monkeypatch):
     monkeypatch.setattr(devices, "SIMULATOR", False)
     monkeypatch.setattr(devices, "cupy", None)
     with pytest.raises(RuntimeError, match=re.escape(
-            "numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator (CuPy is not installed). "
-            "To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")):
+            "numba_ce needs a CUDA GPU with CuPy (CuPy is not installed; pip install "
+            "'numba_ce[gpu]' for a CUDA 13 driver, 'numba_ce[gpu-cuda12]' for CUDA 12), or the "
+            "CUDA simulator: to run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing "
+            "numba.")):
         nce.cross_entropy(_logits(), _target())
