@@ -45,8 +45,9 @@ def require_backend():
     if gpu_available():
         _check_capability(cupy.cuda.Device().id)
         return
+    install = f"; {GPU_EXTRAS}" if cupy is None else ""
     raise RuntimeError(
-        f"numba_ce needs a CUDA GPU with CuPy ({gpu_problem()}; {GPU_EXTRAS}), or the CUDA "
+        f"numba_ce needs a CUDA GPU with CuPy ({gpu_problem()}{install}), or the CUDA "
         "simulator: to run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")
 
 

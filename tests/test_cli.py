@@ -9,11 +9,13 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
 import numba_ce.api
 import numba_ce.demo
+from numba_ce import devices
 from numba_ce.__main__ import main
 from numba_ce.demo import FAILED, PASSED
 from numba_ce.portable import SIMULATOR
@@ -83,3 +85,22 @@ def test_command_reports_a_disagreement(command, monkeypatch, capsys):
     monkeypatch.setattr(numba_ce.demo, "cross_entropy_with_grad", off)
     assert main([command]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == FAILED
+
+
+@pytest.mark.parametrize("cupy, visible, reason", [
+    (None, True, "CuPy is not installed"),
+    (types.SimpleNamespace(), False, "no CUDA GPU is visible"),
+])
+def test_why_there_is_no_usable_gpu(monkeypatch, cupy, visible, reason):
+    """The reason the commands give for the simulator, and the library's error in a process
+    without it (which names the extras only where CuPy is missing)."""
+    monkeypatch.setattr(devices, "SIMULATOR", False)
+    monkeypatch.setattr(devices, "cupy", cupy)
+    monkeypatch.setattr(devices, "cuda", types.SimpleNamespace(is_available=lambda: visible))
+    assert devices.gpu_problem() == reason
+    install = ("; pip install 'numba_ce[gpu]' for a CUDA 13 driver, 'numba_ce[gpu-cuda12]' for "
+               "CUDA 12") if cupy is None else ""
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"numba_ce needs a CUDA GPU with CuPy ({reason}{install}), or the CUDA simulator: to "
+            "run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")):
+        devices.require_backend()
