@@ -35,6 +35,8 @@ def backend_name():
 
 # cp.async and the bf16 conversion instructions of the kernels (numba_ce.portable)
 MIN_CAPABILITY = (8, 0)
+# CuPy's wheels are each built for one CUDA major version, which the driver must support
+GPU_EXTRAS = "pip install 'numba_ce[gpu]' for a CUDA 13 driver, 'numba_ce[gpu-cuda12]' for CUDA 12"
 
 
 def require_backend():
@@ -43,10 +45,25 @@ def require_backend():
     if gpu_available():
         _check_capability(cupy.cuda.Device().id)
         return
-    missing = "CuPy is not installed" if cupy is None else "no CUDA GPU is visible"
+    install = f"; {GPU_EXTRAS}" if cupy is None else ""
     raise RuntimeError(
-        f"numba_ce needs a CUDA GPU with CuPy, or the CUDA simulator ({missing}). "
-        "To run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")
+        f"numba_ce needs a CUDA GPU with CuPy ({gpu_problem()}{install}), or the CUDA "
+        "simulator: to run on the CPU, set NUMBA_ENABLE_CUDASIM=1 before importing numba.")
+
+
+def gpu_problem():
+    """Why the kernels cannot run on a GPU in this process (one without the simulator), or None
+    when they can: no CuPy, no GPU visible, a GPU older than MIN_CAPABILITY, or a CUDA driver
+    older than the one CuPy was built for."""
+    if cupy is None:
+        return "CuPy is not installed"
+    if not cuda.is_available():
+        return "no CUDA GPU is visible"
+    try:
+        _check_capability(cupy.cuda.Device().id)
+    except RuntimeError as error:  # CuPy's CUDARuntimeError is one too
+        return str(error)
+    return None
 
 
 @functools.lru_cache(maxsize=None)

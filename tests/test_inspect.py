@@ -214,12 +214,68 @@ def test_compiling_in_the_simulator_says_how_to_get_a_compiler(capsys):
         inspect.ptx("fused")
 
 
-def test_missing_tools_name_their_package(monkeypatch):
+INSTALL_HINT = "pip install 'numba_ce[inspect]'"
+
+
+def test_missing_tools_name_the_inspect_extra(monkeypatch):
     monkeypatch.setattr(tools, "_locate", lambda name: None)
-    with pytest.raises(tools.ToolMissing, match=r"cuda-toolkit\[nvcc\]==13\.0"):
+    with pytest.raises(tools.ToolMissing, match=re.escape(
+            "ptxas was not found (NVIDIA wheels, conda, CUDA_PATH/CUDA_HOME, the CUDA runtime's "
+            f"toolkit, PATH); to install it and the other tools: {INSTALL_HINT}")):
         tools.find_tool("ptxas")
-    with pytest.raises(tools.ToolMissing, match="nvidia-cuda-nvdisasm.*nvidia-cuda-cuobjdump"):
+    with pytest.raises(tools.ToolMissing, match=re.escape(
+            "SASS needs nvdisasm or cuobjdump, and neither was found (NVIDIA wheels, conda, "
+            "CUDA_PATH/CUDA_HOME, the CUDA runtime's toolkit, PATH); to install nvdisasm and the "
+            f"other tools: {INSTALL_HINT}")):
         tools.find_disassembler()
+
+
+@pytest.mark.parametrize("library, name", [("nvrtc", "NVRTC"), ("nvvm", "NVVM")])
+@pytest.mark.parametrize("section", ["--ptx", "--sass", "--resources"])
+def test_inspect_without_a_compiler_says_which_extra_once(monkeypatch, capsys, library, name,
+                                                          section):
+    """A missing NVRTC or NVVM is one line naming the extra, checked before anything compiles:
+    it used to be numba-cuda's 'Failure finding "libnvrtc.so.13 ..."', its search said twice."""
+    monkeypatch.setattr(tools, "_loadable", lambda searched: searched != library)
+    assert main(["inspect", "--kernel=reduce_rows", "--arch=sm_90", section]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == (
+        f"python -m numba_ce inspect: {name} (lib{library}), which compiling the kernels needs, "
+        "was not found (NVIDIA wheels, conda, CUDA_PATH/CUDA_HOME, the CUDA runtime's toolkit, "
+        f"the system's libraries); to install it and the other tools: {INSTALL_HINT}\n")
+
+
+def test_inspect_without_ptxas_says_which_extra(monkeypatch, capsys):
+    monkeypatch.setattr(tools, "_loadable", lambda library: True)
+    monkeypatch.setattr(tools, "_locate", lambda name: None)
+    assert main(["inspect", "--kernel=reduce_rows"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m numba_ce inspect: ptxas was not found (")
+    assert err.endswith(f"; to install it and the other tools: {INSTALL_HINT}\n")
+    assert err.count("\n") == 1
+
+
+def test_the_compilers_numba_cuda_loads_are_found():
+    """NVVM and NVRTC, which the test extra installs (through the inspect extra), are found."""
+    assert tools.require_compilers() is None
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_70", "sm_61"])
+def test_inspect_refuses_an_arch_before_sm80_up_front(capsys, arch):
+    with pytest.raises(SystemExit) as refused:
+        main(["inspect", f"--arch={arch}", "--ptx"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m numba_ce inspect: error: argument --arch: arch must be sm_80 or newer, where "
+        f"the kernels' cp.async and bf16 conversion instructions exist (got {arch})")
+
+
+def test_inspect_takes_the_readmes_short_dtype_names():
+    """--dtype fp16 compiles the float16 kernel (the README writes bf16, fp16, fp32)."""
+    parts = inspect_command(("round",), "fp16", "--ptx")
+    assert list(parts) == ["PTX: round float16 sm_90"]
+    assert ".target sm_90" in parts["PTX: round float16 sm_90"]
 
 
 PTXAS_REPORT = """\
@@ -282,6 +338,28 @@ def test_roofline_command(capsys):
     out = capsys.readouterr().out
     assert "bytes moved  1.051 GB  (byte model: N * V * itemsize)" in out
     assert "bandwidth    2.101 TB/s = 52.5% of the 4.00 TB/s ceiling" in out
+
+
+@pytest.mark.parametrize("short, name", [("bf16", "bfloat16"), ("fp16", "float16"),
+                                         ("fp32", "float32")])
+def test_roofline_takes_the_readmes_short_dtype_names(capsys, short, name):
+    assert main(["roofline", "--dtype", short, "--time-ms", "1"]) == 0
+    assert f"on 4096 x 128256 {name} logits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--time-ms", "-1", "the time must be > 0 ms (got -1)"),
+    ("--time-ms", "0", "the time must be > 0 ms (got 0)"),
+    ("--time-ms", "x", "the time must be > 0 ms (got x)"),
+    ("--ceiling-tbs", "0", "the ceiling must be > 0 TB/s (got 0)"),
+])
+def test_roofline_refuses_a_time_or_ceiling_not_above_0(capsys, option, value, message):
+    arguments = ["roofline", option, value] + (["--time-ms", "1"] if option != "--time-ms" else [])
+    with pytest.raises(SystemExit) as refused:
+        main(arguments)
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m numba_ce roofline: error: argument {option}: {message}")
 
 
 @pytest.mark.skipif(devices.gpu_available(), reason="a GPU is present: it measures")

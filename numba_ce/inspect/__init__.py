@@ -9,8 +9,8 @@ roofline report. Compiles offline (no GPU needed) for sm_90 by default, or for t
     print(inspect.format_table([inspect.resources(k) for k in inspect.kernel_names()]))
 
 The same from the shell: ``python -m numba_ce inspect --help`` and ``python -m numba_ce roofline
---help``. Compiling needs a process without NUMBA_ENABLE_CUDASIM=1, NVVM (pip
-``cuda-toolkit[nvvm,nvrtc]==13.0.*``), and for resources and SASS ptxas and nvdisasm (see
+--help``. Compiling needs a process without NUMBA_ENABLE_CUDASIM=1, NVVM and NVRTC, and for
+resources and SASS ptxas and nvdisasm: ``pip install 'numba_ce[inspect]'`` installs them all (see
 :mod:`numba_ce.inspect.tools`). ``shape`` (N, V) decides what numba_ce.planning plans: 8-byte packed
 loads when V fills whole words, else one element a load; and the block size.
 """

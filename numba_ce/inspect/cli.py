@@ -1,11 +1,40 @@
 """The ``inspect`` and ``roofline`` commands of ``python -m numba_ce``: arguments and printing."""
 import argparse
+import math
 import sys
 
 from . import compiler, resource_table, roofline, tools
 from .launches import DEFAULT_SHAPE, DTYPES, KERNELS, Variant, check_kernel_dtype, kernel_source
 
 SECTIONS = ("source", "ptx", "sass", "resources")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # as the README has them
+DTYPE_HELP = "bfloat16 (bf16), float16 (fp16) or float32 (fp32)"
+
+
+def _dtype(text):
+    """argparse type of --dtype: a logits dtype's long name, from itself or its short one."""
+    return DTYPE_ALIASES.get(text, text)
+
+
+def _arch(text):
+    """argparse type of --arch: (major, minor) of an architecture the kernels run on."""
+    try:
+        return compiler.parse_arch(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive(what, unit):
+    """An argparse type: a float > 0, refused with a message naming ``what`` and ``unit``."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan  # refused below, with the same message
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{what} must be > 0 {unit} (got {text})")
+        return value
+    return parse
 
 
 def add_commands(commands):
@@ -15,14 +44,16 @@ def add_commands(commands):
         "inspect", help="source, PTX, SASS and resource use of the kernels (no GPU needed)",
         description="Compile the kernels as a call on (N, V) logits would launch them (int64 "
                     "targets, reduction 'mean', the options given) and print what is asked; "
-                    "without --source, --ptx or --sass, the resource table. Needs no GPU, and a "
-                    "shell without NUMBA_ENABLE_CUDASIM=1.")
+                    "without --source, --ptx or --sass, the resource table. Needs no GPU, a shell "
+                    "without NUMBA_ENABLE_CUDASIM=1, and the CUDA tools that pip install "
+                    "'numba_ce[inspect]' brings.")
     inspect.add_argument("--kernel", action="append", choices=[*KERNELS, "all"],
                          help=f"repeatable; default all. {kernels_help}")
-    inspect.add_argument("--dtype", action="append", choices=[*DTYPES, "all"],
-                         help="logits dtype, repeatable (default bfloat16)")
-    inspect.add_argument("--arch", help="target architecture such as sm_90 or sm_80 "
-                                        "(default: the visible GPU's, else sm_90)")
+    inspect.add_argument("--dtype", action="append", type=_dtype, choices=[*DTYPES, "all"],
+                         help=f"logits dtype, {DTYPE_HELP}, or all; repeatable (default bfloat16)")
+    inspect.add_argument("--arch", type=_arch,
+                         help="target architecture, sm_80 or newer, such as sm_90 (default: the "
+                              "visible GPU's, else sm_90)")
     inspect.add_argument("--shape", nargs=2, type=int, metavar=("N", "V"), default=DEFAULT_SHAPE,
                          help="logits shape: it picks packed 8-byte loads (V fills whole words) "
                               "or one element a load, and the block size (default %(default)s)")
@@ -43,14 +74,17 @@ def add_commands(commands):
         description=roofline.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("--shape", nargs=2, type=int, metavar=("N", "V"), default=DEFAULT_SHAPE,
                         help="logits shape (default %(default)s)")
-    report.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    report.add_argument("--dtype", type=_dtype, choices=DTYPES, default="bfloat16",
+                        help=f"logits dtype, {DTYPE_HELP} (default %(default)s)")
     report.add_argument("--mode", choices=list(roofline.ARRAYS_MOVED), default="fused")
     timing = report.add_mutually_exclusive_group(required=True)
-    timing.add_argument("--time-ms", type=float, help="the measured time of one call, ms")
+    timing.add_argument("--time-ms", type=_positive("the time", "ms"),
+                        help="the measured time of one call, ms")
     timing.add_argument("--measure", action="store_true",
                         help="time the call on the GPU (median of --repeats)")
     report.add_argument("--repeats", type=int, default=20)
-    report.add_argument("--ceiling-tbs", type=float, default=roofline.H200_COPY_CEILING / 1e12,
+    report.add_argument("--ceiling-tbs", type=_positive("the ceiling", "TB/s"),
+                        default=roofline.H200_COPY_CEILING / 1e12,
                         help="bandwidth ceiling, TB/s (default: %(default)s, a measured H200 copy)")
 
 
@@ -68,11 +102,13 @@ def _inspect(args):
     names = list(KERNELS) if args.kernel is None or "all" in args.kernel else args.kernel
     dtypes = args.dtype or ["bfloat16"]
     dtypes = list(DTYPES) if "all" in dtypes else dtypes
+    if set(sections) - {"source"}:  # the rest is compiled
+        tools.require_compilers()
     if "sass" in sections:
         tools.find_disassembler()
     if "sass" in sections or "resources" in sections:
         tools.find_tool("ptxas")
-    capability = compiler.parse_arch(args.arch)
+    capability = args.arch or compiler.default_arch()
     arch = compiler.arch_name(capability)
     shape = tuple(args.shape)
     variant = Variant(args.softcap, args.label_smoothing, args.class_weights)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 from numba import cuda
 
 from .. import launcher
+from ..devices import MIN_CAPABILITY
 from ..portable import SIMULATOR
 from . import tools
 from .launches import DEFAULT_SHAPE, PLAIN, Launch, planned_launch
@@ -31,13 +32,17 @@ def require_compiler():
 
 
 def parse_arch(text):
-    """(major, minor) from a name like 'sm_90'; None gives :func:`default_arch`."""
+    """(major, minor) from a name like 'sm_90', sm_80 or newer; None gives :func:`default_arch`."""
     if text is None:
         return default_arch()
     match = re.fullmatch(r"sm_(\d+)(\d)", str(text))
     if match is None:
         raise ValueError(f"arch must be a name like sm_90 or sm_80 (got {text!r})")
-    return int(match.group(1)), int(match.group(2))
+    capability = int(match.group(1)), int(match.group(2))
+    if capability < MIN_CAPABILITY:
+        raise ValueError(f"arch must be {arch_name(MIN_CAPABILITY)} or newer, where the kernels' "
+                         f"cp.async and bf16 conversion instructions exist (got {text})")
+    return capability
 
 
 def arch_name(capability):

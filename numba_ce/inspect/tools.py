@@ -1,6 +1,8 @@
-"""The CUDA binary tools: ptxas (PTX -> cubin, and the resource report), nvdisasm or cuobjdump
-(cubin -> SASS). Found in NVIDIA's pip wheels, conda, CUDA_PATH / CUDA_HOME or the toolkit of the
-loaded CUDA runtime (all by cuda.pathfinder), then on PATH; a missing tool names its package."""
+"""The CUDA tools of kernel inspection: the compilers numba-cuda loads (NVVM, NVRTC), ptxas (PTX
+-> cubin, and the resource report), nvdisasm or cuobjdump (cubin -> SASS). Found in NVIDIA's pip
+wheels, conda, CUDA_PATH / CUDA_HOME or the toolkit of the loaded CUDA runtime (all by
+cuda.pathfinder), tools then on PATH; a missing one names the ``inspect`` extra, which installs
+them all."""
 import functools
 import os
 import re
@@ -9,19 +11,14 @@ import subprocess
 import tempfile
 from typing import NamedTuple
 
-# ptxas must know the PTX ISA that NVVM 13.0 writes; a newer disassembler reads older cubins.
-INSTALL_HINTS = {
-    "ptxas": "pip install 'cuda-toolkit[nvcc]==13.0.*' (a ptxas at least as new as NVVM 13.0)",
-    "nvdisasm": "pip install nvidia-cuda-nvdisasm (the cuda-toolkit[nvdisasm] extra exists from "
-                "13.2 on; cuda-toolkit 13.0 has none)",
-    "cuobjdump": "pip install nvidia-cuda-cuobjdump (the cuda-toolkit[cuobjdump] extra exists "
-                 "from 13.2 on)",
-}
+INSTALL_HINT = "pip install 'numba_ce[inspect]'"
+WHERE_SEARCHED = "NVIDIA wheels, conda, CUDA_PATH/CUDA_HOME, the CUDA runtime's toolkit"
+LIBRARIES = {"nvvm": "NVVM", "nvrtc": "NVRTC"}  # what numba-cuda compiles with
 DISASSEMBLERS = ("nvdisasm", "cuobjdump")
 
 
 class ToolMissing(RuntimeError):
-    """A CUDA binary tool is not installed; the message says which package provides it."""
+    """A CUDA tool is not installed; the message names the extra that installs it."""
 
 
 def _locate(name):
@@ -30,12 +27,32 @@ def _locate(name):
     return find_nvidia_binary_utility(name) or shutil.which(name)
 
 
+def _loadable(library):
+    """Whether the CUDA library ``library`` (a key of LIBRARIES) loads as numba-cuda loads it."""
+    from cuda.pathfinder import DynamicLibNotFoundError, load_nvidia_dynamic_lib
+
+    try:
+        load_nvidia_dynamic_lib(library)
+    except DynamicLibNotFoundError:
+        return False
+    return True
+
+
+def require_compilers():
+    """Raise ToolMissing unless NVVM and NVRTC load (numba-cuda needs both to compile)."""
+    for library, name in LIBRARIES.items():
+        if not _loadable(library):
+            raise ToolMissing(f"{name} (lib{library}), which compiling the kernels needs, was not "
+                              f"found ({WHERE_SEARCHED}, the system's libraries); to install it "
+                              f"and the other tools: {INSTALL_HINT}")
+
+
 def find_tool(name):
-    """The path of CUDA binary tool ``name`` (a key of INSTALL_HINTS)."""
+    """The path of CUDA binary tool ``name`` (ptxas)."""
     path = _locate(name)
     if path is None:
-        raise ToolMissing(f"{name} was not found (NVIDIA wheels, conda, CUDA_PATH/CUDA_HOME, the "
-                          f"CUDA runtime's toolkit, PATH); to install it: {INSTALL_HINTS[name]}")
+        raise ToolMissing(f"{name} was not found ({WHERE_SEARCHED}, PATH); to install it and the "
+                          f"other tools: {INSTALL_HINT}")
     return path
 
 
@@ -45,8 +62,8 @@ def find_disassembler():
         path = _locate(name)
         if path is not None:
             return path
-    raise ToolMissing("SASS needs nvdisasm or cuobjdump, and neither was found; to install one: "
-                      + "; or ".join(INSTALL_HINTS[name] for name in DISASSEMBLERS))
+    raise ToolMissing(f"SASS needs nvdisasm or cuobjdump, and neither was found ({WHERE_SEARCHED}, "
+                      f"PATH); to install nvdisasm and the other tools: {INSTALL_HINT}")
 
 
 class Assembly(NamedTuple):

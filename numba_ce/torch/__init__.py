@@ -9,6 +9,14 @@
 CUDA tensors on a GPU (kernels on torch's current stream, memory from torch's allocator), or CPU
 tensors in the CUDA simulator (NUMBA_ENABLE_CUDASIM=1). See :func:`cross_entropy`.
 """
+try:
+    import torch  # noqa: F401  (the adapter's modules need it: say how to install it first)
+except ModuleNotFoundError as missing:
+    if missing.name != "torch":
+        raise
+    raise ModuleNotFoundError("numba_ce.torch needs PyTorch, which is not installed: pip install "
+                              "'numba_ce[torch]'", name="torch") from missing
+
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
 from .module import CrossEntropyLoss, LinearCrossEntropyLoss

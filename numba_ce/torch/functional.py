@@ -17,6 +17,8 @@ the math is fp32 either way. torch.compile: ``cross_entropy`` runs eagerly, one 
 (tensors.graph_break); a torch.library custom op would avoid the break, but its functionalisation
 copies the buffers that inplace_backward and the in-place backward exist to avoid.
 """
+from typing import Literal, overload
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -27,10 +29,27 @@ from ..planning import RowInputs
 from . import tensors
 
 
+@overload
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
+                  ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+                  z_loss: float = ..., softcap: float | None = ..., inplace_backward: bool = ...,
+                  return_z_loss: Literal[False] = ..., validate: bool = ...) -> torch.Tensor: ...
+
+
+@overload
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
+                  ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+                  z_loss: float = ..., softcap: float | None = ..., inplace_backward: bool = ...,
+                  return_z_loss: Literal[True], validate: bool = ...
+                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @tensors.graph_break
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
-                  return_z_loss=False, validate=True):
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  *, z_loss: float = 0.0, softcap: float | None = None,
+                  inplace_backward: bool = False, return_z_loss: bool = False,
+                  validate: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``input`` (N, V) against class indices ``target`` (N,), as
     :func:`torch.nn.functional.cross_entropy`, plus z-loss and softcap.
 

@@ -20,9 +20,12 @@ from . import tensors
 
 
 @tensors.graph_break
-def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
-                         reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                         softcap=None, chunk_size=None, validate=True):
+def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                         *, linear_bias: torch.Tensor | None = None,
+                         weight: torch.Tensor | None = None, reduction: str = "mean",
+                         ignore_index: int = -100, label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, softcap: float | None = None,
+                         chunk_size: int | None = None, validate: bool = True) -> torch.Tensor:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` against ``target``,
     as :func:`torch.nn.functional.linear_cross_entropy` (same leading signature), plus z-loss and
     softcap, computed chunk by chunk of rows so that no N x V logits are ever stored.

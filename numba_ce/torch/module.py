@@ -16,8 +16,12 @@ class CrossEntropyLoss(torch.nn.Module):
     check; ``crit(input, target)`` calls :func:`numba_ce.torch.cross_entropy` with these options.
     """
 
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                 z_loss=0.0, softcap=None, inplace_backward=False, validate=True):
+    weight: torch.Tensor | None  # a buffer
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 softcap: float | None = None, inplace_backward: bool = False,
+                 validate: bool = True) -> None:
         super().__init__()
         # Bad options fail here, where they were written, not at the first call.
         options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
@@ -27,7 +31,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self.validate = validation.check_flag("validate", validate)
         self.register_buffer("weight", weight)
 
-    def forward(self, input, target):
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
                              self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
                              inplace_backward=self.inplace_backward, validate=self.validate)
@@ -44,9 +48,14 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     logits, ``crit(input, target)``, through :func:`numba_ce.torch.linear_cross_entropy`; plus
     z-loss, softcap, chunk_size and the target check."""
 
-    def __init__(self, in_features, num_classes, *, bias=False, device=None, dtype=None,
-                 reduction="mean", weight=None, ignore_index=-100, label_smoothing=0.0,
-                 z_loss=0.0, softcap=None, chunk_size=None, validate=True):
+    weight: torch.Tensor | None  # a buffer
+
+    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 reduction: str = "mean", weight: torch.Tensor | None = None,
+                 ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: float | None = None, chunk_size: int | None = None,
+                 validate: bool = True) -> None:
         super().__init__()
         options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
         (self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
@@ -58,7 +67,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                       dtype=dtype)
         self.register_buffer("weight", weight)
 
-    def forward(self, input, target):
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index,

@@ -17,6 +17,7 @@ launcher then follows).
 import contextlib
 import functools
 import warnings
+from typing import Any, Callable, TypeVar, cast
 
 import ml_dtypes
 import numpy as np
@@ -26,9 +27,10 @@ from .. import devices, launcher
 from ..portable import SIMULATOR
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+Entry = TypeVar("Entry", bound=Callable[..., Any])  # a public function, as graph_break keeps it
 
 
-def graph_break(function):
+def graph_break(function: Entry) -> Entry:
     """``function`` (an entry point that launches kernels) as TorchDynamo must see it: while it
     traces, a call to torch.compiler.disable(function), one graph break with the call run
     eagerly; eager calls go straight to ``function``, without disable's frame switches (~10 us
@@ -40,7 +42,7 @@ def graph_break(function):
         run = outside_dynamo if torch.compiler.is_compiling() else function
         return run(*args, **kwargs)
 
-    return call
+    return cast(Entry, call)  # functools.wraps gave it the signature of ``function``
 
 
 def check_devices(input, **others):
