@@ -8,11 +8,13 @@ from .execution import RowCall
 from .options import Options
 from .planning import RowInputs
 from .portable import SIMULATOR
-from .results import CrossEntropyResult
+from .results import Array, CrossEntropyResult
 
 
-def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0, softcap=None, validate=True):
+def cross_entropy(logits: Array, target: Array, *, weight: Array | None = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                  validate: bool = True) -> Array:
     """Cross-entropy loss of ``logits`` (N, V) against class indices ``target`` (N,).
 
     Parameters
@@ -35,9 +37,12 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     return compute(logits, target, options, weight=weight, validate=validate).loss
 
 
-def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                            label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=None,
-                            inplace=False, validate=True):
+def cross_entropy_with_grad(logits: Array, target: Array, *, weight: Array | None = None,
+                            ignore_index: int = -100, reduction: str = "mean",
+                            label_smoothing: float = 0.0, z_loss: float = 0.0,
+                            softcap: float | None = None,
+                            grad_output: Array | float | None = None, inplace: bool = False,
+                            validate: bool = True) -> CrossEntropyResult:
     """Loss and gradient in one fused kernel; options as in :func:`cross_entropy`.
 
     grad_output : None (ones), a scalar, or an (N,) array for reduction='none': the upstream

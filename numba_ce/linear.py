@@ -34,7 +34,7 @@ from .kernels import STAT_WEIGHT_SUM
 from .matmul import matmul
 from .options import Options
 from .planning import RowInputs, plan_reduce, plan_rows
-from .results import LinearCrossEntropyResult
+from .results import Array, LinearCrossEntropyResult
 
 # The default chunk: 4096 rows, halved while its logits exceed 1 GiB. Each chunk's weight-gradient
 # product reads and writes the float32 accumulator (8 * V * H bytes) for 2 * V * H * C flops:
@@ -44,9 +44,12 @@ CHUNK_ROWS = 4096
 CHUNK_BYTES = 2**30
 
 
-def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
-                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                         softcap=None, chunk_size=None, validate=True):
+def linear_cross_entropy(input: Array, linear_weight: Array, target: Array, *,
+                         linear_bias: Array | None = None, weight: Array | None = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: float | None = None, chunk_size: int | None = None,
+                         validate: bool = True) -> Array:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` against ``target``,
     computed chunk by chunk of rows, so that no N x V array is ever allocated.
 
@@ -69,10 +72,14 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                 chunk_size=chunk_size, validate=validate).loss
 
 
-def linear_cross_entropy_with_grad(input, linear_weight, target, *, linear_bias=None,
-                                   weight=None, ignore_index=-100, reduction="mean",
-                                   label_smoothing=0.0, z_loss=0.0, softcap=None,
-                                   chunk_size=None, grad_output=None, validate=True):
+def linear_cross_entropy_with_grad(input: Array, linear_weight: Array, target: Array, *,
+                                   linear_bias: Array | None = None,
+                                   weight: Array | None = None, ignore_index: int = -100,
+                                   reduction: str = "mean", label_smoothing: float = 0.0,
+                                   z_loss: float = 0.0, softcap: float | None = None,
+                                   chunk_size: int | None = None,
+                                   grad_output: Array | float | None = None,
+                                   validate: bool = True) -> LinearCrossEntropyResult:
     """The loss of :func:`linear_cross_entropy` and its gradients in one pass over the chunks.
 
     grad_output : None (ones), a scalar, or an (N,) array for reduction='none'.

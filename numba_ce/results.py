@@ -1,6 +1,9 @@
 """The result types of :func:`numba_ce.cross_entropy_with_grad` and of the linear variant."""
 from typing import Any, NamedTuple
 
+# A NumPy or CuPy array (in the simulator NumPy only): the public API takes and returns either.
+Array = Any
+
 
 class CrossEntropyResult(NamedTuple):
     """loss: float32, 0-d ("mean"/"sum") or (N,) ("none").  grad: like the logits.

@@ -10,6 +10,8 @@ import typing
 
 import pytest
 
+import numba_ce
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 CONFIG = configparser.ConfigParser()
@@ -72,16 +74,27 @@ def test_readme_links_are_absolute():
     assert [t for t in targets if not t.startswith("https://")] == []
 
 
+def assert_annotated(function):
+    """Every parameter and the return of ``function`` have type hints that resolve."""
+    signature = inspect.signature(function)
+    bare = [name for name, parameter in signature.parameters.items()
+            if name != "self" and parameter.annotation is parameter.empty]
+    assert bare == [], (function.__qualname__, bare)
+    assert signature.return_annotation is not signature.empty, function.__qualname__
+    assert set(typing.get_type_hints(function)) == set(signature.parameters) - {"self"} | {
+        "return"}
+
+
 def test_the_torch_adapters_public_api_is_annotated():
     """py.typed promises type hints: every parameter and return of the adapter's entry points."""
     nce = pytest.importorskip("numba_ce.torch")
     for function in (nce.cross_entropy, nce.linear_cross_entropy, nce.CrossEntropyLoss.__init__,
                      nce.CrossEntropyLoss.forward, nce.LinearCrossEntropyLoss.__init__,
                      nce.LinearCrossEntropyLoss.forward):
-        signature = inspect.signature(function)
-        bare = [name for name, parameter in signature.parameters.items()
-                if name != "self" and parameter.annotation is parameter.empty]
-        assert bare == [], (function.__qualname__, bare)
-        assert signature.return_annotation is not signature.empty, function.__qualname__
-        assert set(typing.get_type_hints(function)) == set(signature.parameters) - {"self"} | {
-            "return"}
+        assert_annotated(function)
+
+
+def test_the_array_api_is_annotated():
+    for function in (numba_ce.cross_entropy, numba_ce.cross_entropy_with_grad,
+                     numba_ce.linear_cross_entropy, numba_ce.linear_cross_entropy_with_grad):
+        assert_annotated(function)
