@@ -5,7 +5,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 from torch.utils.checkpoint import checkpoint
 
 import numba_ce.torch as nce
