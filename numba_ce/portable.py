@@ -46,8 +46,8 @@ lacks through this module:
   module's globals) on the per-element path;
 * ``SIMULATOR``: whether ``NUMBA_ENABLE_CUDASIM=1`` was set when Numba was imported.
 
-In the simulator, this module also mends its shared arrays (below) and silences NumPy's float32
-overflow warnings in the kernels' own code, where the GPU rounds to +-inf without a word.
+In the simulator, this module also mends its shared arrays (below) and runs numba_ce's kernels
+with NumPy's floating-point warnings off, as the GPU gives inf and NaN without a word.
 
 Every function takes the same arguments on both backends, so the kernel source does not branch.
 """
@@ -66,9 +66,9 @@ if SIMULATOR:
     # Device functions run as Python code on NumPy scalars; the views below are exact.
     import sys
     import threading
-    import warnings
 
     from numba.cuda.simulator import kernelapi
+    from numba.cuda.simulator.kernel import BlockThread
     from numba.np import numpy_support
 
     _shared_lock = threading.Lock()
@@ -97,12 +97,25 @@ if SIMULATOR:
     _dynamic_shared_array = kernelapi.FakeCUDAShared.array
     kernelapi.FakeCUDAShared.array = _shared_array
 
-    # A float32 result too large for the format is +-inf on the GPU, silently (IEEE 754), and
-    # the kernels count on it: the running maximum starts at -FLT_MAX, so the first rescale's
-    # exponent (-FLT_MAX - m) * log2(e) is -inf and its factor 0. NumPy's scalars warn instead;
-    # the simulator keeps the GPU's silence for the kernels' own code.
-    warnings.filterwarnings("ignore", "overflow encountered in scalar multiply", RuntimeWarning,
-                            r"numba_ce\.(kernels|reductions)$")
+    # The GPU's float arithmetic is IEEE 754 without traps: a result too large for the format is
+    # +-inf, 0 / 0 and inf - inf are NaN, silently, and the kernels count on it (the running
+    # maximum starts at -FLT_MAX, so the first rescale's exponent (-FLT_MAX - m) * log2(e) is
+    # -inf and its factor 0; a "mean" over no counted rows is 0 / 0 = NaN, as torch's). NumPy's
+    # scalars warn instead, which a user's `python -W error` or pytest `filterwarnings = error`
+    # turns into an exception of the launch. So the simulated threads of numba_ce's kernels run
+    # with NumPy's errors ignored (its integers' overflow too: int32 wraps silently on the GPU).
+    # NumPy's error state is per thread and a new thread starts from the default, so it is set in
+    # each simulated thread; other kernels keep the default.
+    _run_thread = BlockThread.run
+
+    def _run_thread_as_the_gpu_computes(self):
+        if self._manager._f.__module__.startswith("numba_ce."):
+            with np.errstate(all="ignore"):
+                _run_thread(self)
+        else:
+            _run_thread(self)
+
+    BlockThread.run = _run_thread_as_the_gpu_computes
 
     def device_function(fn):
         return fn

@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -100,7 +101,7 @@ def assert_close(actual, expected, rtol, atol, what):
 def torch_loss_and_grad(logits, target, *, grad_output=None, **options):
     """PyTorch's cross_entropy in float64 (CPU), plus z-loss and softcap written out, and its
     autograd gradient: an implementation independent of ours."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     x = torch.tensor(np.asarray(logits).astype(np.float64), requires_grad=True)
     total = torch_total_loss(x, target, **options)
@@ -135,7 +136,7 @@ def torch_linear_loss_and_grads(input, linear_weight, target, *, linear_bias=Non
     db = sum_i dz_i. With ``logits_format`` the logits are first rounded to that format, as
     numba_ce (and torch's unfused computation in that format) rounds each chunk's logits, and
     the magnitudes of :class:`LinearExpected` are computed."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     x, w = (np.asarray(a).astype(np.float64) for a in (input, linear_weight))
     z = x @ w.T + (0.0 if linear_bias is None else np.asarray(linear_bias).astype(np.float64))
@@ -172,8 +173,8 @@ def assert_rounded_close(actual, expected, magnitudes, dtype, what, roundings=1)
 def torch_total_loss(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
                      label_smoothing=0.0, z_loss=0.0, softcap=None):
     """F.cross_entropy of float64 ``logits`` (a tensor), plus z-loss and softcap written out."""
-    import torch
-    import torch.nn.functional as F
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
 
     t = torch.tensor(np.asarray(target), dtype=torch.int64)
     w = None if weight is None else torch.tensor(np.asarray(weight, dtype=np.float64))
@@ -192,7 +193,7 @@ def torch_total_loss(logits, target, *, weight=None, ignore_index=-100, reductio
 
 
 def _torch_grads(total, leaves, grad_output):
-    import torch
+    torch = pytest.importorskip("torch")
 
     upstream = torch.ones_like(total) if grad_output is None else torch.as_tensor(
         np.asarray(grad_output, dtype=np.float64)).expand_as(total)

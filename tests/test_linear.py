@@ -250,8 +250,8 @@ def test_gpu_default_chunks_at_a_larger_shape(rng, dtype):
     torch float64: each output within the issue's relative error, or no further from float64
     than torch's own unfused computation in the same dtype on the GPU (the logits' rounding to
     bf16 is in both)."""
-    import torch
-    import torch.nn.functional as F
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
     from torch_helpers import from_torch, to_torch
 
     cp = devices.cupy

@@ -6,7 +6,8 @@ simulator."""
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 from numba_ce import planning
 from numba_ce.torch.tensors import TensorArray

@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 from torch.utils.checkpoint import checkpoint
 
 import numba_ce.torch as nce

@@ -6,7 +6,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 import torch.nn.functional as F
 
 import numba_ce.torch as nce

@@ -6,7 +6,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
