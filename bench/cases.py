@@ -26,6 +26,7 @@ class Options:
     z_loss: float = 0.0
     softcap: float | None = None
     ignore_fraction: float = 0.0  # this share of rows gets target = IGNORE_INDEX
+    argmax_outputs: bool = False  # also token accuracy and predicted tokens (numba_ce only)
 
 
 OPTIONS = {o.name: o for o in (
@@ -33,6 +34,7 @@ OPTIONS = {o.name: o for o in (
     Options("smooth_z", label_smoothing=0.1, z_loss=1e-4),
     Options("ignore30", ignore_fraction=0.3),
     Options("softcap", softcap=30.0),
+    Options("outputs", argmax_outputs=True),
 )}
 
 # (N, V, dtype): Llama-2, Llama-3, Gemma and Qwen-2 vocabularies; fp32 once, at the Llama-3 shape.

@@ -70,13 +70,14 @@ class Provider:
     name = ""
     modes = tuple(MODES)
     smoke_default = False  # run by --smoke unless --providers says otherwise
+    argmax_outputs = False  # whether it returns token accuracy and predicted tokens
 
     def unavailable(self):
         """None, or why this provider cannot run here."""
         return None
 
     def applies(self, spec):
-        return True
+        return self.argmax_outputs or not spec.options.argmax_outputs
 
     def step(self, mode, inputs, target, options):
         raise NotImplementedError
@@ -86,6 +87,7 @@ class NumbaArrays(Provider):
     """numba_ce.cross_entropy / cross_entropy_with_grad on CuPy views of the torch tensors, on
     torch's current stream (NumPy views of CPU tensors in the simulator). Not in place."""
     smoke_default = True
+    argmax_outputs = True
 
     def __init__(self, simulator, validate):
         self.simulator, self.validate = simulator, validate
@@ -105,15 +107,17 @@ class NumbaArrays(Provider):
         logits, target = array_view(xp, inputs.logits), array_view(xp, target)
         kwargs = dict(ignore_index=IGNORE_INDEX, label_smoothing=options.label_smoothing,
                       z_loss=options.z_loss, softcap=options.softcap, validate=self.validate)
-        if mode == "loss":
+        outputs = dict(return_token_accuracy=options.argmax_outputs,
+                       return_predicted_tokens=options.argmax_outputs)
+        if mode == "loss" and not options.argmax_outputs:
             def call():
                 return numba_ce.cross_entropy(logits, target, **kwargs)
-        else:
+        else:  # (the loss-only entry point has no argmax outputs: the gradient's in "loss")
             grad_output = 1.0 / GRAD_ACCUM_STEPS if mode == "accum" else None
 
             def call():
                 return numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output,
-                                                        **kwargs).loss
+                                                        **kwargs, **outputs).loss
         if self.simulator:
             return Step(call)
         from numba_ce.torch.tensors import cupy_stream
@@ -152,17 +156,24 @@ class NumbaTorch(Provider):
     def unavailable(self):
         return _import_problem("numba_ce.torch", "numba_ce.torch")
 
+    argmax_outputs = True
+
     def applies(self, spec):
-        return not self.plain_only or (not spec.sweep and spec.options.name == "plain")
+        return super().applies(spec) and (
+            not self.plain_only or (not spec.sweep and spec.options.name == "plain"))
 
     def step(self, mode, inputs, target, options):
         nce = importlib.import_module("numba_ce.torch")
+        outputs = dict(return_token_accuracy=True, return_predicted_tokens=True) if (
+            options.argmax_outputs) else {}
 
         def loss_fn(x, t):
-            return nce.cross_entropy(x, t, ignore_index=IGNORE_INDEX,
+            loss = nce.cross_entropy(x, t, ignore_index=IGNORE_INDEX,
                                      label_smoothing=options.label_smoothing,
                                      z_loss=options.z_loss, softcap=options.softcap,
-                                     inplace_backward=self.inplace, validate=self.validate)
+                                     inplace_backward=self.inplace, validate=self.validate,
+                                     **outputs)
+            return loss.loss if outputs else loss
         return autograd_step(loss_fn, inputs, target, mode)
 
 

@@ -3,7 +3,7 @@ import numbers
 
 import numpy as np
 
-from . import buffers, devices, execution, validation
+from . import buffers, devices, execution, results, validation
 from .execution import RowCall
 from .options import Options
 from .planning import RowInputs
@@ -42,6 +42,8 @@ def cross_entropy_with_grad(logits: Array, target: Array, *, weight: Array | Non
                             label_smoothing: float = 0.0, z_loss: float = 0.0,
                             softcap: float | None = None,
                             grad_output: Array | float | None = None, inplace: bool = False,
+                            return_token_accuracy: bool = False,
+                            return_predicted_tokens: bool = False,
                             validate: bool = True) -> CrossEntropyResult:
     """Loss and gradient in one fused kernel; options as in :func:`cross_entropy`.
 
@@ -49,14 +51,20 @@ def cross_entropy_with_grad(logits: Array, target: Array, *, weight: Array | Non
         gradient, so that ``grad`` = d(sum(loss * grad_output)) / d(logits).
     inplace : write the gradient into the logits buffer (``res.grad is logits``); otherwise the
         logits are never modified.
+    return_token_accuracy, return_predicted_tokens : also fill ``res.token_accuracy`` (the share
+        of counted rows whose argmax is their target, reduced as the loss) and
+        ``res.predicted_tokens`` (each row's argmax, int64, -1 for ignored rows), found in the
+        kernel's first pass over the logits.
 
     Returns
     -------
-    CrossEntropyResult(loss, grad, z_loss, lse): ``grad`` has the logits' shape and dtype and is
-    computed in fp32 and rounded once; ``z_loss`` is the z-loss part of ``loss``; ``lse`` is the
-    float32 (N,) log-sum-exp of the (softcapped) logits, 0 for ignored rows.
+    CrossEntropyResult(loss, grad, z_loss, lse, token_accuracy, predicted_tokens): ``grad`` has
+    the logits' shape and dtype and is computed in fp32 and rounded once; ``z_loss`` is the
+    z-loss part of ``loss``; ``lse`` is the float32 (N,) log-sum-exp of the (softcapped) logits,
+    0 for ignored rows; the last two None unless asked.
     """
-    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                      return_token_accuracy, return_predicted_tokens)
     return compute(logits, target, options, weight=weight, grad_output=grad_output,
                    with_grad=True, inplace=inplace, validate=validate)
 
@@ -91,21 +99,22 @@ def compute(logits, target, options, *, weight=None, grad_output=None, with_grad
     grad = None
     if with_grad:
         grad = logits if inplace else alloc.empty(logits.shape, logits.dtype)
-    outputs = buffers.allocate(alloc, n_rows, options.reduced)
+    outputs = buffers.allocate(alloc, n_rows, options)
     execution.run(RowCall(inputs, options, grad, outputs, validate), alloc, device)
 
-    loss, z_part = ((outputs.loss.reshape(()), outputs.z_loss.reshape(())) if options.reduced
-                    else (outputs.row_loss, outputs.row_z))
+    loss, z_part, accuracy, predicted = results.returned(outputs, options)
     row_lse = outputs.row_lse
     if on_host:
-        loss, z_part, row_lse = (devices.cupy.asnumpy(a) for a in (loss, z_part, row_lse))
+        loss, z_part, row_lse, accuracy, predicted = (
+            None if a is None else devices.cupy.asnumpy(a)
+            for a in (loss, z_part, row_lse, accuracy, predicted))
         if grad is not None:
             if inplace:
                 caller_logits[...] = devices.cupy.asnumpy(grad)  # the caller's view may be strided
                 grad = caller_logits
             else:
                 grad = devices.cupy.asnumpy(grad)
-    return CrossEntropyResult(loss, grad, z_part, row_lse)
+    return CrossEntropyResult(loss, grad, z_part, row_lse, accuracy, predicted)
 
 
 def array_kind(**arrays):

@@ -18,8 +18,8 @@ from . import device_properties, host_read, launcher
 from .buffers import RowOutputs
 from .devices import data_pointer
 from .options import Options
-from .planning import (RowInputs, plan_reduce, plan_round, plan_rows, plan_scale,
-                       plan_target_stats)
+from .planning import (RowInputs, plan_reduce, plan_reduce_accuracy, plan_round, plan_rows,
+                       plan_scale, plan_target_stats)
 from .validation import target_out_of_range
 
 
@@ -52,8 +52,7 @@ def run(call, alloc, device=None, executor=EXECUTOR):
     inputs, options = call.inputs, call.options
     n_rows, n_classes = inputs.logits.shape
     if n_rows == 0:
-        if options.reduced:
-            fill_no_rows(options, call.outputs.loss, call.outputs.z_loss)
+        fill_no_rows(options, call.outputs)
         return
     device = device or device_properties.current()
     stats, bad_row = target_statistics(alloc, inputs.target, inputs.weight, options, n_classes,
@@ -64,10 +63,18 @@ def run(call, alloc, device=None, executor=EXECUTOR):
         check_targets(first_bad, inputs.target, n_classes, options.ignore_index, executor)
         first_bad = None
     executor.launch(plan_rows(inputs, options, stats, call.grad, call.outputs, device))
-    if options.reduced:
-        executor.launch(plan_reduce(call.outputs, stats, options, device))
+    reduce(call.outputs, stats, options, device, executor)
     if first_bad is not None:
         check_targets(first_bad, inputs.target, n_classes, options.ignore_index, executor)
+
+
+def reduce(outputs, stats, options, device, executor=EXECUTOR):
+    """The reduced loss, z part and (if asked) token accuracy of the row outputs, for "sum" and
+    "mean"."""
+    if options.reduced:
+        executor.launch(plan_reduce(outputs, stats, options, device))
+        if options.return_token_accuracy:
+            executor.launch(plan_reduce_accuracy(outputs, stats, options, device))
 
 
 def target_statistics(alloc, target, weight, options, n_classes, device, executor=EXECUTOR):
@@ -91,11 +98,13 @@ def check_targets(first_bad, target, n_classes, ignore_index, executor=EXECUTOR)
         raise target_out_of_range(row, value, n_classes, ignore_index)
 
 
-def fill_no_rows(options, *reduced):
+def fill_no_rows(options, outputs):
     """The reduced outputs of a batch of no rows, as PyTorch gives them: "sum" is 0 and "mean"
     is 0 / 0 = NaN."""
-    for out in reduced:
-        out.fill(np.nan if options.reduction == "mean" else 0.0)
+    if options.reduced:
+        for out in (outputs.loss, outputs.z_loss, outputs.token_accuracy):
+            if out is not None:
+                out.fill(np.nan if options.reduction == "mean" else 0.0)
 
 
 def scale_rows(grad, fmt, grad_output, per_row, device=None):

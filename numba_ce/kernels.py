@@ -50,10 +50,10 @@ import numpy as np
 from numba import cuda
 
 from .floatbits import kernel_codec, pair_encoder
-from .portable import (SIMULATOR, copy_word, device_function, exp2, fast_tanh, fma,
-                       l2_drop_policy, l2_keep_policy, load_word, load_word_hinted, store_word,
-                       wait_copies)
-from .reductions import LOG2E, NEG_INF, ZERO, block_lse, block_sum2
+from .portable import (SIMULATOR, bits_from_f32, copy_word, device_function, exp2,
+                       f32_from_bits, fast_tanh, fma, l2_drop_policy, l2_keep_policy, load_word,
+                       load_word_hinted, store_word, wait_copies)
+from .reductions import LOG2E, NEG_INF, NO_INDEX, ZERO, block_argmax, block_lse, block_sum2
 
 ONE = np.float32(1.0)
 TWO = np.float32(2.0)
@@ -171,6 +171,9 @@ UNROLL = 4  # absorb_group, store_group and the prefetch in row_kernel are writt
 # by its sum of 0.
 LOWEST = np.float32(np.finfo(np.float32).min)
 
+# A row's argmax as the argmax kernels keep it (V < 2**31)
+INDEX = np.int32
+
 # What label smoothing adds per element (compile-time, so the plain kernel carries none of it)
 NO_SMOOTHING, SMOOTHING, WEIGHTED_SMOOTHING = 0, 1, 2
 
@@ -194,10 +197,11 @@ def join(lo, hi):
 
 
 @functools.lru_cache(maxsize=None)
-def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
+def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argmax=False):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
     the gradient, with or without softcap (``capped``) and label smoothing (``smoothing``, class
-    weighted or not). Each is fixed at compile time: the loops over a word's elements unroll and
+    weighted or not), finding each row's argmax or not (``argmax``: token accuracy and
+    predicted tokens). Each is fixed at compile time: the loops over a word's elements unroll and
     the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element."""
     bits, decode, encode = kernel_codec(fmt)
     mask = (1 << bits) - 1
@@ -268,6 +272,56 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
         for i in range(1, pack):
             top = max(top, raw(word, i))
         return top
+
+    @device_function
+    def first_of(word, k, value, later):
+        """The index of word k's first element equal to ``value``, else ``later``."""
+        at = later
+        for i in range(pack - 1, -1, -1):
+            if raw(word, i) == value:
+                at = INDEX(k * pack + i)  # 32 bits: one register, and V < 2**31
+        return at
+
+    @device_function
+    def track_group(best, best_at, w0, w1, w2, w3, k, step):
+        """(value, index) of the first largest raw element so far, after words k, k + step,
+        k + 2 step, k + 3 step (in index order: only a strictly larger value moves it, so the
+        first maximal index stays, as torch.argmax's). Softcap is increasing: the raw logits
+        have the capped ones' argmax. NaN never compares larger (the row's scan finds it)."""
+        top = max(max(word_max(w0), word_max(w1)), max(word_max(w2), word_max(w3)))
+        if top > best:
+            return top, first_of(w0, k, top, first_of(w1, k + step, top, first_of(
+                w2, k + 2 * step, top, first_of(w3, k + 3 * step, top, best_at))))
+        return best, best_at
+
+    @cuda.jit(device=True)
+    def first_nan(logits, row, n_words):
+        """This thread's first NaN element of the row (its words in index order), else NO_INDEX;
+        read again from global memory only for rows whose sum is NaN (a NaN or +inf logit)."""
+        for k in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
+            word = load_word(logits, row, k)
+            for i in range(pack):
+                x = raw(word, i)
+                if x != x:
+                    return k * pack + i
+        return NO_INDEX
+
+    @cuda.jit(device=True)
+    def row_argmax(logits, row, n_words, best, best_at, row_sum, lane_a, lane_b, warp_a,
+                   warp_b):
+        """The row's argmax from every thread's (value, index): the first maximal element, or
+        the first NaN if the row has one, as torch.argmax. Every thread of the block calls it
+        (barriers); ``row_sum`` is the block's."""
+        _, at_bits = block_argmax(best, f32_from_bits(best_at), lane_a, lane_b, warp_a, warp_b)
+        at = bits_from_f32(at_bits)
+        if row_sum != row_sum:  # uniform over the block: a NaN or +inf logit
+            nan_at = first_nan(logits, row, n_words)
+            found, nan_bits = block_argmax(ZERO if nan_at != NO_INDEX else NEG_INF,
+                                           f32_from_bits(nan_at), lane_a, lane_b, warp_a,
+                                           warp_b)
+            if found == ZERO:
+                at = bits_from_f32(nan_bits)
+        return at
 
     @device_function
     def word_exp_sum(word, row_max, softcap, inv_softcap):
@@ -394,15 +448,18 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
             out_row[k] = word
 
     @cuda.jit
-    def kernel(logits, target, weight, grad, row_loss, row_z, row_lse, stats, grad_output,
-               n_classes, ignore_index, one_minus_eps, eps_over_v, z_loss, softcap,
-               has_weight, reduction, go_per_row):
+    def kernel(logits, target, weight, grad, row_loss, row_z, row_lse, row_correct, predicted,
+               stats, grad_output, n_classes, ignore_index, one_minus_eps, eps_over_v, z_loss,
+               softcap, has_weight, reduction, go_per_row):
         """
         logits       # (N, V / pack) words of `pack` elements, rows may be strided
         target       # (N,) int32/int64
         weight       # (V,) float32, or (1,) unused when has_weight == 0
         grad         # (N, V / pack) words (may be `logits` itself: in-place); unused without grad
         row_loss, row_z, row_lse  # (N,) float32 outputs: loss (with z part), z part, lse
+        row_correct  # (N,) float32: 1 where the argmax is the target (argmax kernels, else unused)
+        predicted    # (N,) int64: the argmax, -1 for rows not counted (argmax kernels with
+                     #   predicted tokens asked for; else another (N,) array, unused)
         stats        # (3,) float32 from target_stats
         grad_output  # (N,) float32 when go_per_row else (1,)
         """
@@ -434,6 +491,9 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
                     row_loss[row] = fill
                     row_z[row] = fill
                     row_lse[row] = fill
+                    if argmax:
+                        row_correct[row] = ZERO
+                        predicted[row] = -1
                 if with_grad:
                     fill_row(grad[row], n_words, 0 if ignored else nan_word)
                 continue
@@ -447,23 +507,34 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
             row_max = LOWEST
             row_sum = ZERO
             weighted_x = ZERO
+            best = NEG_INF  # argmax kernels: the first largest raw logit so far, and its index
+            best_at = INDEX(0)
             for k in range(tid, n_cached, group):
+                w0, w1, w2, w3 = cache[k], cache[k + step], cache[k + 2 * step], cache[k + 3 * step]
                 row_max, row_sum, weighted_x = absorb_group(
-                    row_max, row_sum, weighted_x, cache[k], cache[k + step], cache[k + 2 * step],
-                    cache[k + 3 * step], k, step, weight, softcap, inv_softcap)
-            for k in range(n_cached + tid, n_grouped, group):
-                row_max, row_sum, weighted_x = absorb_group(
-                    row_max, row_sum, weighted_x, global_read(logits, row, k, keep),
-                    global_read(logits, row, k + step, keep),
-                    global_read(logits, row, k + 2 * step, keep),
-                    global_read(logits, row, k + 3 * step, keep), k, step, weight, softcap,
+                    row_max, row_sum, weighted_x, w0, w1, w2, w3, k, step, weight, softcap,
                     inv_softcap)
+                if argmax:
+                    best, best_at = track_group(best, best_at, w0, w1, w2, w3, k, step)
+            for k in range(n_cached + tid, n_grouped, group):
+                w0 = global_read(logits, row, k, keep)
+                w1 = global_read(logits, row, k + step, keep)
+                w2 = global_read(logits, row, k + 2 * step, keep)
+                w3 = global_read(logits, row, k + 3 * step, keep)
+                row_max, row_sum, weighted_x = absorb_group(
+                    row_max, row_sum, weighted_x, w0, w1, w2, w3, k, step, weight, softcap,
+                    inv_softcap)
+                if argmax:
+                    best, best_at = track_group(best, best_at, w0, w1, w2, w3, k, step)
             for k in range(n_grouped + tid, n_words, step):
                 w0 = global_read(logits, row, k, keep)
-                row_max, row_sum = rescaled(row_max, row_sum, word_max(w0), softcap, inv_softcap)
+                top = word_max(w0)
+                row_max, row_sum = rescaled(row_max, row_sum, top, softcap, inv_softcap)
                 row_sum += word_exp_sum(w0, row_max, softcap, inv_softcap)
                 if smoothed:
                     weighted_x += weighted_sum(w0, k, weight, softcap, inv_softcap)
+                if argmax and top > best:
+                    best, best_at = top, first_of(w0, k, top, best_at)
 
             # 3. Thread 0 reads the target's logit (before the barriers below: in-place, pass 2
             #    overwrites the row), then the threads combine their states: every thread gets
@@ -474,6 +545,9 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
             row_max, row_sum = block_lse(row_max, row_sum, lane_a, lane_b, warp_a, warp_b)
             if smoothed:
                 weighted_x, _ = block_sum2(weighted_x, ZERO, lane_a, lane_b, warp_a, warp_b)
+            if argmax:
+                best_at = row_argmax(logits, row, n_words, best, best_at, row_sum, lane_a,
+                                     lane_b, warp_a, warp_b)
             # log p_j = (x_j - m) - log(s): lse - x_j would lose log(s) to an ulp of lse
             # (1e-3 at |x| = 1e4, 2e31 at bf16's largest values).
             if row_max == POS_INF or row_sum != row_sum:  # a +inf or NaN logit: the row's
@@ -497,6 +571,9 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
                 row_loss[row] = ce + z_part
                 row_z[row] = z_part
                 row_lse[row] = lse
+                if argmax:
+                    row_correct[row] = ONE if best_at == label else ZERO
+                    predicted[row] = best_at
             if not with_grad:
                 continue
 

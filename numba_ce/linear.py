@@ -28,12 +28,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import api, buffers, device_properties, devices, execution, validation
+from . import api, buffers, device_properties, devices, execution, results, validation
 from .host_read import start_read
 from .kernels import STAT_WEIGHT_SUM
 from .matmul import matmul
 from .options import Options
-from .planning import RowInputs, plan_reduce, plan_rows
+from .planning import RowInputs, plan_rows
 from .results import Array, LinearCrossEntropyResult
 
 # The default chunk: 4096 rows, halved while its logits exceed 1 GiB. Each chunk's weight-gradient
@@ -79,18 +79,24 @@ def linear_cross_entropy_with_grad(input: Array, linear_weight: Array, target: A
                                    z_loss: float = 0.0, softcap: float | None = None,
                                    chunk_size: int | None = None,
                                    grad_output: Array | float | None = None,
+                                   return_token_accuracy: bool = False,
+                                   return_predicted_tokens: bool = False,
                                    validate: bool = True) -> LinearCrossEntropyResult:
     """The loss of :func:`linear_cross_entropy` and its gradients in one pass over the chunks.
 
     grad_output : None (ones), a scalar, or an (N,) array for reduction='none'.
+    return_token_accuracy, return_predicted_tokens : as in
+        :func:`numba_ce.cross_entropy_with_grad`.
 
     Returns
     -------
-    LinearCrossEntropyResult(loss, grad_input, grad_linear_weight, grad_linear_bias, z_loss):
-    gradients in the dtype of what they differentiate (grad_linear_bias None without a bias);
-    the weight and bias gradients are summed over the rows in float32 and rounded once.
+    LinearCrossEntropyResult(loss, grad_input, grad_linear_weight, grad_linear_bias, z_loss,
+    token_accuracy, predicted_tokens): gradients in the dtype of what they differentiate
+    (grad_linear_bias None without a bias); the weight and bias gradients are summed over the
+    rows in float32 and rounded once; the last two None unless asked.
     """
-    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                      return_token_accuracy, return_predicted_tokens)
     return call(input, linear_weight, target, options, linear_bias=linear_bias, weight=weight,
                 chunk_size=chunk_size, grad_output=grad_output, with_grad=True,
                 validate=validate)
@@ -171,7 +177,7 @@ def compute(alloc, inputs, options, needed, *, chunk_size=None, validate=True):
     chunk = min(chunk_size or default_chunk(n_classes, dtype.itemsize), max(n_rows, 1))
     device = device_properties.current()
 
-    outputs = buffers.allocate(alloc, n_rows, options.reduced)
+    outputs = buffers.allocate(alloc, n_rows, options)
     grad_input = alloc.empty((n_rows, n_features), dtype) if need_input else None
     weight_sum = _zeros(alloc, (n_classes, n_features)) if need_weight else None
     bias_sum = _zeros(alloc, (n_classes, 1)) if need_bias else None
@@ -214,21 +220,19 @@ def compute(alloc, inputs, options, needed, *, chunk_size=None, validate=True):
         if need_bias:
             matmul(z.T, ones[:x.shape[0]], bias_sum, accumulate=True)
 
-    if not options.reduced:
-        loss, z_part = outputs.row_loss, outputs.row_z
+    if n_rows:
+        execution.reduce(outputs, stats, options, device)
     else:
-        if n_rows:
-            execution.EXECUTOR.launch(plan_reduce(outputs, stats, options, device))
-        else:
-            execution.fill_no_rows(options, outputs.loss, outputs.z_loss)
-        loss, z_part = outputs.loss.reshape(()), outputs.z_loss.reshape(())
+        execution.fill_no_rows(options, outputs)
+    loss, z_part, accuracy, predicted = results.returned(outputs, options)
     if rescale and need_input:
         execution.scale_rows(grad_input, fmt, unscale, False, device)
     grad_weight = (None if weight_sum is None
                    else _rounded(alloc, weight_sum, unscale, dtype, fmt, device))
     grad_bias = (None if bias_sum is None
                  else _rounded(alloc, bias_sum, unscale, dtype, fmt, device).reshape(-1))
-    return LinearCrossEntropyResult(loss, grad_input, grad_weight, grad_bias, z_part)
+    return LinearCrossEntropyResult(loss, grad_input, grad_weight, grad_bias, z_part, accuracy,
+                                    predicted)
 
 
 def default_chunk(n_classes, itemsize):

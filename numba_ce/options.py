@@ -24,12 +24,16 @@ MIN_SOFTCAP = float(np.finfo(np.float32).tiny)
 class Options:
     """ignore_index: rows with this target count for nothing. reduction: "mean", "sum" or
     "none". label_smoothing in [0, 1]. z_loss >= 0 (z * lse**2 per counted row). softcap in
-    (0, 1000] or None. Each is checked and normalised (ints and floats) when it is made."""
+    (0, 1000] or None. return_token_accuracy: also the share of counted rows whose argmax is
+    their target, reduced as the loss. return_predicted_tokens: also each row's argmax (-1 for
+    ignored rows). Each is checked and normalised (ints, floats, bools) when it is made."""
     ignore_index: int = -100
     reduction: str = "mean"
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
+    return_token_accuracy: bool = False
+    return_predicted_tokens: bool = False
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
@@ -46,15 +50,23 @@ class Options:
         if not (z_loss >= 0.0 and math.isfinite(z_loss)):
             raise ValueError(f"z_loss must be a finite number >= 0 (got {z_loss})")
         softcap = None if self.softcap is None else _softcap(self.softcap)
+        accuracy = check_flag("return_token_accuracy", self.return_token_accuracy)
+        predicted = check_flag("return_predicted_tokens", self.return_predicted_tokens)
         for name, value in [("ignore_index", int(ignore_index)),
                             ("label_smoothing", label_smoothing), ("z_loss", z_loss),
-                            ("softcap", softcap)]:
+                            ("softcap", softcap), ("return_token_accuracy", accuracy),
+                            ("return_predicted_tokens", predicted)]:
             object.__setattr__(self, name, value)
 
     @property
     def reduced(self):
         """Whether the loss is reduced to one number ("mean", "sum")."""
         return self.reduction != "none"
+
+    @property
+    def argmax(self):
+        """Whether the row kernel finds each row's argmax (for either new output)."""
+        return self.return_token_accuracy or self.return_predicted_tokens
 
 
 def _softcap(value):
@@ -69,6 +81,14 @@ def _softcap(value):
         raise ValueError(f"softcap must be at least {MIN_SOFTCAP:.8g}, float32's smallest "
                          f"normal number (got {softcap:g})")
     return softcap
+
+
+def check_flag(name, value):
+    """A flag (an option above, ``validate``, ``inplace``...) is a bool: a None or a string
+    would silently mean False or True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False (got {value!r})")
+    return bool(value)
 
 
 def _real(name, value):

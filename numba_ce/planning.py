@@ -61,6 +61,8 @@ class RowArguments(NamedTuple):
     row_loss: Any
     row_z: Any
     row_lse: Any
+    row_correct: Any
+    predicted: Any
     stats: Any
     grad_output: Any
     n_classes: np.int64
@@ -105,6 +107,7 @@ class RowKernelSpec(NamedTuple):
     with_grad: bool
     capped: bool
     smoothing: int
+    argmax: bool
 
 
 class RowInputs(NamedTuple):
@@ -121,7 +124,8 @@ def row_kernel_spec(options, fmt, pack, with_grad, weighted):
     """The compile-time part of a row kernel for these options."""
     smoothing = (kernels.NO_SMOOTHING if options.label_smoothing == 0 else
                  kernels.WEIGHTED_SMOOTHING if weighted else kernels.SMOOTHING)
-    return RowKernelSpec(fmt, pack, with_grad, options.softcap is not None, smoothing)
+    return RowKernelSpec(fmt, pack, with_grad, options.softcap is not None, smoothing,
+                         options.argmax)
 
 
 def word_layout(array, fmt):
@@ -224,7 +228,10 @@ def plan_rows(inputs, options, stats, grad, outputs, device):
     arguments = RowArguments(
         words, inputs.target, stats if inputs.weight is None else inputs.weight,
         words[:1, :1] if grad is None else grad.view(word_dtype),
-        outputs.row_loss, outputs.row_z, outputs.row_lse, stats, inputs.grad_output,
+        outputs.row_loss, outputs.row_z, outputs.row_lse,
+        outputs.row_loss if outputs.row_correct is None else outputs.row_correct,
+        inputs.target if outputs.predicted is None else outputs.predicted, stats,
+        inputs.grad_output,
         np.int64(n_classes), np.int64(options.ignore_index), np.float32(1.0 - eps),
         np.float32(eps / n_classes), np.float32(options.z_loss),
         np.float32(options.softcap or 0.0), np.int32(inputs.weight is not None),
@@ -238,6 +245,16 @@ def plan_reduce(outputs, stats, options, device):
     arguments = ReduceArguments(outputs.row_loss, outputs.row_z, stats,
                                 np.int32(REDUCTION_CODES[options.reduction]), outputs.loss,
                                 outputs.z_loss)
+    return Launch(kernels.reduce_rows, 1, block_threads(device), arguments)
+
+
+def plan_reduce_accuracy(outputs, stats, options, device):
+    """kernels.reduce_rows on the rows' 0/1 correctness as both its inputs: its z part's
+    reduction, a sum or a mean over the counted rows (as z-loss's), is the token accuracy; the
+    other output, (sum - sum) / S_w + mean, goes to scratch."""
+    arguments = ReduceArguments(outputs.row_correct, outputs.row_correct, stats,
+                                np.int32(REDUCTION_CODES[options.reduction]), outputs.scratch,
+                                outputs.token_accuracy)
     return Launch(kernels.reduce_rows, 1, block_threads(device), arguments)
 
 

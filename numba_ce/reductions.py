@@ -13,7 +13,7 @@ are float32 shared arrays with a slot per thread, used by the simulator only (se
 import numpy as np
 from numba import cuda
 
-from .portable import WARP_SIZE, device_function, exp2, make_warp_allreduce
+from .portable import WARP_SIZE, bits_from_f32, device_function, exp2, make_warp_allreduce
 
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
@@ -71,3 +71,24 @@ def _make_block_allreduce(warp_allreduce, empty_a, empty_b):
 block_lse = _make_block_allreduce(warp_lse, NEG_INF, ZERO)
 # Two sums over the block in a fixed order (deterministic), returned to every thread.
 block_sum2 = _make_block_allreduce(warp_sum2, ZERO, ZERO)
+
+
+# An index no row has (float32's largest finite value as a bit pattern, so never a NaN pattern
+# in flight): what a lane without a candidate offers to block_argmax.
+NO_INDEX = 0x7F7FFFFF
+
+
+@device_function
+def first_largest(value_a, at_a, value_b, at_b):
+    """The (value, index) pair of the larger value, the smaller index on a tie: the first
+    maximal element, as torch.argmax. Indices travel as float32 bit patterns
+    (portable.f32_from_bits), moved and compared as integers, never as floats."""
+    if value_b > value_a or (value_b == value_a and bits_from_f32(at_b) < bits_from_f32(at_a)):
+        return value_b, at_b
+    return value_a, at_a
+
+
+warp_argmax = make_warp_allreduce(first_largest)
+# Every thread's (largest value, its first index as float32 bits) merged over the block.
+block_argmax = _make_block_allreduce(warp_argmax, NEG_INF,
+                                     np.int32(NO_INDEX).view(np.float32))

@@ -68,8 +68,10 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
                             label_smoothing=0.0, z_loss=0.0, softcap=None, grad_output=None,
-                            inplace=False, validate=True):
-    """float64 loss, gradient (float64, whatever the logits' dtype), z-loss part and lse.
+                            inplace=False, return_token_accuracy=False,
+                            return_predicted_tokens=False, validate=True):
+    """float64 loss, gradient (float64, whatever the logits' dtype), z-loss part and lse, and
+    if asked the token accuracy and predicted tokens (:func:`_argmax_outputs`).
     ``inplace`` is accepted for signature parity and ignored: the reference never writes.
     ``validate`` as in the kernels: the same ValueError for a target outside [0, V), or with
     False NaN loss, lse and gradient in such rows (left out of "mean"'s denominator)."""
@@ -103,4 +105,22 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
             grad *= 1 - np.tanh(raw / softcap) ** 2
     grad[~valid] = 0.0
     grad[nan_rows] = np.nan
-    return CrossEntropyResult(loss, grad, z_part, lse)
+    accuracy, predicted = _argmax_outputs(raw, target, valid, reduction)
+    return CrossEntropyResult(loss, grad, z_part, lse,
+                              accuracy if return_token_accuracy else None,
+                              predicted if return_predicted_tokens else None)
+
+
+def _argmax_outputs(raw, target, valid, reduction):
+    """(token accuracy, predicted tokens): each counted row's argmax of the raw logits (softcap
+    is increasing: the same), the first maximal index as torch.argmax, a row's first NaN if it
+    has one (NumPy's argmax agrees); -1 where a row is not counted. The accuracy is 1 where the
+    argmax is the target, 0 elsewhere, reduced over the counted rows ("mean": a share; with no
+    counted row NaN, as a mean of nothing)."""
+    predicted = np.where(valid, raw.argmax(axis=1), -1)
+    correct = (valid & (predicted == np.asarray(target))).astype(np.float64)
+    if reduction == "none":
+        return correct, predicted.astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = correct.sum() / valid.sum() if reduction == "mean" else correct.sum()
+    return np.float64(accuracy), predicted.astype(np.int64)

@@ -8,19 +8,53 @@ Array = Any
 class CrossEntropyResult(NamedTuple):
     """loss: float32, 0-d ("mean"/"sum") or (N,) ("none").  grad: like the logits.
     z_loss: the z-loss part of ``loss``, reduced the same way.
-    lse: float32 (N,), 0 for ignored rows."""
+    lse: float32 (N,), 0 for ignored rows.
+    token_accuracy: with return_token_accuracy, the share of counted rows whose argmax is their
+    target, reduced as the loss (float32; per row 1 or 0 for "none"), else None.
+    predicted_tokens: with return_predicted_tokens, each row's argmax (int64 (N,), -1 for
+    ignored rows), else None."""
     loss: Any
     grad: Any
     z_loss: Any
     lse: Any
+    token_accuracy: Any = None
+    predicted_tokens: Any = None
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What numba_ce.torch.cross_entropy returns with return_token_accuracy or
+    return_predicted_tokens (as Liger-Kernel's): each field None unless asked."""
+    loss: Any
+    z_loss: Any = None
+    token_accuracy: Any = None
+    predicted_tokens: Any = None
+
+
+def returned(outputs, options):
+    """(loss, z_loss, token_accuracy, predicted_tokens) of a call's buffers.RowOutputs: 0-d
+    views of the reduced values, or the per-row ones for "none"; the last two None unless the
+    options ask for them."""
+    if options.reduced:
+        loss, z_part = outputs.loss.reshape(()), outputs.z_loss.reshape(())
+    else:
+        loss, z_part = outputs.row_loss, outputs.row_z
+    accuracy = predicted = None
+    if options.return_token_accuracy:
+        accuracy = (outputs.token_accuracy.reshape(()) if options.reduced
+                    else outputs.row_correct)
+    if options.return_predicted_tokens:
+        predicted = outputs.predicted
+    return loss, z_part, accuracy, predicted
 
 
 class LinearCrossEntropyResult(NamedTuple):
-    """The result of :func:`numba_ce.linear_cross_entropy_with_grad`. loss and z_loss as in
-    CrossEntropyResult; each gradient has the shape and dtype of what it differentiates (None
-    for an absent bias, or one not asked for)."""
+    """The result of :func:`numba_ce.linear_cross_entropy_with_grad`. loss, z_loss,
+    token_accuracy and predicted_tokens as in CrossEntropyResult; each gradient has the shape
+    and dtype of what it differentiates (None for an absent bias, or one not asked for)."""
     loss: Any
     grad_input: Any
     grad_linear_weight: Any
     grad_linear_bias: Any
     z_loss: Any
+    token_accuracy: Any = None
+    predicted_tokens: Any = None

@@ -5,14 +5,7 @@ import numpy as np
 
 from .devices import data_pointer
 from .floatbits import FORMATS
-
-
-def check_flag(name, value):
-    """``validate``, ``inplace`` and the like are bools: a None or a string would silently mean
-    False or True."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False (got {value!r})")
-    return bool(value)
+from .options import check_flag  # noqa: F401 (the entry points' check of validate, inplace...)
 
 
 def check_plain_array(name, array):

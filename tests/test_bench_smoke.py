@@ -36,7 +36,8 @@ def test_smoke_run_prints_rows_and_writes_only_under_out(tmp_path):
         rows = list(csv.DictReader(f))
     assert {(r["provider"], r["mode"]) for r in rows} >= {
         (p, m) for p in ("numba_ce-numpy", "torch-eager") for m in ("loss", "fwd_bwd", "accum")}
-    assert {r["options"] for r in rows} == {"plain", "smooth_z", "ignore30", "softcap"}
+    options = {"plain", "smooth_z", "ignore30", "softcap", "outputs"}
+    assert {r["options"] for r in rows} == options
     assert all(float(r["ms_p50"]) > 0 and r["gpu"] for r in rows)
     assert (tmp_path / "bench" / "run.log").stat().st_size > 0
     assert COMMITTED.read_bytes() == committed_before

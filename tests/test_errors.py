@@ -128,7 +128,7 @@ def recorded_run(logits, target, *, reduction="mean", with_grad=True, inplace=Fa
     options = Options(reduction=reduction)
     inputs = RowInputs(logits, logits.dtype.name, target, None, xp.ones(1, np.float32))
     grad = logits if inplace else xp.empty_like(logits) if with_grad else None
-    outputs = buffers.allocate(xp, logits.shape[0], options.reduced)
+    outputs = buffers.allocate(xp, logits.shape[0], options)
     executor = RecordingExecutor()
     execution.run(RowCall(inputs, options, grad, outputs, validate), xp, executor=executor)
     return executor.events

@@ -373,3 +373,23 @@ def test_roofline_measure_needs_a_gpu(capsys):
 def test_roofline_measures_a_call(capsys):
     assert main(["roofline", "--measure", "--shape", "64", "4096", "--repeats", "3"]) == 0
     assert "(measured: median of 3 calls)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_argmax_kernels_have_no_f64_and_spill_as_little(dtype):
+    """The argmax specialisation (return_token_accuracy / return_predicted_tokens) keeps the
+    row kernels' PTX hygiene: no float64, and no more local memory than a few per-row values
+    (the loss kernel's two more live registers, the running maximum and its index, spill one
+    per-row value at 64 registers: one store and one load a row, outside the loops over the
+    words, in the SASS of CUDA 13.0's ptxas)."""
+    require_ptxas()
+    parts = inspect_command(("fused", "loss"), dtype, "--argmax-outputs", "--ptx", "--resources")
+    rows = table_rows(parts["resources: sm_90"])
+    for name in ("fused", "loss"):
+        ptx = parts[f"PTX: {name} {dtype} sm_90"]
+        assert ".f64" not in ptx, f"{name} {dtype}: float64 in its PTX"
+        bound = MAX_GRADIENT_SPILL if name == "fused" else MAX_ARGMAX_LOSS_SPILL
+        assert local_bytes(rows[name]) <= bound, rows[name]
+
+
+MAX_ARGMAX_LOSS_SPILL = 8

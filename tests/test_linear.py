@@ -290,5 +290,7 @@ def test_non_finite_weight_of_a_class_no_row_targets_multiplies_nothing(rng):
         results.append(numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b,
                                                                weight=weight, chunk_size=4))
     for name, got, finite in zip(results[0]._fields, *results):
+        if got is None:  # outputs not asked for
+            continue
         assert np.isfinite(to_numpy(got)).all(), name
         np.testing.assert_array_equal(to_numpy(got), to_numpy(finite), err_msg=name)

@@ -31,7 +31,7 @@ def row_call(n_rows, n_classes, dtype=np.float32, with_grad=True, options=Option
     logits = np.broadcast_to(np.zeros(n_classes, dtype), (n_rows, n_classes))
     inputs = RowInputs(logits, np.dtype(dtype).name, np.zeros(n_rows, np.int64), None,
                        np.ones(1, np.float32))
-    outputs = buffers.allocate(np, n_rows, options.reduced)
+    outputs = buffers.allocate(np, n_rows, options)
     return inputs, options, np.zeros(3, np.float32), logits if with_grad else None, outputs
 
 

@@ -64,6 +64,9 @@ def add_commands(commands):
     inspect.add_argument("--class-weights", action="store_true",
                          help="a call with class weights (with --label-smoothing: the weighted "
                               "smoothing specialisation)")
+    inspect.add_argument("--argmax-outputs", action="store_true",
+                         help="a call with return_token_accuracy and return_predicted_tokens "
+                              "(the argmax specialisation of the row kernels)")
     for section, what in [("source", "the kernel's Python source"), ("ptx", "its PTX"),
                           ("sass", "its SASS (needs nvdisasm or cuobjdump)"),
                           ("resources", "the resource table (needs ptxas)")]:
@@ -111,7 +114,7 @@ def _inspect(args):
     capability = args.arch or compiler.default_arch()
     arch = compiler.arch_name(capability)
     shape = tuple(args.shape)
-    variant = Variant(args.softcap, args.label_smoothing, args.class_weights)
+    variant = Variant(args.softcap, args.label_smoothing, args.class_weights, args.argmax_outputs)
     plan = [(name, _dtypes_of(name, dtypes)) for name in names]  # raises before any output
     print(f"numba_ce kernels for {compiler.describe_arch(capability)}; "
           f"logits {shape[0]} x {shape[1]}, int64 targets, reduction 'mean', "

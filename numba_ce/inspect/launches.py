@@ -62,18 +62,21 @@ DEFAULT_SHAPE = GPU_SHAPE  # the demo's: 4096 tokens of Llama 3's 128256-word vo
 
 
 class Variant(NamedTuple):
-    """The loss options that change a row kernel's code (each is compiled in only when used):
-    softcap, label smoothing, and class weights with label smoothing. z-loss, ignore_index and
-    the reduction are run-time values of every kernel."""
+    """The options that change a row kernel's code (each is compiled in only when used):
+    softcap, label smoothing, class weights with label smoothing, and the argmax outputs
+    (token accuracy, predicted tokens). z-loss, ignore_index and the reduction are run-time
+    values of every kernel."""
     softcap: float | None = None
     label_smoothing: float = 0.0
     class_weights: bool = False
+    argmax_outputs: bool = False
 
     def describe(self):
         parts = ([f"softcap {self.softcap}"] if self.softcap is not None else []) + (
             [f"label smoothing {self.label_smoothing}"] if self.label_smoothing else []) + (
-            ["class weights"] if self.class_weights else [])
-        return ", ".join(parts) or "no softcap, label smoothing or class weights"
+            ["class weights"] if self.class_weights else []) + (
+            ["argmax outputs"] if self.argmax_outputs else [])
+        return ", ".join(parts) or "no softcap, label smoothing, class weights or argmax outputs"
 
 
 PLAIN = Variant()
@@ -168,11 +171,13 @@ def _plans(call, dtype, n_rows, n_classes, variant):
         out = np.lib.stride_tricks.as_strided(one_row, (n,), (0,))
         return [planning.plan_round(source, np.ones(1, np.float32), out, dtype, device)]
     grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if call == "with_grad" else None
-    options = Options(label_smoothing=variant.label_smoothing, softcap=variant.softcap)
+    options = Options(label_smoothing=variant.label_smoothing, softcap=variant.softcap,
+                      return_token_accuracy=variant.argmax_outputs,
+                      return_predicted_tokens=variant.argmax_outputs)
     weight = np.ones(n_classes, np.float32) if variant.class_weights else None
     inputs = planning.RowInputs(logits, dtype, np.zeros(n_rows, np.int64), weight,
                                 np.ones(1, np.float32))
-    outputs = buffers.allocate(np, n_rows, options.reduced)
+    outputs = buffers.allocate(np, n_rows, options)
     stats, bad_row = np.zeros(3, np.float32), np.zeros(1, np.int64)
     return [planning.plan_target_stats(inputs.target, weight, options, n_classes, stats,
                                        bad_row, device),

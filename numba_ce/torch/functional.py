@@ -22,10 +22,11 @@ from typing import Literal, overload
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import buffers, execution, validation
+from .. import buffers, execution, results, validation
 from ..execution import RowCall
 from ..options import Options
 from ..planning import RowInputs
+from ..results import CrossEntropyOutput
 from . import tensors
 
 
@@ -33,15 +34,28 @@ from . import tensors
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
                   ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
                   z_loss: float = ..., softcap: float | None = ..., inplace_backward: bool = ...,
-                  return_z_loss: Literal[False] = ..., validate: bool = ...) -> torch.Tensor: ...
+                  return_z_loss: Literal[False] = ...,
+                  return_token_accuracy: Literal[False] = ...,
+                  return_predicted_tokens: Literal[False] = ...,
+                  validate: bool = ...) -> torch.Tensor: ...
 
 
 @overload
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
                   ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
                   z_loss: float = ..., softcap: float | None = ..., inplace_backward: bool = ...,
-                  return_z_loss: Literal[True], validate: bool = ...
+                  return_z_loss: Literal[True], return_token_accuracy: Literal[False] = ...,
+                  return_predicted_tokens: Literal[False] = ..., validate: bool = ...
                   ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
+                  ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+                  z_loss: float = ..., softcap: float | None = ..., inplace_backward: bool = ...,
+                  return_z_loss: bool = ..., return_token_accuracy: bool = ...,
+                  return_predicted_tokens: bool = ..., validate: bool = ...
+                  ) -> CrossEntropyOutput: ...
 
 
 @tensors.graph_break
@@ -49,7 +63,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                   *, z_loss: float = 0.0, softcap: float | None = None,
                   inplace_backward: bool = False, return_z_loss: bool = False,
-                  validate: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
+                  validate: bool = True
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
     """Cross-entropy of ``input`` (N, V) against class indices ``target`` (N,), as
     :func:`torch.nn.functional.cross_entropy`, plus z-loss and softcap.
 
@@ -67,6 +83,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         autograd raises if anything saved it for backward. (An input that had to be copied is
         left alone: the copy takes the gradient.) Default False: ``input`` is never modified.
     return_z_loss : also return the z-loss part of the loss (reduced the same way, no gradient).
+    return_token_accuracy : also return the share of counted rows whose argmax is their target
+        (reduced as the loss: a mean over counted rows, a sum, or 0/1 per row; no gradient).
+    return_predicted_tokens : also return each row's argmax (int64, first maximal index as
+        torch.argmax; -1 for ignored rows).
     validate : raise ValueError for a target outside [0, V) (one 8-byte device read, a host
         synchronisation); with False nothing synchronises (CUDA-graph capture) and such rows
         give NaN.
@@ -74,8 +94,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     Returns
     -------
     float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'; or (loss, z_loss) with
-    ``return_z_loss``. The gradient reaching ``input`` has its dtype, computed in fp32 and rounded
-    once by the forward (and once more when the upstream gradient is not 1).
+    ``return_z_loss``; with ``return_token_accuracy`` or ``return_predicted_tokens`` a
+    CrossEntropyOutput(loss, z_loss, token_accuracy, predicted_tokens), None where not asked.
+    The gradient reaching ``input`` has its dtype, computed in fp32 and rounded once by the
+    forward (and once more when the upstream gradient is not 1).
 
     Notes
     -----
@@ -84,36 +106,40 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     subnormal (6e-8) are zero before a loss scale (GradScaler) multiplies them; bfloat16 has
     float32's range and does not lose them.
     """
-    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                      return_token_accuracy, return_predicted_tokens)
     inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
     return_z_loss = validation.check_flag("return_z_loss", return_z_loss)
     validate = validation.check_flag("validate", validate)
     tensors.check_devices(input, target=target, weight=weight)
     with_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, z_part = _FusedCrossEntropy.apply(input, target, weight, options, with_grad,
-                                            inplace_backward, validate)
+    loss, z_part, accuracy, predicted = _FusedCrossEntropy.apply(
+        input, target, weight, options, with_grad, inplace_backward, validate)
+    if options.argmax:
+        return CrossEntropyOutput(loss, z_part if return_z_loss else None, accuracy, predicted)
     return (loss, z_part) if return_z_loss else loss
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
-    """(loss, z_loss) of the logits; the gradient comes from the forward's kernel call."""
+    """(loss, z_loss, token accuracy, predicted tokens) of the logits (the last two None unless
+    asked); the gradient comes from the forward's kernel call."""
 
     @staticmethod
     def forward(ctx, input, target, weight, options, with_grad, inplace, validate):
-        loss, z_part, grad, fmt = _forward(input, target, weight, options, with_grad, inplace,
-                                           validate)
-        ctx.mark_non_differentiable(z_part)
-        ctx.set_materialize_grads(False)  # z_part's gradient: None, not zeros made and filled
+        returned, grad, fmt = _forward(input, target, weight, options, with_grad, inplace,
+                                       validate)
+        ctx.mark_non_differentiable(*(t for t in returned[1:] if t is not None))
+        ctx.set_materialize_grads(False)  # the others' gradients: None, not zeros made and filled
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.fmt = fmt
         ctx.per_row = not options.reduced
         ctx.scaled = False
-        return loss, z_part
+        return returned
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, grad_z_loss):
+    def backward(ctx, grad_loss, *not_differentiable):
         """Runs on autograd's device thread, whose hand-offs of the interpreter lock with the
         thread in loss.backward() make each line dearer than in the forward (bench/NOTES.md):
         kept short. It scales the gradient that ctx.saved_tensors gives back, which
@@ -136,7 +162,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 
 def _forward(input, target, weight, options, with_grad, inplace, validate):
-    """(loss, z part, gradient for an upstream gradient of 1 or None, logits format)."""
+    """((loss, z part, token accuracy, predicted tokens), gradient for an upstream gradient of 1
+    or None, logits format)."""
     view = tensors.as_kernel_array
     logits, logits_array, copied = _readable_logits(input)
     fmt = validation.check_logits(logits_array)
@@ -148,10 +175,10 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
         validation.check_weight(weight_array, n_classes)
 
     # The outputs as tensors to return and as the kernels' views of the same memory.
-    memory = torch.empty(buffers.size(n_rows), dtype=torch.float32, device=input.device)
-    returned = buffers.row_outputs(memory, n_rows, options.reduced)
-    loss, z_part = ((returned.loss[0], returned.z_loss[0]) if options.reduced
-                    else (returned.row_loss, returned.row_z))
+    memory = torch.empty(buffers.size(n_rows, options), dtype=torch.float32, device=input.device)
+    predicted = (torch.empty(n_rows, dtype=torch.int64, device=input.device)
+                 if options.argmax else None)
+    returned = buffers.row_outputs(memory, n_rows, options, predicted)
     grad = grad_array = None
     if with_grad and inplace:
         validation.check_not_overlapping(logits_array, "inplace_backward=True",
@@ -163,13 +190,14 @@ def _forward(input, target, weight, options, with_grad, inplace, validate):
         grad_array = logits_array if inplace else view(grad)
     inputs = RowInputs(logits_array, fmt, target_array, weight_array,
                        tensors.ones(input.device, view))
-    outputs = buffers.row_outputs(view(memory), n_rows, options.reduced)
+    outputs = buffers.row_outputs(view(memory), n_rows, options,
+                                  None if predicted is None else view(predicted))
     with tensors.on_torch_stream(input.device):
         execution.run(RowCall(inputs, options, grad_array, outputs, validate),
                       tensors.TorchArrays(input.device, view))
     if grad is logits and not copied:
         torch.autograd.graph.increment_version(input)  # the kernel wrote the caller's tensor
-    return loss, z_part, grad, fmt
+    return results.returned(returned, options), grad, fmt
 
 
 def _readable_logits(input):

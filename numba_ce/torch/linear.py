@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import execution, linear, validation
 from ..options import Options
+from ..results import CrossEntropyOutput
 from . import tensors
 
 
@@ -25,7 +26,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                          weight: torch.Tensor | None = None, reduction: str = "mean",
                          ignore_index: int = -100, label_smoothing: float = 0.0,
                          z_loss: float = 0.0, softcap: float | None = None,
-                         chunk_size: int | None = None, validate: bool = True) -> torch.Tensor:
+                         chunk_size: int | None = None, return_token_accuracy: bool = False,
+                         return_predicted_tokens: bool = False,
+                         validate: bool = True) -> torch.Tensor | CrossEntropyOutput:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` against ``target``,
     as :func:`torch.nn.functional.linear_cross_entropy` (same leading signature), plus z-loss and
     softcap, computed chunk by chunk of rows so that no N x V logits are ever stored.
@@ -38,15 +41,18 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     weight, reduction, ignore_index, label_smoothing, z_loss, softcap, validate : as
         :func:`numba_ce.torch.cross_entropy`.
     chunk_size : rows per chunk (default: 4096, fewer when C x V logits would exceed 1 GiB).
+    return_token_accuracy, return_predicted_tokens : as in :func:`numba_ce.torch.cross_entropy`.
 
     Returns
     -------
-    float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'. Gradients reach input,
+    float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none' (a CrossEntropyOutput with
+    return_token_accuracy or return_predicted_tokens, as cross_entropy's). Gradients reach input,
     linear_weight and linear_bias in their dtypes; the weight and bias gradients are summed over
     the rows in float32 and rounded once (a backward whose upstream gradient is not 1 rounds them
     once more as it scales them).
     """
-    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                      return_token_accuracy, return_predicted_tokens)
     validation.check_chunk_size(chunk_size)
     validate = validation.check_flag("validate", validate)
     tensors.check_devices(input, linear_weight=linear_weight, target=target,
@@ -57,8 +63,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         linear_bias = None if linear_bias is None else linear_bias.to(dtype)
     needed = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
                    for t in (input, linear_weight, linear_bias))
-    return _FusedLinearCrossEntropy.apply(input, linear_weight, linear_bias, target, weight,
-                                          options, chunk_size, validate, needed)
+    loss, accuracy, predicted = _FusedLinearCrossEntropy.apply(
+        input, linear_weight, linear_bias, target, weight, options, chunk_size, validate, needed)
+    return CrossEntropyOutput(loss, None, accuracy, predicted) if options.argmax else loss
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -69,18 +76,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.per_row = not options.reduced
         ctx.arguments = (options, chunk_size, validate, needed)
         eager = any(needed) and not ctx.per_row
-        loss, grads = _run(input, linear_weight, linear_bias, target, weight, options,
-                           chunk_size, validate, needed if eager else (False,) * 3, None)
+        returned, grads = _run(input, linear_weight, linear_bias, target, weight, options,
+                               chunk_size, validate, needed if eager else (False,) * 3, None)
+        ctx.mark_non_differentiable(*(t for t in returned[1:] if t is not None))
+        ctx.set_materialize_grads(False)
         if eager:
             ctx.save_for_backward(*grads)
         elif any(needed):
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         ctx.scaled = False
-        return loss
+        return returned
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *not_differentiable):
         options, chunk_size, validate, needed = ctx.arguments
         upstream = grad_loss.detach().float().reshape(-1)  # (1,), or (N,) for reduction="none"
         if ctx.per_row:
@@ -105,8 +114,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def _run(input, linear_weight, linear_bias, target, weight, options, chunk_size, validate,
          needed, upstream):
-    """(loss tensor, (grad_input, grad_linear_weight, grad_linear_bias), each None unless
-    ``needed``) for an upstream gradient ``upstream`` (None: 1)."""
+    """((loss, token accuracy, predicted tokens), (grad_input, grad_linear_weight,
+    grad_linear_bias)) as tensors, each None unless asked or ``needed``, for an upstream
+    gradient ``upstream`` (None: 1)."""
     view = tensors.as_array
     arrays = [None if t is None else view(t) for t in (input, linear_weight, target, linear_bias)]
     class_weight = tensors.class_weights(weight)
@@ -120,5 +130,10 @@ def _run(input, linear_weight, linear_bias, target, weight, options, chunk_size,
     with tensors.on_torch_stream_with_cupy(device):
         result = linear.compute(xp, inputs, options, needed, chunk_size=chunk_size,
                                 validate=validate)
-    grads = tuple(None if a is None else xp.tensor(a) for a in result[1:4])
-    return xp.tensor(result.loss), grads
+
+    def tensor(array):
+        return None if array is None else xp.tensor(array)
+
+    returned = tuple(tensor(a) for a in (result.loss, result.token_accuracy,
+                                         result.predicted_tokens))
+    return returned, tuple(tensor(a) for a in result[1:4])

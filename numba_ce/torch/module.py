@@ -1,19 +1,40 @@
 """The module forms: ``CrossEntropyLoss`` of :func:`numba_ce.torch.cross_entropy`, and
 ``LinearCrossEntropyLoss`` of :func:`numba_ce.torch.linear_cross_entropy`."""
-from dataclasses import astuple
+from dataclasses import fields
 
 import torch
 
 from .. import validation
 from ..options import Options
+from ..results import CrossEntropyOutput
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
 
+OPTION_NAMES = tuple(field.name for field in fields(Options))
 
-class CrossEntropyLoss(torch.nn.Module):
+
+class _LossOptions:
+    """The fields of an Options as attributes of the module, as torch's loss modules keep theirs
+    (``crit.reduction``), checked when the module is built: bad options fail where they were
+    written, not at the first call."""
+
+    def _keep(self, options):
+        for name in OPTION_NAMES:
+            setattr(self, name, getattr(options, name))
+
+    def _options(self):
+        """The keyword arguments of the entry point, from the attributes."""
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+    def _describe(self):
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in OPTION_NAMES)
+
+
+class CrossEntropyLoss(_LossOptions, torch.nn.Module):
     """As :class:`torch.nn.CrossEntropyLoss` (the class weights are a buffer, so they follow
-    ``.to(device)`` and the state dict), plus z-loss, softcap, in-place backward and the target
-    check; ``crit(input, target)`` calls :func:`numba_ce.torch.cross_entropy` with these options.
+    ``.to(device)`` and the state dict), plus z-loss, softcap, in-place backward, the target
+    check and the outputs of :func:`numba_ce.torch.cross_entropy`; ``crit(input, target)``
+    calls it with these options.
     """
 
     weight: torch.Tensor | None  # a buffer
@@ -21,32 +42,29 @@ class CrossEntropyLoss(torch.nn.Module):
     def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: float | None = None, inplace_backward: bool = False,
+                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
                  validate: bool = True) -> None:
         super().__init__()
-        # Bad options fail here, where they were written, not at the first call.
-        options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-        (self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
-         self.softcap) = astuple(options)
+        self._keep(Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                           return_token_accuracy, return_predicted_tokens))
         self.inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
         self.validate = validation.check_flag("validate", validate)
         self.register_buffer("weight", weight)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                             self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+    def forward(self, input: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor | CrossEntropyOutput:
+        return cross_entropy(input, target, self.weight, **self._options(),
                              inplace_backward=self.inplace_backward, validate=self.validate)
 
     def extra_repr(self):
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-                f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")
+        return f"{self._describe()}, inplace_backward={self.inplace_backward}"
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
     """As :class:`torch.nn.LinearCrossEntropyLoss` (torch 2.13): owns the head ``self.linear``
     (an nn.Linear from ``in_features`` to ``num_classes``) and returns the cross-entropy of its
     logits, ``crit(input, target)``, through :func:`numba_ce.torch.linear_cross_entropy`; plus
-    z-loss, softcap, chunk_size and the target check."""
+    z-loss, softcap, chunk_size, the target check and the outputs of that function."""
 
     weight: torch.Tensor | None  # a buffer
 
@@ -55,11 +73,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  reduction: str = "mean", weight: torch.Tensor | None = None,
                  ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  softcap: float | None = None, chunk_size: int | None = None,
+                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
                  validate: bool = True) -> None:
         super().__init__()
-        options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-        (self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
-         self.softcap) = astuple(options)
+        self._keep(Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                           return_token_accuracy, return_predicted_tokens))
         validation.check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.validate = validation.check_flag("validate", validate)
@@ -67,14 +85,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                       dtype=dtype)
         self.register_buffer("weight", weight)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor | CrossEntropyOutput:
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            chunk_size=self.chunk_size, validate=self.validate)
+            **self._options(), chunk_size=self.chunk_size, validate=self.validate)
 
     def extra_repr(self):
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-                f"softcap={self.softcap}, chunk_size={self.chunk_size}")
+        return f"{self._describe()}, chunk_size={self.chunk_size}"
