@@ -4,6 +4,7 @@ ever holding all N x V logits.
     stats = target_stats(target)                     once: the batch's reduction denominators
     for each chunk c of C rows:                      one C x V logits buffer, reused
         z     = x_c @ W^T (+ b)                      cuBLAS, fp32 sums, rounded to x's format
+                                                     (with b: rounded, then b added, rounded)
         z    <- dL/dz in place                       numba_ce's row kernel: row loss, lse and
                                                      gradient, scaled by the batch's stats
         dx_c  = dz @ W                               cuBLAS (sum over V in fp32)
