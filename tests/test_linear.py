@@ -270,10 +270,13 @@ def test_gpu_default_chunks_at_a_larger_shape(rng, dtype):
     loss.backward()
     unfused = [from_torch(loss)] + [from_torch(leaf.grad) for leaf in leaves]
     names = ["loss", "grad_input", "grad_linear_weight", "grad_linear_bias"]
+    # Our biased logits are rounded twice (the product, then the sum: cuBLAS's beta * C, see
+    # helpers.torch_linear_loss_and_grads), torch's F.linear once: up to twice its error there.
+    # (An H100 run at 1.5 times torch's error failed by 3 of 320000 input-gradient elements.)
     for name, got, want, theirs in zip(names, res[:4], expected, unfused):
         scale = np.abs(want).max()
         torch_error = np.abs(theirs - want).max() / scale
-        allowed = max(RELATIVE[dtype], 1.5 * torch_error)
+        allowed = max(RELATIVE[dtype], 2 * torch_error)
         assert_close(got, want, 0.0, allowed * scale, f"{name} (torch's error {torch_error:.2g})")
 
 
