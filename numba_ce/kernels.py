@@ -49,11 +49,12 @@ import math
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec, pair_encoder
+from .floatbits import FORMATS
 from .portable import (SIMULATOR, copy_word, device_function, exp2, fast_tanh, fma,
                        l2_drop_policy, l2_keep_policy, load_word, load_word_hinted, store_word,
                        wait_copies)
 from .reductions import LOG2E, NEG_INF, ZERO, block_lse, block_sum2
+from .words import UNROLL, host_word, word_format
 
 ONE = np.float32(1.0)
 TWO = np.float32(2.0)
@@ -149,23 +150,9 @@ def reduce_rows(row_loss, row_z, stats, reduction, loss_out, z_out):
             z_out[0] = z_sum
 
 
-def _pack_word(codes, bits):
-    """Element codes (low element first) packed into one signed integer word, as the kernels
-    store them: the last element is sign-extended so the word fits its signed type."""
-    word = 0
-    for i, code in enumerate(codes):
-        if i == len(codes) - 1 and code >> (bits - 1):
-            code -= 1 << bits
-        word |= code << (bits * i)
-    return word
-
-
 # Element codes of a quiet NaN: the gradient of a row whose target is out of range.
 NAN_CODES = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
 
-# Pass loops issue UNROLL independent word loads before using any, so each thread keeps
-# UNROLL * 8 bytes in flight: one load at a time left the kernel latency-bound at ~1 TB/s.
-UNROLL = 4  # absorb_group, store_group and the prefetch in row_kernel are written for four words
 # The running maximum starts finite, so exp(m_old - m_new) never meets -inf - (-inf) = NaN and
 # the pass loops need no test for an empty state; a row of -inf logits is recognised at the end
 # by its sum of 0.
@@ -176,21 +163,9 @@ NO_SMOOTHING, SMOOTHING, WEIGHTED_SMOOTHING = 0, 1, 2
 
 
 @device_function
-def load(row_words, k, n_words):
-    """Word k of a row as a 64-bit integer (0 past the row's end, never used)."""
-    return int(row_words[k]) if k < n_words else 0
-
-
-@device_function
 def kept(label, ignore_index, n_classes):
     """Whether a row with this target counts: not ignored, and a class in [0, V)."""
     return label != ignore_index and 0 <= label < n_classes
-
-
-@device_function
-def join(lo, hi):
-    """The 64-bit word of two signed 32-bit halves, ``lo`` in the low half."""
-    return (int(hi) << 32) | (int(lo) & 0xFFFFFFFF)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,14 +174,10 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     the gradient, with or without softcap (``capped``) and label smoothing (``smoothing``, class
     weighted or not). Each is fixed at compile time: the loops over a word's elements unroll and
     the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element."""
-    bits, decode, encode = kernel_codec(fmt)
-    mask = (1 << bits) - 1
-    top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
-    nan_word = _pack_word([NAN_CODES[fmt]] * pack, bits)
+    raw, placed, _, paired_word = word_format(fmt, pack)
+    nan_word = host_word([NAN_CODES[fmt]] * pack, FORMATS[fmt][0])
     smoothed = smoothing != NO_SMOOTHING
     weighted = smoothing == WEIGHTED_SMOOTHING
-    if pack == 4:
-        pair = pair_encoder(fmt)
     # Gradient kernels of 8-byte words keep the first words of each row in shared memory.
     cached = with_grad and pack > 1
     # Gradient kernels read the uncached words twice, pass 2 backwards (the latest read first,
@@ -215,11 +186,6 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     # first). Not the capped kernels: they are issue-bound, and the hints measured 6-8% slower
     # there (bench/NOTES.md, v12).
     hint_l2 = cached and not capped
-
-    @device_function
-    def raw(word, i):
-        """Element i of a word as float32."""
-        return decode((word >> (bits * i)) & mask)
 
     @device_function
     def cap(x, softcap, inv_softcap):
@@ -321,19 +287,16 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
                                   weight, softcap, inv_softcap)
             d3 = element_gradient(word, k, 3, at, row_max, log2_s, coef_p, coef_w, coef_y,
                                   weight, softcap, inv_softcap)
-            return join(pair(d0, d1), pair(d2, d3))
-    else:  # two float32 elements, or one element of any format: codes shifted into place
+            return paired_word(d0, d1, d2, d3)
+    else:  # two float32 elements, or one element of any format
         @device_function
         def gradient_word(word, k, at, row_max, log2_s, coef_p, coef_w, coef_y, weight, softcap,
                           inv_softcap):
             """The word of the gradient of word k, each element rounded once."""
             out = 0
             for i in range(pack):
-                code = encode(element_gradient(word, k, i, at, row_max, log2_s, coef_p, coef_w,
-                                               coef_y, weight, softcap, inv_softcap)) & mask
-                if i == pack - 1:
-                    code = (code ^ top_sign) - top_sign
-                out |= code << (bits * i)
+                out |= placed(element_gradient(word, k, i, at, row_max, log2_s, coef_p, coef_w,
+                                               coef_y, weight, softcap, inv_softcap), i)
             return out
 
     @device_function

@@ -12,9 +12,9 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec
 from .launcher import launch
 from .portable import SIMULATOR
+from .words import word_format
 
 THREADS = 32 if SIMULATOR else 256
 MAX_BLOCKS = 2 if SIMULATOR else 4096
@@ -22,9 +22,7 @@ MAX_BLOCKS = 2 if SIMULATOR else 4096
 
 @functools.lru_cache(maxsize=None)
 def round_kernel(fmt):
-    bits, _, encode = kernel_codec(fmt)
-    mask = (1 << bits) - 1
-    top_sign = 1 << (bits - 1)  # codes are stored sign-extended in the signed 16-bit word
+    placed = word_format(fmt, 1).placed  # a value as the one element of a signed 16-bit word
 
     @cuda.jit
     def kernel(source, scale, out):
@@ -35,8 +33,7 @@ def round_kernel(fmt):
         """
         factor = scale[0]
         for i in range(cuda.grid(1), source.shape[0], cuda.gridsize(1)):
-            code = encode(source[i] * factor) & mask
-            out[i] = (code ^ top_sign) - top_sign
+            out[i] = placed(source[i] * factor, 0)
 
     return kernel
 

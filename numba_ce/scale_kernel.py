@@ -18,38 +18,25 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec
-from .kernels import load
 from .launch import row_blocks, threads_per_row, word_layout
 from .launcher import launch
 from .portable import device_function
+from .words import load, word_format
 
 ONE = np.float32(1.0)
-ZERO = np.float32(0.0)
 
 
 @functools.lru_cache(maxsize=None)
 def scale_kernel(fmt, pack):
     """The kernel for one logits format and ``pack`` elements per word (as kernels.row_kernel)."""
-    bits, decode, encode = kernel_codec(fmt)
-    mask = (1 << bits) - 1
-    top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
+    scaled = word_format(fmt, pack).scaled
 
     @device_function
     def store_scaled(row_words, k, n_words, word, g):
         """row_words[k] = word with each element multiplied by g, rounded once (past the row's
-        end: nothing). Zeros stay zero: an ignored row's gradient is 0 for any g, +-inf too, as
-        torch's."""
-        if k >= n_words:
-            return
-        out = 0
-        for i in range(pack):
-            value = decode((word >> (bits * i)) & mask)
-            code = encode(value * g if value != ZERO else value) & mask
-            if i == pack - 1:
-                code = (code ^ top_sign) - top_sign
-            out |= code << (bits * i)
-        row_words[k] = out
+        end: nothing)."""
+        if k < n_words:
+            row_words[k] = scaled(word, g)
 
     @cuda.jit
     def kernel(grad, grad_output, per_row):
