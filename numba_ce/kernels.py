@@ -50,6 +50,7 @@ import numpy as np
 from numba import cuda
 
 from .floatbits import FORMATS
+from .limits import MAX_THREADS
 from .portable import (SIMULATOR, copy_word, device_function, exp2, fast_tanh, fma,
                        l2_drop_policy, l2_keep_policy, load_word, load_word_hinted, store_word,
                        wait_copies)
@@ -60,10 +61,6 @@ ONE = np.float32(1.0)
 TWO = np.float32(2.0)
 NAN = np.float32(np.nan)
 POS_INF = np.float32(np.inf)
-# The largest block (numba_ce.launcher compiles every kernel for it: at most 64 registers a
-# thread, so that 1024 threads, two blocks of 512 or one of 1024, fit a multiprocessor's 65536
-# registers).
-MAX_THREADS = 1024
 WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
 # A slot per thread for the simulator's warp reductions; GPU warps shuffle registers instead, and
 # a one-slot array keeps the kernels' static shared memory at the 256 bytes of the warp slots,

@@ -23,7 +23,7 @@ Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instruct
 kernels take exp2 of x - m <= 0 only, the capped kernels up to half an ulp of m above 0, so the
 one difference is that a probability below 2**-126 becomes 0; in softcap's fast_tanh,
 exp(-2|y|) below 2**-126 becomes 0, giving tanh = 1, which float32 tanh is there anyway); and
-``.maxntid`` kernels.MAX_THREADS = 1024, so ptxas keeps to 64 registers a thread and 1024
+``.maxntid`` limits.MAX_THREADS = 1024, so ptxas keeps to 64 registers a thread and 1024
 threads (two blocks of 512, or one of 1024) fit a multiprocessor.
 
 Dynamic shared memory: ``launch(..., shared=bytes)``; the first such launch of a kernel raises its
@@ -40,7 +40,7 @@ import numpy as np
 from numba import cuda, types
 
 from .devices import cupy, data_pointer, kernel_array
-from .kernels import MAX_THREADS
+from .limits import MAX_THREADS
 from .portable import SIMULATOR
 
 if cupy is not None:
