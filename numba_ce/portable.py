@@ -102,7 +102,7 @@ if SIMULATOR:
     # exponent (-FLT_MAX - m) * log2(e) is -inf and its factor 0. NumPy's scalars warn instead;
     # the simulator keeps the GPU's silence for the kernels' own code.
     warnings.filterwarnings("ignore", "overflow encountered in scalar multiply", RuntimeWarning,
-                            r"numba_ce\.(kernels|reductions)$")
+                            r"numba_ce\.(kernels|reductions|row_math|row_passes)$")
 
     def device_function(fn):
         return fn
