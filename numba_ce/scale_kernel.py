@@ -21,7 +21,7 @@ from numba import cuda
 from .launch import row_blocks, threads_per_row, word_layout
 from .launcher import launch
 from .portable import device_function
-from .words import load, word_format
+from .words import UNROLL, load, word_format
 
 ONE = np.float32(1.0)
 
@@ -46,6 +46,7 @@ def scale_kernel(fmt, pack):
         """
         if not per_row and grad_output[0] == ONE:
             return  # the common loss.backward(): every block returns before touching the gradient
+        group_words = cuda.local.array(UNROLL, np.int64)  # in registers: the loops unroll
         tid = cuda.threadIdx.x
         step = cuda.blockDim.x
         n_words = grad.shape[1]
@@ -54,16 +55,13 @@ def scale_kernel(fmt, pack):
             if g == ONE:  # uniform over the block: no barrier below depends on it
                 continue
             grad_row = grad[row]
-            # Four independent loads in flight before the stores: one at a time is latency-bound.
-            for k in range(tid, n_words, 4 * step):
-                w0 = load(grad_row, k, n_words)
-                w1 = load(grad_row, k + step, n_words)
-                w2 = load(grad_row, k + 2 * step, n_words)
-                w3 = load(grad_row, k + 3 * step, n_words)
-                store_scaled(grad_row, k, n_words, w0, g)
-                store_scaled(grad_row, k + step, n_words, w1, g)
-                store_scaled(grad_row, k + 2 * step, n_words, w2, g)
-                store_scaled(grad_row, k + 3 * step, n_words, w3, g)
+            # UNROLL independent loads in flight before the stores: one at a time is
+            # latency-bound.
+            for k in range(tid, n_words, UNROLL * step):
+                for u in range(UNROLL):
+                    group_words[u] = load(grad_row, k + u * step, n_words)
+                for u in range(UNROLL):
+                    store_scaled(grad_row, k + u * step, n_words, group_words[u], g)
 
     return kernel
 
