@@ -19,12 +19,8 @@ Arrays are NumPy in the simulator; on a GPU, CuPy arrays or anything with their 
 adapter's numba_ce.torch.tensors.TensorArray). A launch goes on CuPy's current device and stream,
 or on the ones named by an enclosing :class:`on_stream`.
 
-Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions (the
-kernels take exp2 of x - m <= 0 only, the capped kernels up to half an ulp of m above 0, so the
-one difference is that a probability below 2**-126 becomes 0; in softcap's fast_tanh,
-exp(-2|y|) below 2**-126 becomes 0, giving tanh = 1, which float32 tanh is there anyway); and
-``.maxntid`` limits.MAX_THREADS = 1024, so ptxas keeps to 64 registers a thread and 1024
-threads (two blocks of 512, or one of 1024) fit a multiprocessor.
+The PTX is loaded with the edits of numba_ce.ptx_edits (``.maxntid 1024, 1, 1``: ptxas keeps
+to 64 registers a thread).
 
 Dynamic shared memory: ``launch(..., shared=bytes)``; the first such launch of a kernel raises its
 limit to the device's opt-in maximum (48 KiB without asking).
@@ -40,8 +36,8 @@ import numpy as np
 from numba import cuda, types
 
 from .devices import cupy, data_pointer, kernel_array
-from .limits import MAX_THREADS
 from .portable import SIMULATOR
+from .ptx_edits import with_max_threads
 
 if cupy is not None:
     from cupy_backends.cuda.api import driver
@@ -221,14 +217,11 @@ def _layout(key):
 def compile_ptx(kernel, signature, capability):
     """(PTX, entry name) of a Numba kernel for one signature and compute capability."""
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
-    ptx = ptx.replace("ex2.approx.f32 ", "ex2.approx.ftz.f32 ")
-    # Every block has at most MAX_THREADS threads: ptxas keeps to 65536 / MAX_THREADS registers.
-    ptx = _ENTRY_BODY.sub(rf"\1.maxntid {MAX_THREADS}, 1, 1\n{{", ptx, count=1)
+    ptx = with_max_threads(ptx)
     return ptx, _ENTRY.search(ptx).group(1)
 
 
 _ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
-_ENTRY_BODY = re.compile(r"(\.entry\s[^{]*\)\s*)\{")
 
 
 @functools.lru_cache(maxsize=None)
