@@ -5,8 +5,8 @@ The signatures are never written down here. :func:`planned_launch` runs the laun
 itself (:func:`numba_ce.launch.run` for the loss kernels, :func:`numba_ce.scale_kernel.scale_rows`
 for the torch adapter's backward, :func:`numba_ce.rounding.round_into` for the linear
 cross-entropy's weight gradient) on stand-in NumPy arrays, with ``launch`` replaced by a
-recorder, and types each recorded argument list with :func:`numba_ce.launcher.argument_types`,
-the function the GPU path compiles with. So whatever is passed to a kernel, and whatever block
+recorder, and types each recorded argument list with :func:`numba_ce.abi.argument_types`, as
+the GPU path does to compile. So whatever is passed to a kernel, and whatever block
 size is picked for a row length, is what gets inspected. The stand-in arrays are views whose
 rows (or elements) all alias one real row: the launching code only looks at their dtype, shape,
 strides and alignment.
@@ -17,7 +17,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .. import kernels, launch, launcher, rounding, scale_kernel, validation
+from .. import abi, kernels, launch, rounding, scale_kernel, validation
 from ..demo import GPU_SHAPE
 from ..floatbits import FORMATS
 from ..portable import SIMULATOR
@@ -147,7 +147,7 @@ def planned_launch(name, dtype, shape, variant=PLAIN):
                                                       variant):
         if _function_name(kernel) == spec.function:
             recorded.append(Launch(name, dtype, kernel, grid, block,
-                                   launcher.argument_types(args), shared))
+                                   abi.argument_types(args), shared))
     if len(recorded) != 1:
         raise RuntimeError(
             f"expected the {spec.call} call to launch {spec.function} once, but it did "
