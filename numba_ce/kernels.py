@@ -164,8 +164,8 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING):
     # Gradient kernels read the uncached words twice, pass 2 backwards (the latest read first,
     # the likeliest still in L2). The cached kernels, whose rows in flight launch.py fits to L2,
     # also ask L2 to keep those words from pass 1 (evict last) and let them go in pass 2 (evict
-    # first). Not the capped kernels: they are issue-bound, and the hints measured 6-8% slower
-    # there (bench/NOTES.md, v12).
+    # first). Not the capped kernels: they are issue-bound, and the hints cost them more than
+    # they saved (bench/NOTES.md).
     hint_l2 = cached and not capped
     weighted = smoothing == WEIGHTED_SMOOTHING
     element_math = row_math(fmt, pack, capped, smoothed, weighted)

@@ -5,11 +5,10 @@
 (two blocks of 512, or one of 1024) fit a multiprocessor.
 
 numba-cuda can say this itself (``cuda.compile_ptx(..., launch_bounds=1024)``, as NVVM IR
-metadata), but then NVVM also optimises with the bound, and its PTX differs: with numba-cuda
-0.30.4 and NVVM 13.0, fewer registers in most specialisations, but more local memory in the
-plain fused kernels (bf16: 24 -> 32 bytes a thread) and spills in the loss kernels with class
-weighted label smoothing (none -> 24 bytes). The directive alone tells ptxas and leaves NVVM's
-code as it is; changing that is a measurement to make on a GPU.
+metadata), but then NVVM also optimises with the bound, and its PTX differs (numba-cuda 0.30.4,
+NVVM 13.0): fewer registers in most specialisations, more local memory in a few, the plain fused
+kernels among them (bench/NOTES.md). The directive alone tells ptxas and leaves NVVM's code as
+it is; changing that is a measurement to make on a GPU.
 
 An edit raises :class:`PtxEditFailed` where it finds nothing to change, so that PTX of another
 shape fails at compile time instead of going unedited; tests/test_ptx_edits.py compiles a kernel

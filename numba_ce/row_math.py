@@ -62,9 +62,9 @@ def row_math(fmt, pack, capped, smoothed, weighted):
         """((x_i - m) * log2(e) - offset, t_i): exp(x_i - m) / 2**offset as a power of two and, in
         the capped kernel, t = tanh(r / c) with x - m = c * t - m in one fma. x - m comes first:
         exact near the maximum, where the terms that count are, at any |x| (offset 0 adds
-        nothing: x - 0 is x). Folding m * log2(e) into one fma of t (one instruction less) rounds
-        it to half an ulp first: measured 3-4% faster with softcap, but a confident row's loss
-        then came out below 0 and its p_y above 1 (bench/NOTES.md, v13-v15)."""
+        nothing: x - 0 is x). Folding m * log2(e) into the fma of t would save an instruction
+        but round it to half an ulp first: a confident row's loss then comes out below 0 and
+        its p_y above 1 (bench/NOTES.md)."""
         if capped:
             t = fast_tanh(element(word, i), cap.inverse)
             return fma(cap.value, t, -row_max) * LOG2E - offset, t

@@ -79,9 +79,9 @@ def row_passes(fmt, pack, capped, smoothed, weighted, hint_l2):
             m' = max(m, max_i x_i),  s' = s * exp(m - m') + sum_i exp(x_i - m')
         with one rescale for the group. Written out for four words: a loop over the group
         (pairs of words, or a pairwise tree in a local array) computes the same values, but NVVM
-        then orders the instructions differently and ptxas gave the loss kernels up to four
-        registers more and the smoothing kernels more spills. The state stays three values for
-        the same reason (as a tuple carried through the loops, the same happened)."""
+        then orders the instructions differently and ptxas allocates worse (more registers in
+        the loss kernels, more spills with smoothing: bench/NOTES.md). The state stays three
+        values for the same reason (as a tuple carried through the loops, the same happened)."""
         w0, w1, w2, w3 = group[0], group[1], group[2], group[3]
         top = max(max(word_max(w0), word_max(w1)), max(word_max(w2), word_max(w3)))
         row_max, row_sum = rescaled(row_max, row_sum, top, cap)
