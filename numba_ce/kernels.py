@@ -49,42 +49,25 @@ import math
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec, pair_encoder
-from .portable import (SIMULATOR, bits_from_f32, copy_word, device_function, exp2,
-                       f32_from_bits, fast_tanh, fma, l2_drop_policy, l2_keep_policy, load_word,
-                       load_word_hinted, store_word, wait_copies)
-from .reductions import LOG2E, NEG_INF, NO_INDEX, ZERO, block_argmax, block_lse, block_sum2
+from .floatbits import FORMATS
+from .portable import (bits_from_f32, copy_word, device_function, f32_from_bits, l2_drop_policy,
+                       l2_keep_policy, load_word, wait_copies)
+from .reductions import (LOG2E, NEG_INF, NO_INDEX, ZERO, block_argmax, block_lse, block_sum2,
+                         reduction_scratch)
+from .row_math import INDEX, RowGradient, Softcap, row_math
+from .row_passes import cached_group, prefetch_group, row_passes
+from .words import UNROLL, host_word, word_format
 
 ONE = np.float32(1.0)
 TWO = np.float32(2.0)
 NAN = np.float32(np.nan)
 POS_INF = np.float32(np.inf)
-# The largest block (numba_ce.launcher compiles every kernel for it: at most 64 registers a
-# thread, so that 1024 threads, two blocks of 512 or one of 1024, fit a multiprocessor's 65536
-# registers).
-MAX_THREADS = 1024
-WARP_SLOTS = MAX_THREADS // 32  # shared float32 slots for per-warp partial results
-# A slot per thread for the simulator's warp reductions; GPU warps shuffle registers instead, and
-# a one-slot array keeps the kernels' static shared memory at the 256 bytes of the warp slots,
-# which numba_ce.planning.STATIC_SHARED_BYTES counts on.
-LANE_SLOTS = MAX_THREADS if SIMULATOR else 1
 
 # reduction codes, the kernels' argument `reduction`
 NONE, SUM, MEAN = 0, 1, 2
 
 # target_stats writes these slots of its float32 `stats` output
 STAT_WEIGHT_SUM, STAT_COUNT, STAT_ALL_WEIGHTS = 0, 1, 2
-
-
-@cuda.jit(device=True)
-def reduction_scratch():
-    """Shared arrays for the block reductions: a slot per thread (simulator only), a slot per warp.
-    One allocation a line: the simulator tells shared arrays apart by their source line."""
-    lane_a = cuda.shared.array(LANE_SLOTS, np.float32)
-    lane_b = cuda.shared.array(LANE_SLOTS, np.float32)
-    warp_a = cuda.shared.array(WARP_SLOTS, np.float32)
-    warp_b = cuda.shared.array(WARP_SLOTS, np.float32)
-    return lane_a, lane_b, warp_a, warp_b
 
 
 @cuda.jit
@@ -96,7 +79,7 @@ def target_stats(target, weight, has_weight, ignore_index, n_classes, stats, bad
     target  # (N,) int32/int64
     weight  # (V,) float32, or (1,) unused when has_weight == 0
     """
-    lane_a, lane_b, warp_a, warp_b = reduction_scratch()
+    scratch = reduction_scratch()
     tid = cuda.threadIdx.x
     n_rows = target.shape[0]
     if tid == 0:
@@ -112,13 +95,13 @@ def target_stats(target, weight, has_weight, ignore_index, n_classes, stats, bad
                 count += ONE
             else:
                 cuda.atomic.min(bad_row, 0, row)
-    weight_sum, count = block_sum2(weight_sum, count, lane_a, lane_b, warp_a, warp_b)
+    weight_sum, count = block_sum2(weight_sum, count, scratch)
     all_weights = np.float32(n_classes)
     if has_weight:  # uniform over the block, so every thread reaches the barriers
         all_weights = ZERO
         for col in range(tid, n_classes, cuda.blockDim.x):
             all_weights += weight[col]
-        all_weights, _ = block_sum2(all_weights, ZERO, lane_a, lane_b, warp_a, warp_b)
+        all_weights, _ = block_sum2(all_weights, ZERO, scratch)
     if tid == 0:
         stats[STAT_WEIGHT_SUM] = weight_sum
         stats[STAT_COUNT] = count
@@ -131,14 +114,14 @@ def reduce_rows(row_loss, row_z, stats, reduction, loss_out, z_out):
 
     "mean": sum(ce) / sum(w_y) + sum(zl) / count, with ce = loss - zl per row.
     """
-    lane_a, lane_b, warp_a, warp_b = reduction_scratch()
+    scratch = reduction_scratch()
     tid = cuda.threadIdx.x
     loss_sum = ZERO
     z_sum = ZERO
     for row in range(tid, row_loss.shape[0], cuda.blockDim.x):
         loss_sum += row_loss[row]
         z_sum += row_z[row]
-    loss_sum, z_sum = block_sum2(loss_sum, z_sum, lane_a, lane_b, warp_a, warp_b)
+    loss_sum, z_sum = block_sum2(loss_sum, z_sum, scratch)
     if tid == 0:
         if reduction == MEAN:
             z_mean = z_sum / stats[STAT_COUNT]
@@ -149,39 +132,16 @@ def reduce_rows(row_loss, row_z, stats, reduction, loss_out, z_out):
             z_out[0] = z_sum
 
 
-def _pack_word(codes, bits):
-    """Element codes (low element first) packed into one signed integer word, as the kernels
-    store them: the last element is sign-extended so the word fits its signed type."""
-    word = 0
-    for i, code in enumerate(codes):
-        if i == len(codes) - 1 and code >> (bits - 1):
-            code -= 1 << bits
-        word |= code << (bits * i)
-    return word
-
-
 # Element codes of a quiet NaN: the gradient of a row whose target is out of range.
 NAN_CODES = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
 
-# Pass loops issue UNROLL independent word loads before using any, so each thread keeps
-# UNROLL * 8 bytes in flight: one load at a time left the kernel latency-bound at ~1 TB/s.
-UNROLL = 4  # absorb_group, store_group and the prefetch in row_kernel are written for four words
 # The running maximum starts finite, so exp(m_old - m_new) never meets -inf - (-inf) = NaN and
 # the pass loops need no test for an empty state; a row of -inf logits is recognised at the end
 # by its sum of 0.
 LOWEST = np.float32(np.finfo(np.float32).min)
 
-# A row's argmax as the argmax kernels keep it (V < 2**31)
-INDEX = np.int32
-
 # What label smoothing adds per element (compile-time, so the plain kernel carries none of it)
 NO_SMOOTHING, SMOOTHING, WEIGHTED_SMOOTHING = 0, 1, 2
-
-
-@device_function
-def load(row_words, k, n_words):
-    """Word k of a row as a 64-bit integer (0 past the row's end, never used)."""
-    return int(row_words[k]) if k < n_words else 0
 
 
 @device_function
@@ -190,262 +150,77 @@ def kept(label, ignore_index, n_classes):
     return label != ignore_index and 0 <= label < n_classes
 
 
-@device_function
-def join(lo, hi):
-    """The 64-bit word of two signed 32-bit halves, ``lo`` in the low half."""
-    return (int(hi) << 32) | (int(lo) & 0xFFFFFFFF)
-
-
 @functools.lru_cache(maxsize=None)
 def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argmax=False):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
     the gradient, with or without softcap (``capped``) and label smoothing (``smoothing``, class
     weighted or not), finding each row's argmax or not (``argmax``: token accuracy and
     predicted tokens). Each is fixed at compile time: the loops over a word's elements unroll and
-    the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element."""
-    bits, decode, encode = kernel_codec(fmt)
-    mask = (1 << bits) - 1
-    top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
-    nan_word = _pack_word([NAN_CODES[fmt]] * pack, bits)
+    the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element.
+    The per-element math is numba_ce.row_math, the groups of words numba_ce.row_passes."""
+    nan_word = host_word([NAN_CODES[fmt]] * pack, FORMATS[fmt][0])
     smoothed = smoothing != NO_SMOOTHING
-    weighted = smoothing == WEIGHTED_SMOOTHING
-    if pack == 4:
-        pair = pair_encoder(fmt)
     # Gradient kernels of 8-byte words keep the first words of each row in shared memory.
     cached = with_grad and pack > 1
     # Gradient kernels read the uncached words twice, pass 2 backwards (the latest read first,
     # the likeliest still in L2). The cached kernels, whose rows in flight numba_ce.planning
     # fits to L2, also ask L2 to keep those words from pass 1 (evict last) and let them go in
-    # pass 2 (evict first). Not the capped kernels: they are issue-bound, and the hints measured
-    # 6-8% slower there (bench/NOTES.md, v12).
+    # pass 2 (evict first). Not the capped kernels: they are issue-bound, and the hints cost
+    # them more than they saved (bench/NOTES.md).
     hint_l2 = cached and not capped
-
-    @device_function
-    def raw(word, i):
-        """Element i of a word as float32."""
-        return decode((word >> (bits * i)) & mask)
-
-    @device_function
-    def cap(x, softcap, inv_softcap):
-        """softcap * tanh(x / softcap) (the kernel for capped logits), else x. The tanh is
-        portable.fast_tanh (one ex2, the division by FMAs; within 2.4e-7 of tanh): libdevice's
-        tanhf adds an rcp to its ex2, and two tanh an element (one a pass) at two special-function
-        operations each made the capped kernel SFU-bound."""
-        return softcap * fast_tanh(x, inv_softcap) if capped else x
-
-    @device_function
-    def element(word, i, softcap, inv_softcap):
-        """Element i of a word as float32, softcapped in the capped kernel."""
-        return cap(raw(word, i), softcap, inv_softcap)
-
-    @device_function
-    def exponent(word, i, row_max, offset, softcap, inv_softcap):
-        """((x_i - m) * log2(e) - offset, t_i): exp(x_i - m) / 2**offset as a power of two and, in
-        the capped kernel, t = tanh(r / c) with x - m = c * t - m in one fma. x - m comes first:
-        exact near the maximum, where the terms that count are, at any |x| (offset 0 adds
-        nothing: x - 0 is x). Folding m * log2(e) into one fma of t (one instruction less) rounds
-        it to half an ulp first: measured 3-4% faster with softcap, but a confident row's loss
-        then came out below 0 and its p_y above 1 (bench/NOTES.md, v13-v15)."""
-        if capped:
-            t = fast_tanh(raw(word, i), inv_softcap)
-            return fma(softcap, t, -row_max) * LOG2E - offset, t
-        return (raw(word, i) - row_max) * LOG2E - offset, ZERO
-
-    @device_function
-    def label_logit(word, i, inv_softcap):
-        """What the loss keeps of the target's logit, element i of a word: x, or in the capped
-        kernel t = tanh(r / c) (x = c * t) for :func:`below_max`."""
-        return fast_tanh(raw(word, i), inv_softcap) if capped else raw(word, i)
-
-    @device_function
-    def below_max(label_value, row_max, softcap):
-        """m - x for the target's logit (``label_value`` from label_logit). Capped, m - c * t is
-        one fma, rounded once as the exponents of the sum it is set against are (m - round(c t)
-        would be off by up to half an ulp of m: 3e-5 in the loss at c = 1000)."""
-        return fma(-softcap, label_value, row_max) if capped else row_max - label_value
-
-    @device_function
-    def word_max(word):
-        """The largest raw element of a word (softcap is increasing, up to fast_tanh's 2.4e-7:
-        cap the maximum once)."""
-        top = raw(word, 0)
-        for i in range(1, pack):
-            top = max(top, raw(word, i))
-        return top
-
-    @device_function
-    def first_of(word, k, value, later):
-        """The index of word k's first element equal to ``value``, else ``later``."""
-        at = later
-        for i in range(pack - 1, -1, -1):
-            if raw(word, i) == value:
-                at = INDEX(k * pack + i)  # 32 bits: one register, and V < 2**31
-        return at
-
-    @device_function
-    def track_group(best, best_at, w0, w1, w2, w3, k, step):
-        """(value, index) of the first largest raw element so far, after words k, k + step,
-        k + 2 step, k + 3 step (in index order: only a strictly larger value moves it, so the
-        first maximal index stays, as torch.argmax's). Softcap is increasing: the raw logits
-        have the capped ones' argmax. NaN never compares larger (the row's scan finds it)."""
-        top = max(max(word_max(w0), word_max(w1)), max(word_max(w2), word_max(w3)))
-        if top > best:
-            return top, first_of(w0, k, top, first_of(w1, k + step, top, first_of(
-                w2, k + 2 * step, top, first_of(w3, k + 3 * step, top, best_at))))
-        return best, best_at
-
-    @cuda.jit(device=True)
-    def first_nan(logits, row, n_words):
-        """This thread's first NaN element of the row (its words in index order), else NO_INDEX;
-        read again from global memory only for rows whose sum is NaN (a NaN or +inf logit)."""
-        for k in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
-            word = load_word(logits, row, k)
-            for i in range(pack):
-                x = raw(word, i)
-                if x != x:
-                    return k * pack + i
-        return NO_INDEX
-
-    @cuda.jit(device=True)
-    def row_argmax(logits, row, n_words, best, best_at, row_sum, lane_a, lane_b, warp_a,
-                   warp_b):
-        """The row's argmax from every thread's (value, index): the first maximal element, or
-        the first NaN if the row has one, as torch.argmax. Every thread of the block calls it
-        (barriers); ``row_sum`` is the block's."""
-        _, at_bits = block_argmax(best, f32_from_bits(best_at), lane_a, lane_b, warp_a, warp_b)
-        at = bits_from_f32(at_bits)
-        if row_sum != row_sum:  # uniform over the block: a NaN or +inf logit
-            nan_at = first_nan(logits, row, n_words)
-            found, nan_bits = block_argmax(ZERO if nan_at != NO_INDEX else NEG_INF,
-                                           f32_from_bits(nan_at), lane_a, lane_b, warp_a,
-                                           warp_b)
-            if found == ZERO:
-                at = bits_from_f32(nan_bits)
-        return at
-
-    @device_function
-    def word_exp_sum(word, row_max, softcap, inv_softcap):
-        """sum_i exp(x_i - m) over the word's elements."""
-        total = ZERO
-        for i in range(pack):
-            total += exp2(exponent(word, i, row_max, ZERO, softcap, inv_softcap)[0])
-        return total
-
-    @device_function
-    def rescaled(row_max, row_sum, top, softcap, inv_softcap):
-        """(m', s * exp(m - m')) for m' = max(m, cap(top)): the state before new terms join."""
-        new_max = max(row_max, cap(top, softcap, inv_softcap))
-        return new_max, row_sum * exp2((row_max - new_max) * LOG2E)
-
-    @device_function
-    def weighted_sum(word, k, weight, softcap, inv_softcap):
-        """sum_i w_j x_j over the word's elements j = k * pack + i (w = 1 unless weighted)."""
-        total = ZERO
-        for i in range(pack):
-            x = element(word, i, softcap, inv_softcap)
-            total += x * weight[k * pack + i] if weighted else x
-        return total
-
-    @device_function
-    def element_gradient(word, k, i, at, row_max, log2_s, coef_p, coef_w, coef_y, weight,
-                         softcap, inv_softcap):
-        """dL/dx_j = P * p_j - Q * w_j - T * [j == y] for j = k * pack + i (``at`` = y - k * pack,
-        the label's place in the word, or ``pack`` when the word does not hold it), times the
-        softcap derivative; float32. p_j = 2 ** ((x_j - m) * log2(e) - log2(s))."""
-        log2_p, t = exponent(word, i, row_max, log2_s, softcap, inv_softcap)
-        d = coef_p * exp2(log2_p)
-        if smoothed:
-            d -= coef_w * weight[k * pack + i] if weighted else coef_w
-        if i == at:
-            d -= coef_y
-        if capped:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
-            d *= fma(-t, t, ONE)
-        return d
-
-    if pack == 4:  # four 16-bit elements: two rounded pairs
-        @device_function
-        def gradient_word(word, k, at, row_max, log2_s, coef_p, coef_w, coef_y, weight, softcap,
-                          inv_softcap):
-            """The word of the gradient of word k, each element rounded once."""
-            d0 = element_gradient(word, k, 0, at, row_max, log2_s, coef_p, coef_w, coef_y,
-                                  weight, softcap, inv_softcap)
-            d1 = element_gradient(word, k, 1, at, row_max, log2_s, coef_p, coef_w, coef_y,
-                                  weight, softcap, inv_softcap)
-            d2 = element_gradient(word, k, 2, at, row_max, log2_s, coef_p, coef_w, coef_y,
-                                  weight, softcap, inv_softcap)
-            d3 = element_gradient(word, k, 3, at, row_max, log2_s, coef_p, coef_w, coef_y,
-                                  weight, softcap, inv_softcap)
-            return join(pair(d0, d1), pair(d2, d3))
-    else:  # two float32 elements, or one element of any format: codes shifted into place
-        @device_function
-        def gradient_word(word, k, at, row_max, log2_s, coef_p, coef_w, coef_y, weight, softcap,
-                          inv_softcap):
-            """The word of the gradient of word k, each element rounded once."""
-            out = 0
-            for i in range(pack):
-                code = encode(element_gradient(word, k, i, at, row_max, log2_s, coef_p, coef_w,
-                                               coef_y, weight, softcap, inv_softcap)) & mask
-                if i == pack - 1:
-                    code = (code ^ top_sign) - top_sign
-                out |= code << (bits * i)
-            return out
-
-    @device_function
-    def global_read(words, row, k, policy):
-        """Word k of a row from global memory, with an L2 cache policy (keep in pass 1, drop in
-        pass 2) in the kernels that hint."""
-        return load_word_hinted(words, row, k, policy) if hint_l2 else load_word(words, row, k)
-
-    @device_function
-    def store_gradient(grad, row, word, k, label, row_max, log2_s, coef_p, coef_w, coef_y,
-                       weight, softcap, inv_softcap):
-        """grad[row, k] = the gradient of word k. One comparison a word finds the label's word;
-        the other words get a copy of the code with no label test per element."""
-        if k == label // pack:
-            out = gradient_word(word, k, label % pack, row_max, log2_s, coef_p, coef_w, coef_y,
-                                weight, softcap, inv_softcap)
-        else:
-            out = gradient_word(word, k, pack, row_max, log2_s, coef_p, coef_w, coef_y, weight,
-                                softcap, inv_softcap)
-        store_word(grad, row, k, out)
-
-    @device_function
-    def absorb_group(row_max, row_sum, weighted_x, w0, w1, w2, w3, k, step, weight, softcap,
-                     inv_softcap):
-        """The state (m, s, sum_j w_j x_j) after words k, k + step, k + 2 step, k + 3 step:
-            m' = max(m, max_i x_i),  s' = s * exp(m - m') + sum_i exp(x_i - m')
-        with one rescale for the group."""
-        top = max(max(word_max(w0), word_max(w1)), max(word_max(w2), word_max(w3)))
-        row_max, row_sum = rescaled(row_max, row_sum, top, softcap, inv_softcap)
-        row_sum += ((word_exp_sum(w0, row_max, softcap, inv_softcap)
-                     + word_exp_sum(w1, row_max, softcap, inv_softcap))
-                    + (word_exp_sum(w2, row_max, softcap, inv_softcap)
-                       + word_exp_sum(w3, row_max, softcap, inv_softcap)))
-        if smoothed:
-            weighted_x += ((weighted_sum(w0, k, weight, softcap, inv_softcap)
-                            + weighted_sum(w1, k + step, weight, softcap, inv_softcap))
-                           + (weighted_sum(w2, k + 2 * step, weight, softcap, inv_softcap)
-                              + weighted_sum(w3, k + 3 * step, weight, softcap, inv_softcap)))
-        return row_max, row_sum, weighted_x
-
-    @device_function
-    def store_group(grad, row, w0, w1, w2, w3, k, step, label, row_max, log2_s, coef_p, coef_w,
-                    coef_y, weight, softcap, inv_softcap):
-        """The gradient of words k, k + step, k + 2 step, k + 3 step."""
-        store_gradient(grad, row, w0, k, label, row_max, log2_s, coef_p, coef_w, coef_y, weight,
-                       softcap, inv_softcap)
-        store_gradient(grad, row, w1, k + step, label, row_max, log2_s, coef_p, coef_w, coef_y,
-                       weight, softcap, inv_softcap)
-        store_gradient(grad, row, w2, k + 2 * step, label, row_max, log2_s, coef_p, coef_w,
-                       coef_y, weight, softcap, inv_softcap)
-        store_gradient(grad, row, w3, k + 3 * step, label, row_max, log2_s, coef_p, coef_w,
-                       coef_y, weight, softcap, inv_softcap)
+    weighted = smoothing == WEIGHTED_SMOOTHING
+    element_math = row_math(fmt, pack, capped, smoothed, weighted)
+    label_logit, below_max = element_math.label_logit, element_math.below_max
+    (read, read_group, absorb_group, absorb_word, store_gradient, store_group, track_group,
+     track_word) = row_passes(fmt, pack, capped, smoothed, weighted, hint_l2)
+    element = word_format(fmt, pack).element
 
     @cuda.jit(device=True)
     def fill_row(out_row, n_words, word):
         """Fill a gradient row with one word (zeros for ignored rows, NaN for bad targets)."""
         for k in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
             out_row[k] = word
+
+    @cuda.jit(device=True)
+    def merged_state(row_max, row_sum, weighted_x, scratch):
+        """(m, log(s), sum_j w_j x_j) of the row from the threads' states, merged over the block:
+        every thread gets them. A +inf or NaN logit makes m and log(s) NaN (the row's loss and
+        gradient NaN, as PyTorch's); a row of -inf logits has m = -inf, log(s) = 0."""
+        row_max, row_sum = block_lse(row_max, row_sum, scratch)
+        if smoothed:
+            weighted_x, _ = block_sum2(weighted_x, ZERO, scratch)
+        if row_max == POS_INF or row_sum != row_sum:
+            return NAN, NAN, weighted_x
+        if row_sum == ZERO:
+            return NEG_INF, ZERO, weighted_x
+        return row_max, math.log(row_sum), weighted_x
+
+    @cuda.jit(device=True)
+    def first_nan(logits, row, n_words):
+        """This thread's first NaN element of the row (its words in index order), else
+        NO_INDEX; read again from global memory only for rows with a NaN or +inf logit."""
+        for k in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
+            word = load_word(logits, row, k)
+            for i in range(pack):
+                x = element(word, i)
+                if x != x:
+                    return k * pack + i
+        return NO_INDEX
+
+    @cuda.jit(device=True)
+    def row_argmax(logits, row, n_words, best, best_at, log_s, scratch):
+        """The row's argmax from every thread's (value, index): the first maximal element, or
+        the first NaN if the row has one, as torch.argmax. Every thread of the block calls it
+        (barriers); ``log_s`` is merged_state's (NaN for a row with a NaN or +inf logit)."""
+        _, at_bits = block_argmax(best, f32_from_bits(best_at), scratch)
+        at = bits_from_f32(at_bits)
+        if log_s != log_s:  # uniform over the block
+            nan_at = first_nan(logits, row, n_words)
+            found, nan_bits = block_argmax(ZERO if nan_at != NO_INDEX else NEG_INF,
+                                           f32_from_bits(nan_at), scratch)
+            if found == ZERO:
+                at = bits_from_f32(nan_bits)
+        return at
 
     @cuda.jit
     def kernel(logits, target, weight, grad, row_loss, row_z, row_lse, row_correct, predicted,
@@ -458,12 +233,13 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
         grad         # (N, V / pack) words (may be `logits` itself: in-place); unused without grad
         row_loss, row_z, row_lse  # (N,) float32 outputs: loss (with z part), z part, lse
         row_correct  # (N,) float32: 1 where the argmax is the target (argmax kernels, else unused)
-        predicted    # (N,) int64: the argmax, -1 for rows not counted (argmax kernels with
-                     #   predicted tokens asked for; else another (N,) array, unused)
+        predicted    # (N,) int64: the argmax, -1 for rows not counted (argmax kernels, else
+                     #   unused)
         stats        # (3,) float32 from target_stats
         grad_output  # (N,) float32 when go_per_row else (1,)
         """
-        lane_a, lane_b, warp_a, warp_b = reduction_scratch()
+        scratch = reduction_scratch()
+        group_words = cuda.local.array(UNROLL, np.int64)  # a group's words, in registers
         tid = cuda.threadIdx.x
         step = cuda.blockDim.x
         n_words = logits.shape[1]
@@ -476,7 +252,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
         # and then copies in word k of the block's next row, which loads while pass 2 goes on.
         cache = cuda.shared.array(0, np.int64)
         n_cached = min(n_grouped, cache.shape[0] - cache.shape[0] % group) if cached else 0
-        inv_softcap = ONE / softcap if capped else ZERO
+        cap = Softcap(softcap, ONE / softcap if capped else ZERO)
         keep = l2_keep_policy() if hint_l2 else 0  # L2 cache policies of the hinted loads
         drop = l2_drop_policy() if hint_l2 else 0
         all_weights = stats[STAT_ALL_WEIGHTS]
@@ -510,62 +286,42 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
             best = NEG_INF  # argmax kernels: the first largest raw logit so far, and its index
             best_at = INDEX(0)
             for k in range(tid, n_cached, group):
-                w0, w1, w2, w3 = cache[k], cache[k + step], cache[k + 2 * step], cache[k + 3 * step]
-                row_max, row_sum, weighted_x = absorb_group(
-                    row_max, row_sum, weighted_x, w0, w1, w2, w3, k, step, weight, softcap,
-                    inv_softcap)
+                cached_group(group_words, cache, k, step)
+                row_max, row_sum, weighted_x = absorb_group(row_max, row_sum, weighted_x,
+                                                            group_words, k, step, weight, cap)
                 if argmax:
-                    best, best_at = track_group(best, best_at, w0, w1, w2, w3, k, step)
+                    best, best_at = track_group(best, best_at, group_words, k, step)
             for k in range(n_cached + tid, n_grouped, group):
-                w0 = global_read(logits, row, k, keep)
-                w1 = global_read(logits, row, k + step, keep)
-                w2 = global_read(logits, row, k + 2 * step, keep)
-                w3 = global_read(logits, row, k + 3 * step, keep)
-                row_max, row_sum, weighted_x = absorb_group(
-                    row_max, row_sum, weighted_x, w0, w1, w2, w3, k, step, weight, softcap,
-                    inv_softcap)
+                read_group(group_words, logits, row, k, step, keep)
+                row_max, row_sum, weighted_x = absorb_group(row_max, row_sum, weighted_x,
+                                                            group_words, k, step, weight, cap)
                 if argmax:
-                    best, best_at = track_group(best, best_at, w0, w1, w2, w3, k, step)
+                    best, best_at = track_group(best, best_at, group_words, k, step)
             for k in range(n_grouped + tid, n_words, step):
-                w0 = global_read(logits, row, k, keep)
-                top = word_max(w0)
-                row_max, row_sum = rescaled(row_max, row_sum, top, softcap, inv_softcap)
-                row_sum += word_exp_sum(w0, row_max, softcap, inv_softcap)
-                if smoothed:
-                    weighted_x += weighted_sum(w0, k, weight, softcap, inv_softcap)
-                if argmax and top > best:
-                    best, best_at = top, first_of(w0, k, top, best_at)
+                word = read(logits, row, k, keep)
+                row_max, row_sum, weighted_x = absorb_word(row_max, row_sum, weighted_x, word, k,
+                                                           weight, cap)
+                if argmax:
+                    best, best_at = track_word(best, best_at, word, k)
 
             # 3. Thread 0 reads the target's logit (before the barriers below: in-place, pass 2
             #    overwrites the row), then the threads combine their states: every thread gets
-            #    the row's m and s.
+            #    the row's m and s. log p_j = (x_j - m) - log(s): lse - x_j would lose log(s) to
+            #    an ulp of lse (1e-3 at |x| = 1e4, 2e31 at bf16's largest values).
             if tid == 0:
                 label_value = label_logit(load_word(logits, row, label // pack), label % pack,
-                                          inv_softcap)
-            row_max, row_sum = block_lse(row_max, row_sum, lane_a, lane_b, warp_a, warp_b)
-            if smoothed:
-                weighted_x, _ = block_sum2(weighted_x, ZERO, lane_a, lane_b, warp_a, warp_b)
-            if argmax:
-                best_at = row_argmax(logits, row, n_words, best, best_at, row_sum, lane_a,
-                                     lane_b, warp_a, warp_b)
-            # log p_j = (x_j - m) - log(s): lse - x_j would lose log(s) to an ulp of lse
-            # (1e-3 at |x| = 1e4, 2e31 at bf16's largest values).
-            if row_max == POS_INF or row_sum != row_sum:  # a +inf or NaN logit: the row's
-                row_max = NAN                               # loss and gradient are NaN, as
-                log_s = NAN                                 # PyTorch's
-            elif row_sum == ZERO:  # every logit -inf: lse = -inf, loss and gradient NaN
-                row_max = NEG_INF
-                log_s = ZERO
-            else:
-                log_s = math.log(row_sum)
+                                          cap)
+            row_max, log_s, weighted_x = merged_state(row_max, row_sum, weighted_x, scratch)
             lse = row_max + log_s
+            if argmax:
+                best_at = row_argmax(logits, row, n_words, best, best_at, log_s, scratch)
 
             # 4. The row's loss.
             label_weight = weight[label] if has_weight else ONE
             ce_part_weight = one_minus_eps * label_weight
             if tid == 0:
                 z_part = z_loss * lse * lse
-                ce = ce_part_weight * (below_max(label_value, row_max, softcap) + log_s)
+                ce = ce_part_weight * (below_max(label_value, row_max, cap) + log_s)
                 if smoothed:  # (eps / V) * S_w first: V * lse alone can overflow fp32
                     ce += (eps_over_v * all_weights) * lse - eps_over_v * weighted_x
                 row_loss[row] = ce + z_part
@@ -595,29 +351,22 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
                 coef_p += grad_z * (TWO * z_loss * lse)
             coef_w = grad_ce * eps_over_v
             coef_y = grad_ce * ce_part_weight
-            log2_s = log_s * LOG2E
+            gradient = RowGradient(row_max, log_s * LOG2E, coef_p, coef_w, coef_y)
             next_row = row + cuda.gridDim.x
             prefetched = (next_row < logits.shape[0]
                           and kept(int(target[next_row]), ignore_index, n_classes))
             # Backwards through what pass 1 read from global memory: the tail, the uncached
             # groups from the last; then the cached groups.
             for k in range(n_grouped + tid, n_words, step):
-                store_gradient(grad, row, global_read(logits, row, k, drop), k, label, row_max,
-                               log2_s, coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
+                store_gradient(grad, row, read(logits, row, k, drop), k, label, gradient, weight,
+                               cap)
             for k in range(n_grouped - group + tid, n_cached + tid - 1, -group):
-                store_group(grad, row, global_read(logits, row, k, drop),
-                            global_read(logits, row, k + step, drop),
-                            global_read(logits, row, k + 2 * step, drop),
-                            global_read(logits, row, k + 3 * step, drop), k, step, label,
-                            row_max, log2_s, coef_p, coef_w, coef_y, weight, softcap, inv_softcap)
+                read_group(group_words, logits, row, k, step, drop)
+                store_group(grad, row, group_words, k, step, label, gradient, weight, cap)
             for k in range(tid, n_cached, group):
-                store_group(grad, row, cache[k], cache[k + step], cache[k + 2 * step],
-                            cache[k + 3 * step], k, step, label, row_max, log2_s, coef_p,
-                            coef_w, coef_y, weight, softcap, inv_softcap)
+                cached_group(group_words, cache, k, step)
+                store_group(grad, row, group_words, k, step, label, gradient, weight, cap)
                 if prefetched:
-                    copy_word(cache, k, logits, next_row, k)
-                    copy_word(cache, k + step, logits, next_row, k + step)
-                    copy_word(cache, k + 2 * step, logits, next_row, k + 2 * step)
-                    copy_word(cache, k + 3 * step, logits, next_row, k + 3 * step)
+                    prefetch_group(cache, logits, next_row, k, step)
 
     return kernel

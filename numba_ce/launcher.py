@@ -4,27 +4,15 @@ In the simulator a kernel is called through Numba's dispatcher. On a GPU, Numba'
 spends hundreds of microseconds a call wrapping and typing every array argument, which dominates
 small shapes. Here each kernel is compiled once per argument signature with ``cuda.compile_ptx``
 (the same compiler Numba's dispatcher uses), loaded as a CuPy module, and called with the
-arguments already in the layout Numba's kernel ABI expects:
+arguments already packed as Numba's kernel ABI lays them out (numba_ce.abi) into the thread's
+parameter buffer, handed to cuLaunchKernel as CU_LAUNCH_PARAM_BUFFER_POINTER: a launch is one
+``struct`` pack and one driver call, where CuPy's own argument handling would take each of the
+row kernel's 76 parameters in turn. Arrays are NumPy in the simulator; on a GPU, CuPy arrays or
+anything with their attributes (numba_ce.abi). A launch goes on CuPy's current device and
+stream, or on the ones named by an enclosing :class:`on_stream`.
 
-    an array of ndim d  ->  meminfo, parent, nitems, itemsize, data, shape[0..d), strides[0..d)
-    a scalar            ->  its value (int64, int32, float32 ...)
-
-packed by a ``struct.Struct`` made once per signature (C layout: each parameter at its natural
-alignment, as the PTX parameter space) into the thread's parameter buffer, handed to
-cuLaunchKernel as CU_LAUNCH_PARAM_BUFFER_POINTER, so a launch costs a few microseconds of Python
-(CuPy's own argument handling spent about a microsecond per parameter, and a row-kernel launch
-has 80).
-Arrays are NumPy in the simulator; on a GPU, CuPy arrays or anything with their attributes
-(``dtype``, ``ndim``, ``size``, ``itemsize``, ``shape``, byte ``strides``, ``data.ptr``: the torch
-adapter's numba_ce.torch.tensors.TensorArray). A launch goes on CuPy's current device and stream,
-or on the ones named by an enclosing :class:`on_stream`.
-
-Edits to the PTX: ``ex2.approx.ftz``, exp2 without the subnormal fix-up instructions (the
-kernels take exp2 of x - m <= 0 only, the capped kernels up to half an ulp of m above 0, so the
-one difference is that a probability below 2**-126 becomes 0; in softcap's fast_tanh,
-exp(-2|y|) below 2**-126 becomes 0, giving tanh = 1, which float32 tanh is there anyway); and
-``.maxntid`` kernels.MAX_THREADS = 1024, so ptxas keeps to 64 registers a thread and 1024
-threads (two blocks of 512, or one of 1024) fit a multiprocessor.
+The PTX is loaded with the edits of numba_ce.ptx_edits (``.maxntid 1024, 1, 1``: ptxas keeps
+to 64 registers a thread).
 
 Dynamic shared memory: ``launch(..., shared=bytes)``; the first such launch of a kernel raises its
 limit to the device's opt-in maximum (48 KiB without asking).
@@ -32,46 +20,19 @@ limit to the device's opt-in maximum (48 KiB without asking).
 import ctypes
 import functools
 import re
-import struct
 import threading
 
-import numba
 import numpy as np
-from numba import cuda, types
+from numba import cuda
 
 from . import device_properties
-from .devices import cupy, data_pointer, kernel_array
-from .kernels import MAX_THREADS
+from .abi import MAX_PARAMETER_BYTES, flatten, numba_types, parameter_layout
+from .devices import cupy, kernel_array
 from .portable import SIMULATOR
+from .ptx_edits import with_max_threads
 
 if cupy is not None:
     from cupy_backends.cuda.api import driver
-
-
-def argument_types(args):
-    """The Numba signature of a launch: arrays as any-layout arrays of their dtype and rank."""
-    return _numba_types(_arguments(args)[0])
-
-
-def _arguments(args):
-    """(signature key, parameter values) of a launch's arguments: an array gives (dtype, rank)
-    and meminfo, parent, nitems, itemsize, data, shape, strides (meminfo and parent are unused
-    by kernels: 0); a NumPy scalar its type and itself."""
-    key, values = [], []
-    for a in args:
-        if isinstance(a, np.generic):
-            key.append(type(a))
-            values.append(a)
-        else:
-            key.append((a.dtype, a.ndim))
-            values += (0, 0, a.size, a.itemsize, data_pointer(a), *a.shape, *a.strides)
-    return tuple(key), values
-
-
-@functools.lru_cache(maxsize=None)
-def _numba_types(key):
-    return tuple(numba.from_dtype(np.dtype(k)) if isinstance(k, type) else
-                 types.Array(numba.from_dtype(k[0]), k[1], "A") for k in key)
 
 
 def launch(kernel, grid, block, *args, shared=0):
@@ -82,7 +43,7 @@ def launch(kernel, grid, block, *args, shared=0):
         kernel[grid, block, 0, shared](
             *(a if isinstance(a, np.generic) else kernel_array(a) for a in args))
         return
-    key, values = _arguments(args)
+    key, values = flatten(args)
     device_id, stream = current_stream()
     function, layout = _prepared(kernel, key, device_id)
     if shared > 0:
@@ -135,8 +96,6 @@ def _allow_shared(function, device_id):
 _FUNC_SHARED_SIZE, _FUNC_MAX_DYNAMIC_SHARED = 1, 8
 # cuLaunchKernel's `extra` keys (cuda.h)
 _PARAM_END, _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE = 0, 1, 2
-_SCALAR_CODES = {np.dtype(np.int64): "q", np.dtype(np.int32): "i", np.dtype(np.float32): "f",
-                 np.dtype(np.float64): "d", np.dtype(np.uint64): "Q", np.dtype(np.uint32): "I"}
 
 
 class _Parameters(threading.local):
@@ -152,42 +111,26 @@ class _Parameters(threading.local):
         self.extra_address = ctypes.addressof(self.extra)
 
 
-MAX_PARAMETER_BYTES = 4096  # every CUDA version's limit on a kernel's parameters (12.1+: 32764)
 _parameters = _Parameters()
-
-
-@functools.lru_cache(maxsize=None)
-def _layout(key):
-    """The parameter buffer of a signature: an array of rank d is 5 + 2 d 64-bit words."""
-    codes = "".join(_SCALAR_CODES[np.dtype(k)] if isinstance(k, type) else "q" * (5 + 2 * k[1])
-                    for k in key)
-    layout = struct.Struct("@" + codes)
-    if layout.size > MAX_PARAMETER_BYTES:
-        raise ValueError(f"a kernel's parameters may take {MAX_PARAMETER_BYTES} bytes (got "
-                         f"{layout.size} for {len(key)} arguments)")
-    return layout
 
 
 def compile_ptx(kernel, signature, capability):
     """(PTX, entry name) of a Numba kernel for one signature and compute capability."""
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
-    ptx = ptx.replace("ex2.approx.f32 ", "ex2.approx.ftz.f32 ")
-    # Every block has at most MAX_THREADS threads: ptxas keeps to 65536 / MAX_THREADS registers.
-    ptx = _ENTRY_BODY.sub(rf"\1.maxntid {MAX_THREADS}, 1, 1\n{{", ptx, count=1)
+    ptx = with_max_threads(ptx)
     return ptx, _ENTRY.search(ptx).group(1)
 
 
 _ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
-_ENTRY_BODY = re.compile(r"(\.entry\s[^{]*\)\s*)\{")
 
 
 @functools.lru_cache(maxsize=None)
 def _prepared(kernel, key, device_id):
     """(CuPy Function, parameter layout) of ``kernel`` for one signature on one GPU: compiled
     and loaded at the first launch."""
-    layout = _layout(key)  # raises before compiling for too many parameters
+    layout = parameter_layout(key)  # raises before compiling for too many parameters
     capability = cuda.get_current_device().compute_capability
-    ptx, entry = compile_ptx(kernel, _numba_types(key), capability)
+    ptx, entry = compile_ptx(kernel, numba_types(key), capability)
     module = cupy.cuda.function.Module()
     module.load(ptx.encode())
     return module.get_function(entry), layout

@@ -19,12 +19,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import kernels, rounding, scale_kernel
+from .limits import MAX_THREADS
+from .words import UNROLL
 from .devices import data_pointer
 from .floatbits import FORMATS
 from .portable import WARP_SIZE
 
 WORD_BYTES = 8  # packed loads and stores: 4 x 16-bit or 2 x 32-bit elements a word
-WORDS_PER_THREAD = 2 * kernels.UNROLL  # a row block grows until each thread has about this many
+WORDS_PER_THREAD = 2 * UNROLL  # a row block grows until each thread has about this many
 MAX_ROW_THREADS = 256  # row blocks without a shared-memory cache (bench/NOTES.md)
 CACHED_BLOCKS_PER_SM = (2, 1)  # in order of preference (bench/NOTES.md, v9 and v12)
 SYSTEM_SHARED_BYTES = 1024  # what the system keeps of a multiprocessor's shared memory a block
@@ -148,7 +150,7 @@ def _element_word(fmt):
 
 def block_threads(device):
     """Threads of a one-block kernel (target_stats, reduce_rows)."""
-    return device.threads or kernels.MAX_THREADS
+    return device.threads or MAX_THREADS
 
 
 def row_blocks(n_rows, device):
@@ -221,7 +223,7 @@ def plan_rows(inputs, options, stats, grad, outputs, device):
     if grad is not None and pack > 1:  # the cached kernel
         per_sm, shared = cache_plan(n_words, words.itemsize, device)
         blocks = resident_row_blocks(n_rows, per_sm, device)
-        threads = threads_per_row(n_words, device, kernels.MAX_THREADS // per_sm)
+        threads = threads_per_row(n_words, device, MAX_THREADS // per_sm)
     else:
         blocks, shared, threads = row_blocks(n_rows, device), 0, threads_per_row(n_words, device)
     eps = options.label_smoothing

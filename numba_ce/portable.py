@@ -9,8 +9,13 @@ lacks through this module:
   On the GPU it is five ``cuda.shfl_xor_sync`` steps; the simulator has no warp operations, so
   each lane publishes its pair in shared scratch and evaluates the same butterfly tree itself
   (the same combine order, so the same result), at the cost of two barriers instead of ten.
-* ``exp2``: 2**x in one instruction on the GPU (``ex2.approx``, 2 ulp), Python's pow in the
-  simulator; the kernels write exp(x) as exp2(x * log2(e)) to keep the per-element work small;
+* ``exp2``: 2**x in one instruction on the GPU (``ex2.approx.ftz.f32``, 2 ulp), Python's pow in
+  the simulator; the kernels write exp(x) as exp2(x * log2(e)) to keep the per-element work
+  small. The flush-to-zero form spares the subnormal fix-up instructions that ptxas adds to
+  libdevice's exp2f (``ex2.approx.f32``): the kernels take exp2 of x - m <= 0 only, the capped
+  kernels up to half an ulp of m above 0, so the one difference is that a probability below
+  2**-126 becomes 0; in fast_tanh, exp(-2|y|) below 2**-126 becomes 0, giving tanh = 1, which
+  float32 tanh is there anyway;
 * ``fma(a, b, c)``: a * b + c rounded once to float32 (``cuda.fma``, one FFMA on the GPU; the
   simulator has no cuda.fma outside a kernel: the product in float64, where it is exact);
 * ``fast_tanh(y, scale)``: tanh(y * scale) in float32 with one special-function instruction
@@ -328,9 +333,22 @@ else:
         """The bit pattern of float32 ``value`` as a signed 32-bit integer."""
         return cuda.libdevice.float_as_int(value)
 
+    @intrinsic
+    def _ex2_ftz(typingctx, x):
+        """NVVM's intrinsic for ex2.approx.ftz.f32, the one libdevice's exp2f calls in its
+        flush-to-zero build (an intrinsic, not inline PTX: the optimiser still sees a pure
+        function of x)."""
+        def codegen(context, builder, signature, args):
+            function = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()]),
+                "llvm.nvvm.ex2.approx.ftz.f")
+            return builder.call(function, args)
+        return types.float32(types.float32), codegen
+
     @cuda.jit(device=True)
     def exp2(x):
-        return cuda.libdevice.exp2f(x)
+        """2**x for float32 x: one ex2.approx.ftz.f32."""
+        return _ex2_ftz(numba.float32(x))
 
     @cuda.jit(device=True, forceinline=True)
     def fma(a, b, c):

@@ -6,18 +6,38 @@
     then every warp reduces those slots the same way, so every thread ends with the block's result.
 
 The helpers reduce a pair of float32 values at once (an online-softmax state (m, s), or two sums)
-and must be called by every thread of the block (they contain barriers). ``lane_a``/``lane_b``
-are float32 shared arrays with a slot per thread, used by the simulator only (see
-:mod:`numba_ce.portable`); ``warp_a``/``warp_b`` have a float32 slot per warp.
+and must be called by every thread of the block (they contain barriers), with the shared
+``scratch`` of :func:`reduction_scratch`.
 """
 import numpy as np
 from numba import cuda
 
-from .portable import WARP_SIZE, bits_from_f32, device_function, exp2, make_warp_allreduce
+from .limits import MAX_THREADS
+from .portable import (SIMULATOR, WARP_SIZE, bits_from_f32, device_function, exp2,
+                       make_warp_allreduce)
 
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 LOG2E = np.float32(np.log2(np.e))  # exp(x) = exp2(x * log2(e))
+
+WARP_SLOTS = MAX_THREADS // WARP_SIZE  # shared float32 slots for per-warp partial results
+# A slot per thread for the simulator's warp reductions; GPU warps shuffle registers instead, and
+# a one-slot array keeps the kernels' static shared memory at the 256 bytes of the warp slots,
+# which numba_ce.planning.STATIC_SHARED_BYTES counts on.
+LANE_SLOTS = MAX_THREADS if SIMULATOR else 1
+
+
+@cuda.jit(device=True)
+def reduction_scratch():
+    """The shared arrays of the block reductions, (lane_a, lane_b, warp_a, warp_b): a float32
+    slot per thread (simulator only, see :mod:`numba_ce.portable`) and a slot per warp, two of
+    each for the pair. One allocation a line: the simulator tells shared arrays apart by their
+    source line."""
+    lane_a = cuda.shared.array(LANE_SLOTS, np.float32)
+    lane_b = cuda.shared.array(LANE_SLOTS, np.float32)
+    warp_a = cuda.shared.array(WARP_SLOTS, np.float32)
+    warp_b = cuda.shared.array(WARP_SLOTS, np.float32)
+    return lane_a, lane_b, warp_a, warp_b
 
 
 @device_function
@@ -46,7 +66,8 @@ warp_sum2 = make_warp_allreduce(add_pair)
 
 def _make_block_allreduce(warp_allreduce, empty_a, empty_b):
     @cuda.jit(device=True)
-    def block_allreduce(a, b, lane_a, lane_b, warp_a, warp_b):
+    def block_allreduce(a, b, scratch):
+        lane_a, lane_b, warp_a, warp_b = scratch
         lane = cuda.threadIdx.x % WARP_SIZE
         warp = cuda.threadIdx.x // WARP_SIZE
         n_warps = cuda.blockDim.x // WARP_SIZE

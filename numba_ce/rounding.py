@@ -11,14 +11,12 @@ import functools
 
 from numba import cuda
 
-from .floatbits import kernel_codec
+from .words import word_format
 
 
 @functools.lru_cache(maxsize=None)
 def round_kernel(fmt):
-    bits, _, encode = kernel_codec(fmt)
-    mask = (1 << bits) - 1
-    top_sign = 1 << (bits - 1)  # codes are stored sign-extended in the signed 16-bit word
+    placed = word_format(fmt, 1).placed  # a value as the one element of a signed 16-bit word
 
     @cuda.jit
     def kernel(source, scale, out):
@@ -29,7 +27,6 @@ def round_kernel(fmt):
         """
         factor = scale[0]
         for i in range(cuda.grid(1), source.shape[0], cuda.gridsize(1)):
-            code = encode(source[i] * factor) & mask
-            out[i] = (code ^ top_sign) - top_sign
+            out[i] = placed(source[i] * factor, 0)
 
     return kernel

@@ -18,36 +18,23 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .floatbits import kernel_codec
-from .kernels import load
 from .portable import device_function
+from .words import UNROLL, load, word_format
 
 ONE = np.float32(1.0)
-ZERO = np.float32(0.0)
 
 
 @functools.lru_cache(maxsize=None)
 def scale_kernel(fmt, pack):
     """The kernel for one logits format and ``pack`` elements per word (as kernels.row_kernel)."""
-    bits, decode, encode = kernel_codec(fmt)
-    mask = (1 << bits) - 1
-    top_sign = 1 << (bits - 1)  # the last element of a word is sign-extended into the signed word
+    scaled = word_format(fmt, pack).scaled
 
     @device_function
     def store_scaled(row_words, k, n_words, word, g):
         """row_words[k] = word with each element multiplied by g, rounded once (past the row's
-        end: nothing). Zeros stay zero: an ignored row's gradient is 0 for any g, +-inf too, as
-        torch's."""
-        if k >= n_words:
-            return
-        out = 0
-        for i in range(pack):
-            value = decode((word >> (bits * i)) & mask)
-            code = encode(value * g if value != ZERO else value) & mask
-            if i == pack - 1:
-                code = (code ^ top_sign) - top_sign
-            out |= code << (bits * i)
-        row_words[k] = out
+        end: nothing)."""
+        if k < n_words:
+            row_words[k] = scaled(word, g)
 
     @cuda.jit
     def kernel(grad, grad_output, per_row):
@@ -57,6 +44,7 @@ def scale_kernel(fmt, pack):
         """
         if not per_row and grad_output[0] == ONE:
             return  # the common loss.backward(): every block returns before touching the gradient
+        group_words = cuda.local.array(UNROLL, np.int64)  # in registers: the loops unroll
         tid = cuda.threadIdx.x
         step = cuda.blockDim.x
         n_words = grad.shape[1]
@@ -65,15 +53,12 @@ def scale_kernel(fmt, pack):
             if g == ONE:  # uniform over the block: no barrier below depends on it
                 continue
             grad_row = grad[row]
-            # Four independent loads in flight before the stores: one at a time is latency-bound.
-            for k in range(tid, n_words, 4 * step):
-                w0 = load(grad_row, k, n_words)
-                w1 = load(grad_row, k + step, n_words)
-                w2 = load(grad_row, k + 2 * step, n_words)
-                w3 = load(grad_row, k + 3 * step, n_words)
-                store_scaled(grad_row, k, n_words, w0, g)
-                store_scaled(grad_row, k + step, n_words, w1, g)
-                store_scaled(grad_row, k + 2 * step, n_words, w2, g)
-                store_scaled(grad_row, k + 3 * step, n_words, w3, g)
+            # UNROLL independent loads in flight before the stores: one at a time is
+            # latency-bound.
+            for k in range(tid, n_words, UNROLL * step):
+                for u in range(UNROLL):
+                    group_words[u] = load(grad_row, k + u * step, n_words)
+                for u in range(UNROLL):
+                    store_scaled(grad_row, k + u * step, n_words, group_words[u], g)
 
     return kernel

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import numba_ce
-from numba_ce import device_properties, kernels, planning, reference
+from numba_ce import device_properties, planning, reference
+from numba_ce.words import UNROLL
 from helpers import (DTYPES, TOLERANCES, PoisonedArrays, assert_close, core_call, random_logits,
                      random_target, random_upstream, random_weight, to_numpy,
                      torch_loss_and_grad)
@@ -167,7 +168,7 @@ def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace):
     numbers."""
     simulated = device_properties.SIMULATED
     per_sm = planning.CACHED_BLOCKS_PER_SM[0]  # rows this short: their uncached words fit in L2
-    group = kernels.UNROLL * simulated.threads  # words
+    group = UNROLL * simulated.threads  # words
     device = simulated._replace(  # a cache of one group a block
         shared_per_block=8 * group + planning.STATIC_SHARED_BYTES)
     pack = 8 // np.dtype(random_logits(rng, 1, 1, dtype).dtype).itemsize

@@ -10,19 +10,13 @@ that matters for softcap is absolute (c * tanh enters an exp); the relative one 
 up. A kernel then runs the real fast_tanh (simulator or GPU) and must agree with the emulation;
 offline, its PTX must hold one ex2 and no division or branch.
 """
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from numba import cuda
 
 from numba_ce import portable
+from helpers import run_offline
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 F32 = np.float32
 EX2_ERROR = 2.0 ** -22  # relative error assumed of ex2.approx.ftz.f32, either way
 # The bounds the emulation must keep (portable's comment gives the measured figures).
@@ -217,13 +211,7 @@ print(json.dumps(ptx))
 def test_fast_tanh_ptx_has_one_ex2_and_no_division():
     """Compiled for sm_90 (offline, in a process without the simulator): one ex2.approx (the
     MUFU.EX2), no rcp, div, tanh.approx, float64 or branch (setp)."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    done = subprocess.run([sys.executable, "-c", PTX_SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if done.returncode and "NVVM" in done.stderr:
-        pytest.skip(f"no NVVM to compile with: {done.stderr.strip().splitlines()[-1]}")
-    assert done.returncode == 0, done.stdout + done.stderr
-    ptx = json.loads(done.stdout.strip().splitlines()[-1])
+    ptx = run_offline(PTX_SCRIPT)
     body = "\n".join(line.split("//")[0] for line in ptx.splitlines()
                      if not line.lstrip().startswith((".global", ".common", ".extern")))
     assert body.count("ex2.approx") == 1, body

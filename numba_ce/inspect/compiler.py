@@ -1,7 +1,7 @@
 """Compiling a planned launch for a chosen GPU architecture, with or without a GPU present.
 
 The PTX comes from :func:`numba_ce.launcher.compile_ptx`, the function that compiles the kernels
-the GPU path launches, so it is the code that runs (the ``ex2.approx.ftz`` rewrite included). Numba
+the GPU path launches, so it is the code that runs (numba_ce.ptx_edits' edits included). Numba
 compiles a kernel's device functions for the compute capability its current device reports:
 while compiling, that device is replaced by one reporting the chosen architecture, which also
 makes compiling work on a machine without a GPU.

@@ -5,7 +5,7 @@ The signatures are never written down here. :func:`planned_launch` asks the plan
 that the entry points use (numba_ce.planning: the loss kernels, the torch adapter's backward
 scaling, the linear cross-entropy's weight-gradient rounding) for the plans of a call on
 stand-in NumPy arrays and the current device's properties (an sm_90 GPU offline), and types each
-plan's arguments with :func:`numba_ce.launcher.argument_types`, the function the GPU path
+plan's arguments with :func:`numba_ce.abi.argument_types`, the function the GPU path
 compiles with. So whatever is passed to a kernel, and whatever block size is picked for a row
 length, is what gets inspected. The stand-in arrays are views whose rows (or elements) all alias
 one real row: planning only looks at their dtype, shape, strides and alignment.
@@ -16,7 +16,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .. import buffers, device_properties, kernels, launcher, planning, rounding, scale_kernel
+from .. import abi, buffers, device_properties, kernels, planning, rounding, scale_kernel
 from ..demo import GPU_SHAPE
 from ..floatbits import FORMATS
 from ..options import Options
@@ -146,7 +146,7 @@ def planned_launch(name, dtype, shape, variant=PLAIN):
     if n_rows < 1 or n_classes < 1:
         raise ValueError(f"shape must be (N, V) with N >= 1 and V >= 1 (got {tuple(shape)})")
     recorded = [Launch(name, dtype, plan.kernel, plan.grid, plan.block,
-                       launcher.argument_types(plan.arguments), plan.shared)
+                       abi.argument_types(plan.arguments), plan.shared)
                 for plan in _plans(spec.call, dtype, n_rows, n_classes, variant)
                 if _function_name(plan.kernel) == spec.function]
     if len(recorded) != 1:

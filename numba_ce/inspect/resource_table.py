@@ -26,7 +26,8 @@ class Resources(NamedTuple):
 
 def resources(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE, variant=PLAIN):
     """The :class:`Resources` of ``kernel`` compiled as in :func:`numba_ce.inspect.ptx`: ptxas's
-    report, the launch configuration launch.py picks for ``shape``, the theoretical occupancy."""
+    report, the launch configuration numba_ce.planning picks for ``shape``, the theoretical
+    occupancy."""
     built = compiled(kernel, dtype, arch, shape, variant)
     launch = built.launch
     report = tools.parse_report(built.assembly.report, built.entry)

@@ -9,10 +9,10 @@ copied here). What it changes from step 2, and what each change saves:
    (cp.async) while pass 2 writes the gradient: 3.3 GB read, 1.49 ms instead of 1.61. Pass 1
    then loads the rest with an L2 evict-last policy and pass 2 reads it backwards with
    evict-first, so most of the second read comes from L2 (1.39 ms; WALKTHROUGH section 10).
-2. 16-bit logits, read as 8-byte words of four elements (``portable.load_word`` and row_kernel's
-   ``element``): half the bytes of fp32 and a quarter of the load instructions. The gradient is
-   packed and written the same way, rounded once from fp32, two elements an instruction.
-3. Several loads in flight per thread (``kernels.UNROLL``): their latencies overlap instead of
+2. 16-bit logits, read as 8-byte words of four elements (``portable.load_word`` and
+   numba_ce.words): half the bytes of fp32 and a quarter of the load instructions. The gradient
+   is packed and written the same way, rounded once from fp32, two elements an instruction.
+3. Several loads in flight per thread (``words.UNROLL``): their latencies overlap instead of
    adding up, which a memory-bound kernel needs to come near the bandwidth ceiling.
 4. Block reductions by warp shuffles (numba_ce.reductions): the (m, s) states merge pairwise in
    registers (``reductions.merge_lse``), two barriers instead of one per tree level.
