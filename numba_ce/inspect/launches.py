@@ -116,7 +116,8 @@ def numpy_dtype(dtype):
 
 def kernel_source(name):
     """(file, first line, source) of the Python code of a kernel; for the row, scale and round
-    kernels, the whole factory with the device functions it specialises."""
+    kernels, the whole factory with the device functions it specialises (the row kernel's
+    per-word and per-group functions are numba_ce.row_math's and numba_ce.row_passes')."""
     spec = check_kernel(name)
     function = getattr(spec.module, spec.function)
     function = pyinspect.unwrap(getattr(function, "py_func", function))  # row_kernel is cached
