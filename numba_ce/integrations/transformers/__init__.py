@@ -1,0 +1,19 @@
+"""numba_ce's cross-entropy in Hugging Face transformers' causal language models.
+
+    model.loss_function = causal_lm_loss   # numba_ce's kernel as the model's loss
+
+transformers' loss (labels shifted, "mean" over the counted tokens, or the sum divided by the
+Trainer's num_items_in_batch for exact gradient accumulation). See :mod:`.loss`.
+"""
+try:
+    import transformers  # noqa: F401  (the modules below need it: say how to install it first)
+except ModuleNotFoundError as missing:
+    if missing.name != "transformers":
+        raise
+    raise ModuleNotFoundError(
+        "numba_ce.integrations.transformers needs Hugging Face transformers, which is not "
+        "installed: pip install 'numba_ce[transformers]'", name="transformers") from missing
+
+from .loss import causal_lm_linear_loss, causal_lm_loss
+
+__all__ = ["causal_lm_loss", "causal_lm_linear_loss"]
