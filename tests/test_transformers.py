@@ -1,7 +1,11 @@
-"""numba_ce.integrations.transformers against transformers itself: the loss function against
-transformers' ForCausalLMLoss. The labels have ignored (-100) positions at the start of one
-sequence (a prompt) and the end of another (padding).
+"""numba_ce.integrations.transformers against transformers itself: tiny randomly initialised
+causal LMs built from configs (nothing downloaded), each patched copy checked against the same
+weights unpatched, and the loss function against transformers' ForCausalLMLoss. The labels have
+ignored (-100) positions at the start of one sequence (a prompt) and the end of another (padding).
 """
+import copy
+import inspect
+
 import numpy as np
 import pytest
 
@@ -10,14 +14,39 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'numba_ce[transformers]')")
 
 from transformers.loss.loss_utils import ForCausalLMLoss
-from numba_ce.integrations.transformers import causal_lm_loss
+from numba_ce.integrations.transformers import (causal_lm_loss, patch_causal_lm,
+                                                unpatch_causal_lm)
 from numba_ce.portable import SIMULATOR
 from helpers import HALF_ULP, assert_close
 from torch_helpers import from_torch
 
 DEVICE = "cpu" if SIMULATOR else "cuda"
 VOCAB = 96  # not a power of two
-FLOAT32_LOSS = (1e-5, 1e-6)  # rtol, atol: the same float32 math summed in another order
+# Small enough for the simulator (a 2 x 10 batch is 20 rows of 96 classes: about a second), with
+# weights large enough (initializer_range) that the softmax is far from uniform.
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.2)
+# Gemma 2's cap of 2 bends its logits (up to about 6 here) far more than the tolerances.
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {}),
+    "gemma2": (transformers.Gemma2Config, dict(final_logit_softcapping=2.0)),
+}
+# (rtol, atol) of the loss, and of each gradient with atol relative to the model's largest
+# gradient entry (some gradients are rounding noise only: k_proj's bias shifts all of a query's
+# scores alike, which the softmax ignores). float32: the same math summed in another order;
+# bfloat16: a logit rounded the other way, a gradient one rounding apart.
+TOLERANCES = {torch.float32: dict(loss=(1e-5, 1e-6), grad=(1e-5, 1e-6)),
+              torch.bfloat16: dict(loss=(2.0**-8, 1e-6), grad=(2.0**-7, 2.0**-8))}
+FLOAT32_LOSS = TOLERANCES[torch.float32]["loss"]  # also for losses of the same bf16 logits
+
+
+def tiny_model(family, dtype=torch.float32):
+    config_class, options = FAMILIES[family]
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**TINY, **options))
+    return model.to(DEVICE, dtype).train()
 
 
 def tokens_and_labels(batch, length, ignored):
@@ -32,6 +61,15 @@ def tokens_and_labels(batch, length, ignored):
 def prompt_and_padding(length):
     """A prompt of 3 ignored labels in sequence 0, padding of the last 4 in sequence 1."""
     return [(0, t) for t in range(3)] + [(1, t) for t in range(length - 4, length)]
+
+
+def assert_same_gradients(model, reference, dtype=torch.float32):
+    """Every parameter's gradient of ``model`` as ``reference``'s, worst element reported."""
+    expected = {name: from_torch(p.grad) for name, p in reference.named_parameters()}
+    rtol, atol = TOLERANCES[dtype]["grad"]
+    atol *= max(np.abs(grad).max() for grad in expected.values())
+    for name, parameter in model.named_parameters():
+        assert_close(from_torch(parameter.grad), expected[name], rtol, atol, f"gradient of {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -63,3 +101,116 @@ def test_causal_lm_loss_takes_shift_labels_as_given():
     loss = causal_lm_loss(logits, None, VOCAB, shift_labels=shift_labels)
     expected = ForCausalLMLoss(logits, None, VOCAB, shift_labels=shift_labels)
     assert_close(from_torch(loss), from_torch(expected), *FLOAT32_LOSS, "loss")
+
+
+@pytest.mark.parametrize("family, dtype", [(family, torch.float32) for family in FAMILIES]
+                         + [("llama", torch.bfloat16)])
+def test_loss_and_every_gradient_match_the_unpatched_model(family, dtype):
+    reference = tiny_model(family, dtype)
+    model = copy.deepcopy(reference)
+    patch_causal_lm(model)
+    input_ids, labels = tokens_and_labels(2, 10, prompt_and_padding(10))
+
+    output = model(input_ids=input_ids, labels=labels)
+    expected = reference(input_ids=input_ids, labels=labels)
+    output.loss.backward()
+    expected.loss.backward()
+
+    assert output.logits is None, "the fused path formed the logits"
+    assert_close(from_torch(output.loss), from_torch(expected.loss), *TOLERANCES[dtype]["loss"],
+                 "loss")
+    assert_same_gradients(model, reference, dtype)
+
+
+def test_gemma2s_cap_is_applied():
+    """The softcap the Gemma 2 case checks bends its logits: leaving it out would fail there."""
+    model = tiny_model("gemma2")
+    input_ids, _ = tokens_and_labels(2, 10, [])
+    with torch.no_grad():
+        capped = model(input_ids=input_ids).logits
+        uncapped = model.lm_head(model.model(input_ids=input_ids).last_hidden_state)
+    assert (capped - uncapped).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("how", ["patch_causal_lm", "loss_function"])
+def test_gradient_accumulation_equals_one_batch(how):
+    """4 micro-batches with 0, 3, 7 and 14 ignored labels of 16, each loss divided by the
+    counted tokens of all 4 (num_items_in_batch, counted as the Trainer does: labels[..., 1:]),
+    their gradients summed: the loss and gradients of the one batch of all 4 (Liger-Kernel issue
+    802: a mean per micro-batch weighs the micro-batch with 2 counted tokens most)."""
+    reference = tiny_model("llama")
+    model = copy.deepcopy(reference)
+    if how == "patch_causal_lm":
+        patch_causal_lm(model)
+    else:
+        model.loss_function = causal_lm_loss
+    ignored = [[], [(0, 1), (1, 0), (1, 7)], [(0, t) for t in range(7)], [(b, t) for b in range(2)
+                                                                          for t in range(7)]]
+    micro_batches = [tokens_and_labels(2, 8, positions) for positions in ignored]
+    num_items_in_batch = sum((labels[..., 1:] != -100).sum() for _, labels in micro_batches)
+
+    losses = []
+    for input_ids, labels in micro_batches:
+        loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    one_batch = reference(input_ids=torch.cat([ids for ids, _ in micro_batches]),
+                          labels=torch.cat([labels for _, labels in micro_batches]))
+    one_batch.loss.backward()
+
+    assert_close(from_torch(sum(losses)), from_torch(one_batch.loss), *FLOAT32_LOSS, "loss")
+    assert_same_gradients(model, reference)
+    counts = [int((labels[..., 1:] != -100).sum()) for _, labels in micro_batches]
+    means = [float(loss) * int(num_items_in_batch) / count for loss, count in zip(losses, counts)]
+    assert abs(np.mean(means) - from_torch(one_batch.loss)) > 0.01, "micro-batches too alike"
+
+
+def test_calls_without_labels_or_in_eval_mode_run_the_original_forward():
+    reference = tiny_model("gemma2")
+    model = copy.deepcopy(reference)
+    patch_causal_lm(model)
+    input_ids, labels = tokens_and_labels(2, 10, prompt_and_padding(10))
+    assert torch.equal(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits)
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        output = model(input_ids=input_ids, labels=labels)
+        expected = reference(input_ids=input_ids, labels=labels)
+    assert torch.equal(output.logits, expected.logits) and torch.equal(output.loss, expected.loss)
+
+
+def test_the_fused_path_returns_a_tuple_for_return_dict_false():
+    model = tiny_model("llama")
+    patch_causal_lm(model)
+    input_ids, labels = tokens_and_labels(1, 6, [])
+    output = model(input_ids, labels=labels, use_cache=False, return_dict=False)
+    assert isinstance(output, tuple) and len(output) == 1 and output[0].ndim == 0
+
+
+def test_patching_twice_is_patching_once_and_unpatching_restores_the_forward():
+    model = tiny_model("qwen3")
+    signature = inspect.signature(model.forward)
+    patch_causal_lm(model)
+    patched = model.forward
+    patch_causal_lm(model)
+    assert model.forward is patched
+    assert inspect.signature(model.forward) == signature  # what the Trainer reads
+    copied = copy.deepcopy(model)
+    assert copied.forward.model is copied and copied.forward.original.__self__ is copied
+
+    unpatch_causal_lm(model)
+    assert "forward" not in vars(model)
+    unpatch_causal_lm(model)  # not patched: nothing to do
+    input_ids, labels = tokens_and_labels(1, 6, [])
+    assert model(input_ids=input_ids, labels=labels).logits is not None
+
+
+def test_unsupported_models_are_refused():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2)
+    with pytest.raises(TypeError, match=r"supports the forwards .* \(got GPT2LMHeadModel, "
+                                        r"whose forward is GPT2LMHeadModel.forward\)"):
+        patch_causal_lm(transformers.GPT2LMHeadModel(config))
+    model = tiny_model("llama")
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    with pytest.raises(TypeError, match=r"lm_head to be a torch.nn.Linear.*\(got Sequential\)"):
+        patch_causal_lm(model)

@@ -4,6 +4,7 @@
                            (model.loss_function = causal_lm_loss), through numba_ce's fused kernel
     causal_lm_linear_loss  hidden states (B, T, H) and the head's weight (V, H) -> the same loss
                            through numba_ce's linear cross-entropy: no B x T x V logits are stored
+                           (patch_causal_lm's forward calls it)
 
 Both score position t against labels[t + 1] (the last position is ignored), as transformers does,
 unless the caller passes shift_labels, and both reduce as its ``fixed_cross_entropy``: the mean
