@@ -34,13 +34,10 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, {}),
     "gemma2": (transformers.Gemma2Config, dict(final_logit_softcapping=2.0)),
 }
-# (rtol, atol) of the loss, and of each gradient with atol relative to the model's largest
-# gradient entry (some gradients are rounding noise only: k_proj's bias shifts all of a query's
-# scores alike, which the softmax ignores). float32: the same math summed in another order;
-# bfloat16: a logit rounded the other way, a gradient one rounding apart.
-TOLERANCES = {torch.float32: dict(loss=(1e-5, 1e-6), grad=(1e-5, 1e-6)),
-              torch.bfloat16: dict(loss=(2.0**-8, 1e-6), grad=(2.0**-7, 2.0**-8))}
-FLOAT32_LOSS = TOLERANCES[torch.float32]["loss"]  # also for losses of the same bf16 logits
+LOSS_TOLERANCE = (1e-5, 1e-6)  # rtol, atol: float32, the same math summed in another order
+# rtol, and atol relative to the model's largest gradient entry: some gradients are rounding noise
+# only (k_proj's bias: adding it shifts all of a query's scores alike, which the softmax ignores)
+GRAD_TOLERANCE = (1e-5, 1e-6)
 
 
 def tiny_model(family, dtype=torch.float32):
@@ -63,10 +60,10 @@ def prompt_and_padding(length):
     return [(0, t) for t in range(3)] + [(1, t) for t in range(length - 4, length)]
 
 
-def assert_same_gradients(model, reference, dtype=torch.float32):
+def assert_same_gradients(model, reference):
     """Every parameter's gradient of ``model`` as ``reference``'s, worst element reported."""
     expected = {name: from_torch(p.grad) for name, p in reference.named_parameters()}
-    rtol, atol = TOLERANCES[dtype]["grad"]
+    rtol, atol = GRAD_TOLERANCE
     atol *= max(np.abs(grad).max() for grad in expected.values())
     for name, parameter in model.named_parameters():
         assert_close(from_torch(parameter.grad), expected[name], rtol, atol, f"gradient of {name}")
@@ -88,7 +85,7 @@ def test_causal_lm_loss_is_transformers_loss(dtype, num_items_in_batch):
         loss.backward()
         results.append((from_torch(loss), from_torch(leaf.grad)))
     (loss, grad), (expected_loss, expected_grad) = results
-    assert_close(loss, expected_loss, *FLOAT32_LOSS, "loss")
+    assert_close(loss, expected_loss, *LOSS_TOLERANCE, "loss")
     roundings = 2 if num_items_in_batch is None else 3
     rtol = roundings * HALF_ULP["bfloat16"] if dtype == torch.bfloat16 else 1e-5
     assert_close(grad, expected_grad, rtol, 1e-6 * np.abs(expected_grad).max(), "gradient")
@@ -100,13 +97,12 @@ def test_causal_lm_loss_takes_shift_labels_as_given():
     _, shift_labels = tokens_and_labels(2, 10, prompt_and_padding(10))
     loss = causal_lm_loss(logits, None, VOCAB, shift_labels=shift_labels)
     expected = ForCausalLMLoss(logits, None, VOCAB, shift_labels=shift_labels)
-    assert_close(from_torch(loss), from_torch(expected), *FLOAT32_LOSS, "loss")
+    assert_close(from_torch(loss), from_torch(expected), *LOSS_TOLERANCE, "loss")
 
 
-@pytest.mark.parametrize("family, dtype", [(family, torch.float32) for family in FAMILIES]
-                         + [("llama", torch.bfloat16)])
-def test_loss_and_every_gradient_match_the_unpatched_model(family, dtype):
-    reference = tiny_model(family, dtype)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_and_every_gradient_match_the_unpatched_model(family):
+    reference = tiny_model(family)
     model = copy.deepcopy(reference)
     patch_causal_lm(model)
     input_ids, labels = tokens_and_labels(2, 10, prompt_and_padding(10))
@@ -117,9 +113,33 @@ def test_loss_and_every_gradient_match_the_unpatched_model(family, dtype):
     expected.loss.backward()
 
     assert output.logits is None, "the fused path formed the logits"
-    assert_close(from_torch(output.loss), from_torch(expected.loss), *TOLERANCES[dtype]["loss"],
-                 "loss")
-    assert_same_gradients(model, reference, dtype)
+    assert_close(from_torch(output.loss), from_torch(expected.loss), *LOSS_TOLERANCE, "loss")
+    assert_same_gradients(model, reference)
+
+
+def test_a_bf16_model_is_as_close_to_float32_as_unpatched():
+    """A bf16 Llama's gradients carry bf16 rounding through every layer's backward (about 1% of
+    the largest entry here, in transformers' own too), so patched and unpatched bf16 may be two
+    such errors apart: each of ours is checked against the float32 model's instead, within twice
+    transformers' bf16 error of that parameter. The losses come from the same bf16 logits."""
+    reference = tiny_model("llama", torch.bfloat16)
+    model, float32 = copy.deepcopy(reference), copy.deepcopy(reference).float()
+    patch_causal_lm(model)
+    input_ids, labels = tokens_and_labels(2, 10, prompt_and_padding(10))
+    losses = []
+    for m in (model, reference, float32):
+        loss = m(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        losses.append(from_torch(loss))
+    assert_close(losses[0], losses[1], 2.0**-8, 0.0, "loss vs unpatched bf16")
+
+    exact = {name: from_torch(p.grad) for name, p in float32.named_parameters()}
+    theirs = {name: from_torch(p.grad) for name, p in reference.named_parameters()}
+    scale = max(np.abs(grad).max() for grad in exact.values())
+    for name, parameter in model.named_parameters():
+        their_error = np.abs(theirs[name] - exact[name]).max()
+        assert_close(from_torch(parameter.grad), exact[name], 0.0,
+                     2 * their_error + 1e-6 * scale, f"gradient of {name} vs float32")
 
 
 def test_gemma2s_cap_is_applied():
@@ -158,11 +178,8 @@ def test_gradient_accumulation_equals_one_batch(how):
                           labels=torch.cat([labels for _, labels in micro_batches]))
     one_batch.loss.backward()
 
-    assert_close(from_torch(sum(losses)), from_torch(one_batch.loss), *FLOAT32_LOSS, "loss")
+    assert_close(from_torch(sum(losses)), from_torch(one_batch.loss), *LOSS_TOLERANCE, "loss")
     assert_same_gradients(model, reference)
-    counts = [int((labels[..., 1:] != -100).sum()) for _, labels in micro_batches]
-    means = [float(loss) * int(num_items_in_batch) / count for loss, count in zip(losses, counts)]
-    assert abs(np.mean(means) - from_torch(one_batch.loss)) > 0.01, "micro-batches too alike"
 
 
 def test_calls_without_labels_or_in_eval_mode_run_the_original_forward():
