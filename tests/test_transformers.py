@@ -4,7 +4,9 @@ weights unpatched, and the loss function against transformers' ForCausalLMLoss. 
 ignored (-100) positions at the start of one sequence (a prompt) and the end of another (padding).
 """
 import copy
+import importlib.util
 import inspect
+import pathlib
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from helpers import HALF_ULP, assert_close
 from torch_helpers import from_torch
 
 DEVICE = "cpu" if SIMULATOR else "cuda"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 96  # not a power of two
 # Small enough for the simulator (a 2 x 10 batch is 20 rows of 96 classes: about a second), with
 # weights large enough (initializer_range) that the softmax is far from uniform.
@@ -231,3 +234,20 @@ def test_unsupported_models_are_refused():
     model.lm_head = torch.nn.Sequential(model.lm_head)
     with pytest.raises(TypeError, match=r"lm_head to be a torch.nn.Linear.*\(got Sequential\)"):
         patch_causal_lm(model)
+
+
+def test_the_trainer_example_trains_as_without_the_patch():
+    """examples/hf_trainer.py's Trainer, 2 steps of 4 accumulated micro-batches: the same logged
+    losses patched and unpatched. The Trainer finds the patched forward's parameters (it keeps
+    the dataset's columns and passes num_items_in_batch by them), and the second step's loss
+    shows that the first step's gradients were the same."""
+    spec = importlib.util.spec_from_file_location("hf_trainer", ROOT / "examples/hf_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    dataset = example.random_tokens(8)
+    patched = example.tiny_llama()
+    patch_causal_lm(patched)
+    losses = example.train(patched, dataset, max_steps=2)
+    expected = example.train(example.tiny_llama(), dataset, max_steps=2)
+    assert len(losses) == 2
+    assert_close(np.array(losses), np.array(expected), *LOSS_TOLERANCE, "logged losses")
