@@ -24,30 +24,34 @@ def listed(section, key):
             if line.split("#")[0].strip()]
 
 
-def test_the_torch_adapter_without_torch_names_the_torch_extra():
-    """`import numba_ce.torch` where torch cannot be imported (a None in sys.modules stands for
-    a missing package)."""
+@pytest.mark.parametrize("module, library, extra", [
+    ("numba_ce.torch", "PyTorch", "torch"),
+    ("numba_ce.integrations.transformers", "Hugging Face transformers", "transformers")])
+def test_an_adapter_without_its_library_names_its_extra(module, library, extra):
+    """`import` of the adapter where its library cannot be imported (a None in sys.modules
+    stands for a missing package)."""
     done = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['torch'] = None; import numba_ce.torch"],
+        [sys.executable, "-c", f"import sys; sys.modules[{extra!r}] = None; import {module}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        "ModuleNotFoundError: numba_ce.torch needs PyTorch, which is not installed: "
-        "pip install 'numba_ce[torch]'")
+        f"ModuleNotFoundError: {module} needs {library}, which is not installed: "
+        f"pip install 'numba_ce[{extra}]'")
 
 
 def test_every_extra_named_in_the_code_and_readme_exists():
     texts = [README] + [path.read_text() for path in (ROOT / "numba_ce").rglob("*.py")]
     named = {extra for text in texts for group in re.findall(r"numba_ce\[([\w,-]+)\]", text)
              for extra in group.split(",")}
-    assert {"gpu", "gpu-cuda12", "inspect", "torch"} <= named
+    assert {"gpu", "gpu-cuda12", "inspect", "torch", "transformers"} <= named
     assert named <= set(CONFIG["options.extras_require"])
 
 
 def test_the_inspect_extra_has_the_tools_and_the_test_extra_uses_it():
     assert listed("options.extras_require", "inspect") == [
         "cuda-toolkit[nvvm,nvrtc,nvcc] == 13.0.*", "nvidia-cuda-nvdisasm >= 13.2, < 14"]
-    assert listed("options.extras_require", "test") == ["numba_ce[test-without-torch,torch]"]
+    assert listed("options.extras_require", "test") == [
+        "numba_ce[test-without-torch,torch,transformers]"]
     assert "numba_ce[inspect]" in listed("options.extras_require", "test-without-torch")
     assert listed("options.extras_require", "gpu-cuda12") == ["cupy-cuda12x >= 14"]
 

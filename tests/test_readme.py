@@ -1,4 +1,5 @@
-"""The README's quick starts run as written (they allocate 2 GB on a GPU, so the GPU only)."""
+"""The README's quick starts run as written (they allocate 2 GB on a GPU, so the GPU only), but
+for the one that downloads a model."""
 import pathlib
 import re
 
@@ -14,6 +15,8 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 @pytest.mark.skipif(SIMULATOR, reason="the quick starts use CuPy and CUDA tensors")
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_quick_start_runs(index):
+    if "from_pretrained(" in BLOCKS[index]:
+        pytest.skip("downloads a model (examples/hf_trainer.py, which the suite runs, builds one)")
     namespace = {}
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), namespace)
     loss = namespace["loss"]
