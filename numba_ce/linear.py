@@ -39,8 +39,7 @@ from .results import Array, LinearCrossEntropyResult
 
 # The default chunk: 4096 rows, halved while its logits exceed 1 GiB. Each chunk's weight-gradient
 # product reads and writes the float32 accumulator (8 * V * H bytes) for 2 * V * H * C flops:
-# with C = 4096 it stays compute-bound (H200, N x H x V = 8192 x 4096 x 128256 bf16: 42.7 ms at
-# 4096 rows, 44.6 at 2048, 47.6 at 1024; bench/NOTES.md).
+# enough rows keep it compute-bound (bench/NOTES.md, "Figures behind the code's comments").
 CHUNK_ROWS = 4096
 CHUNK_BYTES = 2**30
 

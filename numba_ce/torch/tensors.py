@@ -4,10 +4,11 @@ Simulator (NUMBA_ENABLE_CUDASIM=1): CPU tensors, seen as NumPy arrays, by both f
 GPU, two views of a CUDA tensor:
 
     as_kernel_array  a TensorArray: the attributes a kernel launch reads (dtype, shape, byte
-                     strides, data.ptr), views and slices through torch; ~2 us on the H200's
-                     host. What the fused cross-entropy call and the backward's scaling pass.
-    as_array         a CuPy array over the tensor's memory (~10-20 us): for the linear
-                     cross-entropy, whose chunks also go through CuPy's array operations.
+                     strides, data.ptr), views and slices through torch; the cheaper of the two
+                     (bench/NOTES.md). What the fused cross-entropy call and the backward's
+                     scaling pass.
+    as_array         a CuPy array over the tensor's memory: for the linear cross-entropy, whose
+                     chunks also go through CuPy's array operations.
 
 Kernels run on torch's current stream, so that they follow ``torch.cuda.stream(...)``, the
 autograd engine's backward streams and CUDA-graph capture: :func:`on_torch_stream` points the
