@@ -17,7 +17,6 @@ import ml_dtypes
 import numpy as np
 
 from .. import abi, buffers, device_properties, kernels, planning, rounding, scale_kernel
-from ..demo import GPU_SHAPE
 from ..floatbits import FORMATS
 from ..options import Options
 from ..portable import SIMULATOR
@@ -58,7 +57,7 @@ KERNELS = {
                         "rounded to the logits' format (fp16 and bf16 only)",
                         ("float16", "bfloat16")),
 }
-DEFAULT_SHAPE = GPU_SHAPE  # the demo's: 4096 tokens of Llama 3's 128256-word vocabulary
+DEFAULT_SHAPE = (4096, 128256)  # 4096 tokens of Llama 3's vocabulary, as the demo's GPU shape
 
 
 class Variant(NamedTuple):
