@@ -68,17 +68,18 @@ def test_inplace_backward_later_use_detected_by_autograd(rng):
 def test_inplace_backward_into_a_strided_view(rng):
     """Rows with unit class stride and a row stride > V are read in place; the gradient goes
     into the view and the columns outside it are untouched."""
-    wide = to_torch(random_logits(rng, 4, 40, "bfloat16"))
-    padding = wide[:, 32:].clone()
+    leaf = to_torch(random_logits(rng, 4, 40, "bfloat16")).requires_grad_()
+    wide = leaf * 1  # logits computed from a leaf: a leaf itself is refused
+    padding = wide[:, 32:].detach().clone()
     logits = wide[:, :32]
     target = random_target(rng, 4, 32)
     _, expected = torch_loss_and_grad(from_torch(logits), target)
     version = wide._version
-    view = logits.requires_grad_()
-    nce.cross_entropy(view, to_torch(target), inplace_backward=True).backward()
+    nce.cross_entropy(logits, to_torch(target), inplace_backward=True).backward()
     tol = TOLERANCES["bfloat16"]["grad"]
     assert_close(from_torch(wide[:, :32]), expected, tol[0], tol[1] * np.abs(expected).max(),
                  "gradient in the view")
+    assert torch.equal(leaf.grad[:, :32], wide[:, :32]) and not leaf.grad[:, 32:].any()
     assert torch.equal(wide[:, 32:], padding)
     assert wide._version > version
 
@@ -223,6 +224,24 @@ def test_create_graph_is_refused_at_the_first_backward(rng, entry):
         torch.autograd.grad(loss, x, create_graph=True)
 
 
+@pytest.mark.parametrize("logits", ["leaf", "view of a leaf"])
+def test_inplace_backward_refuses_a_leaf_that_requires_grad(rng, logits):
+    """A parameter used as the logits would be overwritten by its own gradient: refused as torch
+    refuses an in-place op on one, and left as it was."""
+    parameter = torch.nn.Parameter(to_torch(random_logits(rng, 4, 24)))
+    before = parameter.detach().clone()
+    what = "a leaf Variable" if logits == "leaf" else "a view of a leaf Variable"
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"inplace_backward=True writes the gradient into input, which is {what} that "
+            "requires grad: torch refuses to modify one in place (a leaf Variable that requires "
+            "grad is being used in an in-place operation)")):
+        nce.cross_entropy(parameter if logits == "leaf" else parameter[1:], to_torch(
+            random_target(rng, 4 if logits == "leaf" else 3, 24)), inplace_backward=True)
+    assert torch.equal(parameter.detach(), before)
+    with torch.no_grad():  # no gradient to write: the loss only, as for any tensor
+        nce.cross_entropy(parameter, to_torch(random_target(rng, 4, 24)), inplace_backward=True)
+
+
 def test_capture_check_is_asked_on_cuda_tensors_only(rng):
     """validate=True is refused during CUDA-graph capture (tests/test_torch_gpu.py); the check
     asks torch.cuda, which on this CPU build of torch raises: a call on CPU tensors never asks
@@ -282,7 +301,8 @@ ERRORS = [
 
 @pytest.mark.parametrize("arguments,error,message", ERRORS, ids=[m[:40] for _, _, m in ERRORS])
 def test_errors(arguments, error, message):
-    arguments = dict(dict(input=_logits().requires_grad_(), target=_target()), **arguments)
+    arguments = dict(dict(input=_logits().requires_grad_().clone(), target=_target()),
+                     **arguments)  # (logits computed from a leaf: inplace_backward refuses one)
     before = arguments["input"].detach().clone() if torch.is_tensor(arguments["input"]) else None
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         nce.cross_entropy(inplace_backward=arguments.pop("inplace_backward", True), **arguments)
@@ -315,7 +335,7 @@ def test_without_gpu_or_simulator():
 def test_inplace_backward_refuses_a_weight_in_the_logits_memory(rng):
     """The gradient overwrites the logits while the kernel still reads the class weights: a
     weight viewing the logits' memory would be read while being overwritten."""
-    logits = to_torch(random_logits(rng, 6, 6)).requires_grad_()
+    logits = to_torch(random_logits(rng, 6, 6)).requires_grad_().clone()
     target = to_torch(random_target(rng, 6, 6))
     weight = logits.detach()[2]
     with pytest.raises(ValueError, match=re.escape(

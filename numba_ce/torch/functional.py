@@ -115,6 +115,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         loss, z_part, accuracy, predicted, _ = ops.cross_entropy(
             logits, target, weight, None, **arguments, with_grad=False, validate=validate)
     elif inplace_backward:
+        _check_overwritable(logits)
         gradient = logits.detach()  # the op writes it outside autograd: attach_gradient links
         loss, z_part, accuracy, predicted = ops.cross_entropy_(  # the loss to the logits
             gradient, target, weight, **arguments, validate=validate)
@@ -129,3 +130,17 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                                   accuracy if options.return_token_accuracy else None,
                                   predicted if options.return_predicted_tokens else None)
     return (loss, z_part) if return_z_loss else loss
+
+
+def _check_overwritable(logits):
+    """inplace_backward=True overwrites the logits with their gradient: refused, as torch refuses
+    an in-place op, for a leaf that requires grad (a parameter used as logits would become its
+    own gradient) or a view of one."""
+    base = logits._base
+    if logits.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
+        what = "a leaf Variable" if logits.is_leaf else "a view of a leaf Variable"
+        raise RuntimeError(
+            f"inplace_backward=True writes the gradient into input, which is {what} that "
+            "requires grad: torch refuses to modify one in place (a leaf Variable that requires "
+            "grad is being used in an in-place operation); pass inplace_backward=False, or "
+            "logits computed from it")
