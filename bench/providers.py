@@ -168,6 +168,8 @@ class NumbaTorch(Provider):
             options.argmax_outputs) else {}
 
         def loss_fn(x, t):
+            if self.inplace and x.requires_grad:  # a model's logits, not the leaf they are here
+                x = _ComputedLogits.apply(x)
             loss = nce.cross_entropy(x, t, ignore_index=IGNORE_INDEX,
                                      label_smoothing=options.label_smoothing,
                                      z_loss=options.z_loss, softcap=options.softcap,
@@ -175,6 +177,20 @@ class NumbaTorch(Provider):
                                      **outputs)
             return loss.loss if outputs else loss
         return autograd_step(loss_fn, inputs, target, mode)
+
+
+class _ComputedLogits(torch.autograd.Function):
+    """The benchmark's leaf logits as a model hands its logits over: the same memory, not a leaf
+    (inplace_backward=True refuses a leaf that requires grad, which it would overwrite), at the
+    cost of an identity's autograd node and no copy."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        return logits.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 class TorchEager(Provider):

@@ -47,7 +47,7 @@ class Options:
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1] (got {label_smoothing})")
         z_loss = _real("z_loss", self.z_loss)
-        if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        if not 0.0 <= z_loss < math.inf:  # (comparisons, which torch.compile traces symbolically)
             raise ValueError(f"z_loss must be a finite number >= 0 (got {z_loss})")
         softcap = None if self.softcap is None else _softcap(self.softcap)
         accuracy = check_flag("return_token_accuracy", self.return_token_accuracy)
@@ -71,7 +71,7 @@ class Options:
 
 def _softcap(value):
     softcap = _real("softcap", value)
-    if not (softcap > 0.0 and math.isfinite(softcap)):
+    if not 0.0 < softcap < math.inf:
         raise ValueError(f"softcap must be None or a finite number > 0 (got {softcap})")
     if softcap > MAX_SOFTCAP:
         raise ValueError(

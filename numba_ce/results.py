@@ -30,20 +30,24 @@ class CrossEntropyOutput(NamedTuple):
     predicted_tokens: Any = None
 
 
+def returned_fields(options):
+    """The buffers.RowOutputs fields that :func:`returned` gives back as (loss, z_loss,
+    token_accuracy): the reduced values, or the per-row ones for "none"."""
+    return (("loss", "z_loss", "token_accuracy") if options.reduced
+            else ("row_loss", "row_z", "row_correct"))
+
+
 def returned(outputs, options):
     """(loss, z_loss, token_accuracy, predicted_tokens) of a call's buffers.RowOutputs: 0-d
     views of the reduced values, or the per-row ones for "none"; the last two None unless the
     options ask for them."""
+    loss, z_part, accuracy = (getattr(outputs, name) for name in returned_fields(options))
+    if not options.return_token_accuracy:
+        accuracy = None
     if options.reduced:
-        loss, z_part = outputs.loss.reshape(()), outputs.z_loss.reshape(())
-    else:
-        loss, z_part = outputs.row_loss, outputs.row_z
-    accuracy = predicted = None
-    if options.return_token_accuracy:
-        accuracy = (outputs.token_accuracy.reshape(()) if options.reduced
-                    else outputs.row_correct)
-    if options.return_predicted_tokens:
-        predicted = outputs.predicted
+        loss, z_part = loss.reshape(()), z_part.reshape(())
+        accuracy = None if accuracy is None else accuracy.reshape(())
+    predicted = outputs.predicted if options.return_predicted_tokens else None
     return loss, z_part, accuracy, predicted
 
 

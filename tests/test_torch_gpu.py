@@ -185,6 +185,19 @@ def test_cuda_graph_capture_and_replay(rng):
         assert torch.equal(static_x.grad, eager_x.grad)
 
 
+def test_validate_is_refused_during_cuda_graph_capture(rng):
+    """validate=True would read the target check back to the host, which breaks a capture: the
+    call refuses before launching anything, saying what to pass instead."""
+    x = to_torch(random_logits(rng, 8, 300), CUDA).requires_grad_()
+    target = to_torch(random_target(rng, 8, 300), CUDA)
+    nce.cross_entropy(x, target, validate=False)  # compiles and loads the kernels
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="pass validate=False"):
+        with torch.cuda.graph(graph):
+            doubled = x.detach() * 2  # (the capture is not empty)
+            nce.cross_entropy(doubled, target, validate=True)
+
+
 class TinyLM(torch.nn.Module):
     """Embedding -> linear LM head; the loss function is a constructor argument."""
 
@@ -202,14 +215,14 @@ class TinyLM(torch.nn.Module):
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                             "ignore::FutureWarning")
 def test_torch_compile_inductor(rng):
-    """A module using the loss under torch.compile (Inductor): the loss is a graph break and
-    runs eagerly; loss and gradients match the eager module."""
+    """A module using the loss under torch.compile (Inductor), traced whole (fullgraph=True: the
+    kernels are custom ops); loss and gradients match the eager module."""
     torch.manual_seed(int(rng.integers(2**31)))
     model = TinyLM(512, 64, nce.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)).to(CUDA)
     tokens = torch.randint(0, 512, (256,), device=CUDA)
     target = torch.randint(0, 512, (256,), device=CUDA)
     results = []
-    for module in (model, torch.compile(model)):  # the compiled module shares the parameters
+    for module in (model, torch.compile(model, fullgraph=True)):  # sharing the parameters
         model.zero_grad()
         loss = module(tokens, target)
         loss.backward()

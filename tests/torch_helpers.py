@@ -43,9 +43,9 @@ def from_torch(tensor):
 def check_against_torch(rng, device, dtype, n_rows, n_classes, *, reduction="mean", ignored=0.0,
                         weighted=False, smoothing=0.0, z_loss=0.0, softcap=None, upstream="ones",
                         inplace=False, target_dtype=torch.int64, ignore_index=-100):
-    """One forward and backward of numba_ce.torch.cross_entropy on a leaf tensor, compared with
-    torch's float64 loss and autograd gradient; also the z-loss part, the dtypes, and whether the
-    input was written (in-place) or left alone."""
+    """One forward and backward of numba_ce.torch.cross_entropy of a leaf tensor (in place: of
+    its clone), compared with torch's float64 loss and autograd gradient; also the z-loss part,
+    the dtypes, and whether the input was written (in place) or left alone."""
     logits = random_logits(rng, n_rows, n_classes, dtype)
     target = random_target(rng, n_rows, n_classes, ignore_index, ignored)
     weight = random_weight(rng, n_classes, weighted)
@@ -58,7 +58,8 @@ def check_against_torch(rng, device, dtype, n_rows, n_classes, *, reduction="mea
                                                        **options)
     expected_z = reference.cross_entropy_with_grad(logits, target, **options).z_loss
 
-    x = to_torch(logits, device).requires_grad_()
+    leaf = to_torch(logits, device).requires_grad_()
+    x = leaf.clone() if inplace else leaf  # a leaf that requires grad is not overwritten
     original = x.detach().clone()
     loss, z_part = nce.cross_entropy(
         x, to_torch(target, device, target_dtype),
@@ -76,14 +77,14 @@ def check_against_torch(rng, device, dtype, n_rows, n_classes, *, reduction="mea
     assert loss.dtype == z_part.dtype == torch.float32 and not z_part.requires_grad
     assert_close(from_torch(loss), expected_loss, *loss_tol, "loss vs torch")
     assert_close(from_torch(z_part), expected_z, *loss_tol, "z_loss vs reference")
-    assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+    assert leaf.grad.dtype == x.dtype and leaf.grad.shape == x.shape
     if not (reduction == "mean" and (target == ignore_index).all()):
         # (torch's gradient of a mean over no rows is NaN; ours is zero, as for any ignored row)
         scale = max(np.abs(expected_grad).max(initial=0.0), 1e-30)
-        assert_close(from_torch(x.grad), expected_grad, grad_tol[0], grad_tol[1] * scale,
+        assert_close(from_torch(leaf.grad), expected_grad, grad_tol[0], grad_tol[1] * scale,
                      "grad vs torch")
     if inplace:
-        assert torch.equal(x.detach(), x.grad), "the gradient is not in the input's memory"
+        assert torch.equal(x.detach(), leaf.grad), "the gradient is not in the input's memory"
     else:
         assert torch.equal(x.detach(), original), "the input was modified"
 

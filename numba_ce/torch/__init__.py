@@ -7,7 +7,9 @@
     loss = nce.linear_cross_entropy(hidden, head.weight, target)  # (N, H), (V, H): no N x V logits
 
 CUDA tensors on a GPU (kernels on torch's current stream, memory from torch's allocator), or CPU
-tensors in the CUDA simulator (NUMBA_ENABLE_CUDASIM=1). See :func:`cross_entropy`.
+tensors in the CUDA simulator (NUMBA_ENABLE_CUDASIM=1). See :func:`cross_entropy`. The kernels
+run as torch.library custom ops (numba_ce::..., registered on import: numba_ce.torch.ops,
+numba_ce.torch.linear_ops), which torch.compile traces.
 """
 try:
     import torch  # noqa: F401  (the adapter's modules need it: say how to install it first)

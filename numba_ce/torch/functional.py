@@ -1,33 +1,31 @@
-"""``cross_entropy`` for torch tensors: an autograd function around one fused kernel call.
+"""``cross_entropy`` for torch tensors: the checks, then the custom ops of numba_ce.torch.ops.
 
-    forward   one call of numba_ce.execution.run with a gradient buffer: loss and d(loss)/d(input)
-              for an upstream gradient of 1 from the same kernel (the gradient is written once,
-              while the logits are still on chip); the gradient is saved.
+    forward   numba_ce::cross_entropy on the detached logits: the loss and d(loss)/d(input) for
+              an upstream gradient of 1 from one fused kernel call (the gradient is written
+              once, while the logits are still on chip; into the logits themselves by
+              numba_ce::cross_entropy_ with inplace_backward); numba_ce::attach_gradient gives
+              the loss its autograd node, which saves the gradient.
     backward  scales the saved gradient in place by the upstream gradient (per row for
-              reduction="none") with numba_ce.scale_kernel; when that is 1 the kernel's blocks
-              return at once. No host synchronisation.
+              reduction="none") with numba_ce::scale_; when that is 1 the kernel's blocks return
+              at once. No host synchronisation.
 
-No math lives here: tensors become array views (numba_ce.torch.tensors) and the core does the rest.
+No math lives here: the ops run the core on views of the tensors (numba_ce.torch.tensors).
 Host time is what small batches pay for (a training step waits for it when the GPU is faster):
-the views are TensorArrays, not CuPy arrays, and the launches go to torch's stream directly.
+what is not the ops' is a few checks.
 
 torch.autocast: nothing here is an autocast-eligible op (allocations and kernel launches only), so
-no custom_fwd or autocast-disabled block is needed: low-precision logits are read as they are and
-the math is fp32 either way. torch.compile: ``cross_entropy`` runs eagerly, one graph break
-(tensors.graph_break); a torch.library custom op would avoid the break, but its functionalisation
-copies the buffers that inplace_backward and the in-place backward exist to avoid.
+low-precision logits are read as they are and the math is fp32 either way. torch.compile: the ops
+are nodes of the graph (fullgraph=True works, dynamic batch sizes too); README, "torch.compile and
+CUDA graphs".
 """
 from typing import Literal, overload
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .. import buffers, execution, results, validation
-from ..execution import RowCall
+from .. import validation
 from ..options import Options
-from ..planning import RowInputs
 from ..results import CrossEntropyOutput
-from . import tensors
+from . import ops, tensors
 
 
 @overload
@@ -58,7 +56,6 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                   ) -> CrossEntropyOutput: ...
 
 
-@tensors.graph_break
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                   *, z_loss: float = 0.0, softcap: float | None = None,
@@ -112,102 +109,38 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return_z_loss = validation.check_flag("return_z_loss", return_z_loss)
     validate = validation.check_flag("validate", validate)
     tensors.check_devices(input, target=target, weight=weight)
-    with_grad = torch.is_grad_enabled() and input.requires_grad
-    loss, z_part, accuracy, predicted = _FusedCrossEntropy.apply(
-        input, target, weight, options, with_grad, inplace_backward, validate)
+    logits = tensors.readable_rows(input)
+    arguments = ops.option_arguments(options)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        loss, z_part, accuracy, predicted, _ = ops.cross_entropy(
+            logits, target, weight, None, **arguments, with_grad=False, validate=validate)
+    elif inplace_backward:
+        _check_overwritable(logits)
+        gradient = logits.detach()  # the op writes it outside autograd: attach_gradient links
+        loss, z_part, accuracy, predicted = ops.cross_entropy_(  # the loss to the logits
+            gradient, target, weight, **arguments, validate=validate)
+        loss = ops.attach_gradient(loss, logits, gradient)
+    else:
+        loss, z_part, accuracy, predicted, gradient = ops.cross_entropy(
+            logits.detach(), target, weight, None, **arguments, with_grad=True,
+            validate=validate)
+        loss = ops.attach_gradient(loss, logits, gradient)
     if options.argmax:
-        return CrossEntropyOutput(loss, z_part if return_z_loss else None, accuracy, predicted)
+        return CrossEntropyOutput(loss, z_part if return_z_loss else None,
+                                  accuracy if options.return_token_accuracy else None,
+                                  predicted if options.return_predicted_tokens else None)
     return (loss, z_part) if return_z_loss else loss
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """(loss, z_loss, token accuracy, predicted tokens) of the logits (the last two None unless
-    asked); the gradient comes from the forward's kernel call."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, options, with_grad, inplace, validate):
-        returned, grad, fmt = _forward(input, target, weight, options, with_grad, inplace,
-                                       validate)
-        ctx.mark_non_differentiable(*(t for t in returned[1:] if t is not None))
-        ctx.set_materialize_grads(False)  # the others' gradients: None, not zeros made and filled
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        ctx.fmt = fmt
-        ctx.per_row = not options.reduced
-        ctx.scaled = False
-        return returned
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, *not_differentiable):
-        """Runs on autograd's device thread, whose hand-offs of the interpreter lock with the
-        thread in loss.backward() make each line dearer than in the forward (bench/NOTES.md):
-        kept short. It scales the gradient that ctx.saved_tensors gives back, which
-        saved-tensor hooks (non-reentrant checkpointing, offloading) may have copied."""
-        if grad_loss is None or not ctx.needs_input_grad[0]:  # e.g. only the class weights
-            return (None,) * 7                                  # require grad
-        if ctx.scaled:
-            raise RuntimeError(
-                "numba_ce.torch.cross_entropy: backward ran twice on one forward (retain_graph="
-                "True?); the first scaled the saved gradient in place, so compute the loss again")
-        ctx.scaled = True
-        (grad,) = ctx.saved_tensors
-        upstream = grad_loss.float().reshape(-1)  # (1,), or (N,) for reduction="none"
-        view = tensors.as_kernel_array
-        with tensors.on_torch_stream(grad.device):
-            execution.scale_rows(view(grad), ctx.fmt, view(upstream), ctx.per_row)
-        # The scaled gradient may live in the caller's logits (inplace_backward): say so.
-        torch.autograd.graph.increment_version(grad)
-        return grad, None, None, None, None, None, None
-
-
-def _forward(input, target, weight, options, with_grad, inplace, validate):
-    """((loss, z part, token accuracy, predicted tokens), gradient for an upstream gradient of 1
-    or None, logits format)."""
-    view = tensors.as_kernel_array
-    logits, logits_array, copied = _readable_logits(input)
-    fmt = validation.check_logits(logits_array)
-    n_rows, n_classes = logits_array.shape
-    target_array = view(target)
-    validation.check_target(target_array, n_rows)
-    weight_array = tensors.class_weights(weight, view)
-    if weight_array is not None:
-        validation.check_weight(weight_array, n_classes)
-
-    # The outputs as tensors to return and as the kernels' views of the same memory.
-    memory = torch.empty(buffers.size(n_rows, options), dtype=torch.float32, device=input.device)
-    predicted = (torch.empty(n_rows, dtype=torch.int64, device=input.device)
-                 if options.argmax else None)
-    returned = buffers.row_outputs(memory, n_rows, options, predicted)
-    grad = grad_array = None
-    if with_grad and inplace:
-        validation.check_not_overlapping(logits_array, "inplace_backward=True",
-                                         target=target_array,
-                                         weight=None if weight is None else view(weight))
-    if with_grad:
-        grad = logits if inplace else torch.empty((n_rows, n_classes), dtype=logits.dtype,
-                                                  device=input.device)
-        grad_array = logits_array if inplace else view(grad)
-    inputs = RowInputs(logits_array, fmt, target_array, weight_array,
-                       tensors.ones(input.device, view))
-    outputs = buffers.row_outputs(view(memory), n_rows, options,
-                                  None if predicted is None else view(predicted))
-    with tensors.on_torch_stream(input.device):
-        execution.run(RowCall(inputs, options, grad_array, outputs, validate),
-                      tensors.TorchArrays(input.device, view))
-    if grad is logits and not copied:
-        torch.autograd.graph.increment_version(input)  # the kernel wrote the caller's tensor
-    return results.returned(returned, options), grad, fmt
-
-
-def _readable_logits(input):
-    """(logits tensor, its array view, whether it is a copy): ``input`` itself, or a contiguous
-    copy when the kernels cannot read its rows in place (a class stride other than 1, rows that
-    overlap)."""
-    logits = input.detach()
-    array = tensors.as_kernel_array(logits)
-    if array.ndim == 2 and validation.row_layout_problem(array.shape, array.strides,
-                                                         array.itemsize):
-        logits = logits.contiguous()
-        return logits, tensors.as_kernel_array(logits), True
-    return logits, array, False
+def _check_overwritable(logits):
+    """inplace_backward=True overwrites the logits with their gradient: refused, as torch refuses
+    an in-place op, for a leaf that requires grad (a parameter used as logits would become its
+    own gradient) or a view of one."""
+    base = logits._base
+    if logits.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
+        what = "a leaf Variable" if logits.is_leaf else "a view of a leaf Variable"
+        raise RuntimeError(
+            f"inplace_backward=True writes the gradient into input, which is {what} that "
+            "requires grad: torch refuses to modify one in place (a leaf Variable that requires "
+            "grad is being used in an in-place operation); pass inplace_backward=False, or "
+            "logits computed from it")

@@ -18,38 +18,24 @@ launcher then follows).
 import contextlib
 import functools
 import warnings
-from typing import Any, Callable, TypeVar, cast
 
 import ml_dtypes
 import numpy as np
 import torch
 
-from .. import devices, launcher
+from .. import devices, launcher, validation
 from ..portable import SIMULATOR
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-Entry = TypeVar("Entry", bound=Callable[..., Any])  # a public function, as graph_break keeps it
-
-
-def graph_break(function: Entry) -> Entry:
-    """``function`` (an entry point that launches kernels) as TorchDynamo must see it: while it
-    traces, a call to torch.compiler.disable(function), one graph break with the call run
-    eagerly; eager calls go straight to ``function``, without disable's frame switches (~10 us
-    a call, what small batches pay for)."""
-    outside_dynamo = torch.compiler.disable(function)
-
-    @functools.wraps(function)
-    def call(*args, **kwargs):
-        run = outside_dynamo if torch.compiler.is_compiling() else function
-        return run(*args, **kwargs)
-
-    return cast(Entry, call)  # functools.wraps gave it the signature of ``function``
+# TorchDynamo runs this at trace time and takes its result (None, or the error it raises) as
+# constant, instead of tracing into CuPy's and Numba's device queries; eager calls pay nothing.
+require_backend = torch.compiler.assume_constant_result(devices.require_backend)
 
 
 def check_devices(input, **others):
     """Raise unless ``input`` is a tensor on the device the backend runs on and every other
     argument (a tensor or None) is on the same device."""
-    devices.require_backend()
+    require_backend()
     for name, tensor in {"input": input, **others}.items():
         if tensor is not None and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (got {type(tensor).__name__})")
@@ -64,6 +50,26 @@ def check_devices(input, **others):
         if tensor is not None and tensor.device != input.device:
             raise ValueError(f"{name} must be on the same device as input (expected "
                              f"{input.device}, got {tensor.device})")
+
+
+def readable_rows(input):
+    """``input``, or a contiguous copy when the kernels cannot read its (N, V) rows in place (a
+    class stride other than 1, rows that overlap): the copy is a torch op, which autograd and
+    torch.compile see."""
+    if input.dim() == 2 and validation.row_layout_problem(input.shape, input.stride(), 1):
+        return input.contiguous()  # (strides in elements: an element of 1 "byte")
+    return input
+
+
+def check_not_capturing(device, validate):
+    """Refuse ``validate`` (a read of the target check back to the host) while torch's current
+    stream on ``device`` is being captured into a CUDA graph, before anything is launched: the
+    read would invalidate the capture, and torch would raise far from the cause. Asked on CUDA
+    devices only (in the simulator, CPU tensors are never captured)."""
+    if validate and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "validate=True reads the target check back to the host, which a CUDA-graph capture "
+            "cannot do; pass validate=False (out-of-range targets then give NaN rows)")
 
 
 def as_array(tensor):
