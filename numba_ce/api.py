@@ -5,7 +5,7 @@ import numpy as np
 
 from . import buffers, devices, execution, results, validation
 from .execution import RowCall
-from .options import Options
+from .options import Options, check_flag
 from .planning import RowInputs
 from .portable import SIMULATOR
 from .results import Array, CrossEntropyResult
@@ -75,8 +75,8 @@ def compute(logits, target, options, *, weight=None, grad_output=None, with_grad
     makes the output buffers with its ``empty(shape, dtype)`` (default: the arrays' module);
     ``device`` is the DeviceProperties to plan for (default: the current device's). Tests pass
     an allocator that poisons the buffers, and properties that exercise other plans."""
-    validate = validation.check_flag("validate", validate)
-    inplace = validation.check_flag("inplace", inplace)
+    validate = check_flag("validate", validate)
+    inplace = check_flag("inplace", inplace)
     xp, on_host = array_kind(logits=logits, target=target, weight=weight,
                              grad_output=grad_output)
     fmt = validation.check_logits(logits)

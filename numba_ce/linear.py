@@ -33,7 +33,7 @@ from . import api, buffers, device_properties, devices, execution, results, vali
 from .host_read import start_read
 from .kernels import STAT_WEIGHT_SUM
 from .matmul import matmul
-from .options import Options
+from .options import Options, check_flag
 from .planning import RowInputs, plan_rows
 from .results import Array, LinearCrossEntropyResult
 
@@ -107,7 +107,7 @@ def call(input, linear_weight, target, options, *, linear_bias=None, weight=None
     """The checked call behind both functions, with ``options`` an :class:`Options`; ``alloc``
     makes every buffer with its ``empty(shape, dtype)`` (default: the arrays' module; tests pass
     one that poisons them)."""
-    validate = validation.check_flag("validate", validate)
+    validate = check_flag("validate", validate)
     xp, on_host = api.array_kind(input=input, linear_weight=linear_weight, target=target,
                                  linear_bias=linear_bias, weight=weight, grad_output=grad_output)
     fmt = check_arguments(input, linear_weight, target, linear_bias, weight, chunk_size)

@@ -5,7 +5,6 @@ import numpy as np
 
 from .devices import data_pointer
 from .floatbits import FORMATS
-from .options import check_flag  # noqa: F401 (the entry points' check of validate, inplace...)
 
 
 def check_plain_array(name, array):

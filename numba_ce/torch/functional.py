@@ -22,8 +22,7 @@ from typing import Literal, overload
 
 import torch
 
-from .. import validation
-from ..options import Options
+from ..options import Options, check_flag
 from ..results import CrossEntropyOutput
 from . import ops, tensors
 
@@ -105,9 +104,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     """
     options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                       return_token_accuracy, return_predicted_tokens)
-    inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
-    return_z_loss = validation.check_flag("return_z_loss", return_z_loss)
-    validate = validation.check_flag("validate", validate)
+    inplace_backward = check_flag("inplace_backward", inplace_backward)
+    return_z_loss = check_flag("return_z_loss", return_z_loss)
+    validate = check_flag("validate", validate)
     tensors.check_devices(input, target=target, weight=weight)
     logits = tensors.readable_rows(input)
     arguments = ops.option_arguments(options)

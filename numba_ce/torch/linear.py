@@ -8,7 +8,7 @@ would be.
 import torch
 
 from .. import validation
-from ..options import Options
+from ..options import Options, check_flag
 from ..results import CrossEntropyOutput
 from . import linear_ops, ops, tensors
 
@@ -46,7 +46,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                       return_token_accuracy, return_predicted_tokens)
     validation.check_chunk_size(chunk_size)
-    validate = validation.check_flag("validate", validate)
+    validate = check_flag("validate", validate)
     tensors.check_devices(input, linear_weight=linear_weight, target=target,
                           linear_bias=linear_bias, weight=weight)
     if torch.is_autocast_enabled(input.device.type):

@@ -5,7 +5,7 @@ from dataclasses import fields
 import torch
 
 from .. import validation
-from ..options import Options
+from ..options import Options, check_flag
 from ..results import CrossEntropyOutput
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
@@ -47,8 +47,8 @@ class CrossEntropyLoss(_LossOptions, torch.nn.Module):
         super().__init__()
         self._keep(Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                            return_token_accuracy, return_predicted_tokens))
-        self.inplace_backward = validation.check_flag("inplace_backward", inplace_backward)
-        self.validate = validation.check_flag("validate", validate)
+        self.inplace_backward = check_flag("inplace_backward", inplace_backward)
+        self.validate = check_flag("validate", validate)
         self.register_buffer("weight", weight)
 
     def forward(self, input: torch.Tensor,
@@ -80,7 +80,7 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
                            return_token_accuracy, return_predicted_tokens))
         validation.check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
-        self.validate = validation.check_flag("validate", validate)
+        self.validate = check_flag("validate", validate)
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
                                       dtype=dtype)
         self.register_buffer("weight", weight)
