@@ -43,13 +43,13 @@ Three kernels make one call, all on one stream, without host synchronisation:
                               the rows: lse, row losses and (fused variant) the gradient
     reduce_rows    1 block    sum of the row losses for reduction "sum" / "mean"
 """
-import functools
 import math
 
 import numpy as np
 from numba import cuda
 
 from .floatbits import FORMATS
+from .kernel_cache import kernel_factory
 from .portable import (bits_from_f32, copy_word, device_function, f32_from_bits, l2_drop_policy,
                        l2_keep_policy, load_word, wait_copies)
 from .reductions import (LOG2E, NEG_INF, NO_INDEX, ZERO, block_argmax, block_lse, block_sum2,
@@ -150,7 +150,7 @@ def kept(label, ignore_index, n_classes):
     return label != ignore_index and 0 <= label < n_classes
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_factory
 def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argmax=False):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
     the gradient, with or without softcap (``capped``) and label smoothing (``smoothing``, class

@@ -11,8 +11,8 @@ row kernel's 76 parameters in turn. Arrays are NumPy in the simulator; on a GPU,
 anything with their attributes (numba_ce.abi). A launch goes on CuPy's current device and
 stream, or on the ones named by an enclosing :class:`on_stream`.
 
-The PTX is loaded with the edits of numba_ce.ptx_edits (``.maxntid 1024, 1, 1``: ptxas keeps
-to 64 registers a thread).
+The PTX has the edits of numba_ce.ptx_edits (``.maxntid 1024, 1, 1``: ptxas keeps to 64
+registers a thread) and is kept on disk (numba_ce.kernel_cache) for the next process.
 
 Dynamic shared memory: ``launch(..., shared=bytes)``; the first such launch of a kernel raises its
 limit to the device's opt-in maximum (48 KiB without asking).
@@ -25,7 +25,7 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import device_properties
+from . import device_properties, kernel_cache
 from .abi import MAX_PARAMETER_BYTES, flatten, numba_types, parameter_layout
 from .devices import cupy, kernel_array
 from .portable import SIMULATOR
@@ -115,10 +115,18 @@ _parameters = _Parameters()
 
 
 def compile_ptx(kernel, signature, capability):
-    """(PTX, entry name) of a Numba kernel for one signature and compute capability."""
-    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
-    ptx = with_max_threads(ptx)
+    """(PTX, entry name) of a Numba kernel for one signature and compute capability, compiled
+    or, when compiled before on this machine, read from numba_ce.kernel_cache."""
+    name = kernel_cache.kernel_name(kernel)
+    ptx = (_compiled_ptx(kernel, signature, capability) if name is None else
+           kernel_cache.cached_text((name, repr(tuple(signature)), repr(capability)),
+                                    lambda: _compiled_ptx(kernel, signature, capability)))
     return ptx, _ENTRY.search(ptx).group(1)
+
+
+def _compiled_ptx(kernel, signature, capability):
+    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=capability)
+    return with_max_threads(ptx)
 
 
 _ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")

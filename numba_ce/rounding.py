@@ -7,14 +7,14 @@ that numba_ce.linear accumulates in float32 over chunks of rows.
 Elements are independent: a grid-stride loop over the flattened arrays, one element a thread a
 step. Memory traffic: 4 bytes read and 2 written per element.
 """
-import functools
 
 from numba import cuda
 
+from .kernel_cache import kernel_factory
 from .words import word_format
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_factory
 def round_kernel(fmt):
     placed = word_format(fmt, 1).placed  # a value as the one element of a signed 16-bit word
 

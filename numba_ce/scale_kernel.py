@@ -13,18 +13,18 @@ Memory traffic: one read and one write of the gradient, except where g_r == 1 (a
 once, so that case costs one launch and no pass over the gradient, and the host never
 synchronises to find out which case it is.
 """
-import functools
 
 import numpy as np
 from numba import cuda
 
+from .kernel_cache import kernel_factory
 from .portable import device_function
 from .words import UNROLL, load, word_format
 
 ONE = np.float32(1.0)
 
 
-@functools.lru_cache(maxsize=None)
+@kernel_factory
 def scale_kernel(fmt, pack):
     """The kernel for one logits format and ``pack`` elements per word (as kernels.row_kernel)."""
     scaled = word_format(fmt, pack).scaled

@@ -2,7 +2,9 @@
 
 The backend is fixed when numba is first imported, so this runs before any test module.
 Set NUMBA_CE_TEST_SEED to replay a run's random inputs (the seed is printed in the header and
-above the summary's last lines).
+above the summary's last lines). Set NUMBA_CE_TEST_LOG to a file to have each test's outcome and
+duration appended to it as it finishes (scripts/gpu: a run cut off by a time limit still says
+which tests failed and which took the time).
 """
 import os
 import sys
@@ -45,6 +47,19 @@ def pytest_report_header(config):
 def pytest_terminal_summary(terminalreporter):
     """The seed again at the end of the report, where -q (no header) still shows it."""
     terminalreporter.write_line(f"replay these inputs with NUMBA_CE_TEST_SEED={SEED}")
+
+
+def pytest_runtest_logreport(report):
+    """With NUMBA_CE_TEST_LOG set: one line a test phase that failed, and one a finished test."""
+    log = os.environ.get("NUMBA_CE_TEST_LOG")
+    if not log or os.environ.get("PYTEST_XDIST_WORKER"):  # the controller writes for workers
+        return
+    if report.failed or report.when == "call" or (report.when == "setup" and report.skipped):
+        with open(log, "a") as file:
+            file.write(f"{report.outcome:8} {report.duration:8.2f} s  {report.nodeid}"
+                       f"{'' if report.when == 'call' else f' ({report.when})'}\n")
+            if report.failed:
+                file.write(report.longreprtext[-3000:] + "\n")
 
 
 @pytest.fixture
