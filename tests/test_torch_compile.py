@@ -7,7 +7,10 @@ import re
 import pytest
 
 torch = pytest.importorskip("torch")
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._functorch.aot_autograd import make_boxed_func
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
@@ -142,7 +145,7 @@ def test_batch_size_changes_without_recompiling(entry, marking):
 def test_autocast(entry):
     """Under torch.autocast the compiled loss is the eager one: bf16 logits read as they are,
     or the linear head cast to bf16 first; the gradients, scaled by an upstream of 0.7 and
-    rounded to bf16 by torch ops in the compiled backward and by numba_ce::scale_ in the eager
+    rounded to bf16 by torch ops in the compiled backward and by the scale kernel in the eager
     one, to the bit."""
     torch._dynamo.reset()
     function, head = loss_function(entry, {})
@@ -204,3 +207,43 @@ def test_second_backward_through_a_compiled_forward():
     once = hidden.grad.clone()
     loss.backward()
     assert torch.equal(hidden.grad, 2 * once)
+
+
+class OpsCalled(TorchDispatchMode):
+    """The namespaces of the operators that reach torch's dispatcher meanwhile."""
+
+    def __init__(self):
+        super().__init__()
+        self.namespaces = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.namespaces.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_eager_calls_skip_the_ops_and_graphs_hold_them(inplace_backward):
+    """Eagerly the kernels run without passing the dispatcher as numba_ce:: ops (their host time
+    is what small batches wait for); a compiled graph has them as nodes, forward and backward."""
+    torch._dynamo.reset()
+    head = torch.nn.Linear(N_FEATURES, N_CLASSES)
+
+    def function(hidden, target):
+        return nce.cross_entropy(head(hidden), target, inplace_backward=inplace_backward)
+
+    with OpsCalled() as called:
+        function(*batch(6)).backward()
+    assert "aten" in called.namespaces and "numba_ce" not in called.namespaces
+
+    graphs = []
+
+    def keep_graphs(graph, example_inputs):
+        graphs.append(str(graph.graph))
+        return make_boxed_func(graph.forward)
+
+    compiled = torch.compile(function, backend=aot_autograd(fw_compiler=keep_graphs,
+                                                            bw_compiler=keep_graphs),
+                             fullgraph=True)
+    compiled(*batch(6)).backward()
+    forward, backward = graphs
+    assert "numba_ce.cross_entropy" in forward and "numba_ce.attach_gradient" not in backward

@@ -6,8 +6,10 @@
               numba_ce::cross_entropy_ with inplace_backward); numba_ce::attach_gradient gives
               the loss its autograd node, which saves the gradient.
     backward  scales the saved gradient in place by the upstream gradient (per row for
-              reduction="none") with numba_ce::scale_; when that is 1 the kernel's blocks return
-              at once. No host synchronisation.
+              reduction="none") with numba_ce.scale_kernel; when that is 1 the kernel's blocks
+              return at once. No host synchronisation.
+    Eagerly the ops' implementations run without the ops (ops.entry_points): the same kernels,
+    without the dispatcher's host time.
 
 No math lives here: the ops run the core on views of the tensors (numba_ce.torch.tensors).
 Host time is what small batches pay for (a training step waits for it when the GPU is faster):
@@ -109,21 +111,20 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     validate = check_flag("validate", validate)
     tensors.check_devices(input, target=target, weight=weight)
     logits = tensors.readable_rows(input)
-    arguments = ops.option_arguments(options)
+    run = ops.entry_points()
     if not (torch.is_grad_enabled() and logits.requires_grad):
-        loss, z_part, accuracy, predicted, _ = ops.cross_entropy(
-            logits, target, weight, None, **arguments, with_grad=False, validate=validate)
+        loss, z_part, accuracy, predicted, _ = run.cross_entropy(
+            logits, target, weight, None, options, with_grad=False, validate=validate)
     elif inplace_backward:
         _check_overwritable(logits)
         gradient = logits.detach()  # the op writes it outside autograd: attach_gradient links
-        loss, z_part, accuracy, predicted = ops.cross_entropy_(  # the loss to the logits
-            gradient, target, weight, **arguments, validate=validate)
-        loss = ops.attach_gradient(loss, logits, gradient)
+        loss, z_part, accuracy, predicted = run.cross_entropy_(  # the loss to the logits
+            gradient, target, weight, options, validate=validate)
+        loss = run.attach_gradient(loss, logits, gradient)
     else:
-        loss, z_part, accuracy, predicted, gradient = ops.cross_entropy(
-            logits.detach(), target, weight, None, **arguments, with_grad=True,
-            validate=validate)
-        loss = ops.attach_gradient(loss, logits, gradient)
+        loss, z_part, accuracy, predicted, gradient = run.cross_entropy(
+            logits.detach(), target, weight, None, options, with_grad=True, validate=validate)
+        loss = run.attach_gradient(loss, logits, gradient)
     if options.argmax:
         return CrossEntropyOutput(loss, z_part if return_z_loss else None,
                                   accuracy if options.return_token_accuracy else None,

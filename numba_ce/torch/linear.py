@@ -66,7 +66,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
             **arguments)
         for tensor, grad, needed in zip(linear_inputs, grads, asked):
             if needed:
-                loss = ops.attach_gradient(loss, tensor, grad)
+                loss = ops.entry_points().attach_gradient(loss, tensor, grad)
     if options.argmax:
         return CrossEntropyOutput(loss, None,
                                   accuracy if options.return_token_accuracy else None,

@@ -8,7 +8,6 @@ call as nodes of its graph (no graph break) and runs our kernels there.
                                four, the gradient for an upstream of 1 written into input
     numba_ce::attach_gradient  (loss, input, gradient) -> a copy of loss whose gradient in input
                                is ``gradient`` times the upstream gradient
-    numba_ce::scale_           (grad!, upstream, per_row): grad *= upstream, in place
 
 Each op has an eager implementation (numba_ce's core on views of the tensors, the calls the
 adapter made before the ops existed), a fake one for tracing (the outputs' shapes: both make
@@ -25,12 +24,16 @@ for reduction="none"),
 so numba_ce.torch.cross_entropy runs a kernel op on ``input.detach()`` (outside autograd), with
 the gradient as an output, or written into the logits by the in-place op, and hands it to
 attach_gradient, whose autograd formula saves it and whose backward scales it in place with
-numba_ce::scale_ (one launch; its blocks return at once when g is 1). Why two ops and not one
+numba_ce.scale_kernel (one launch; its blocks return at once when g is 1). Why two ops and not one
 with a formula: torch.library takes no autograd formula for an op that mutates its inputs, and
 an op whose backward mutated one of its own outputs breaks AOTAutograd when that output leaves
 the compiled graph (its partitioner fails; torch.library.opcheck shows it), whereas a backward
 may scale a saved input. attach_gradient's output is a copy (an op's output may not alias its
 inputs): 4 bytes, or 4 N for reduction="none".
+
+Eager calls skip the ops (:func:`entry_points`): they call the implementations directly and
+attach the gradient with :class:`EagerAttachGradient`, the same formula as a plain autograd
+Function, so that an eager step pays no dispatcher host time for what only tracing needs.
 
 numba_ce::cross_entropy's own autograd formula, for callers of the op itself, runs it again with
 the upstream gradient as grad_output (a second pass over the logits).
@@ -41,6 +44,8 @@ writes into the saved gradient's buffer: a compiled step holds no more N x V buf
 eager one (the aot_eager backend, which runs the graph op by op, copies them instead; README,
 "torch.compile and CUDA graphs").
 """
+from typing import Callable, NamedTuple
+
 import torch
 
 from .. import buffers, execution, results, validation
@@ -71,7 +76,8 @@ def cross_entropy(input, target, weight, grad_output, *, with_grad, validate, **
     whose rows the kernels must be able to read in place; outputs not asked for are empty (0,).
     The gradient (``with_grad``) is for the upstream gradient ``grad_output``, float32 (1,) or
     (N,) for reduction="none" (None: 1), in input's dtype."""
-    return _run(input, target, weight, Options(**options), validate, grad_output, with_grad)
+    return run(input, target, weight, grad_output, Options(**options), with_grad=with_grad,
+               validate=validate)
 
 
 @torch.library.custom_op(
@@ -81,8 +87,7 @@ def cross_entropy(input, target, weight, grad_output, *, with_grad, validate, **
 def cross_entropy_(input, target, weight, *, validate, **options):
     """The first four outputs of numba_ce::cross_entropy; the gradient, for an upstream gradient
     of 1, is written into ``input``."""
-    return _run(input, target, weight, Options(**options), validate, None, True,
-                in_place=True)[:4]
+    return run_(input, target, weight, Options(**options), validate=validate)
 
 
 @cross_entropy.register_fake
@@ -96,9 +101,10 @@ def _(input, target, weight, *, validate, **options):
     return empty_outputs(input, Options(**options))
 
 
-def _run(input, target, weight, options, validate, grad_output, with_grad, in_place=False):
-    """numba_ce::cross_entropy's outputs from one call of numba_ce.execution.run, the arguments
-    checked first; ``in_place``: the gradient is written into ``input`` (the fifth output)."""
+def run(input, target, weight, grad_output, options, *, with_grad, validate, in_place=False):
+    """numba_ce::cross_entropy's outputs for ``options`` (an Options) from one call of
+    numba_ce.execution.run, the arguments checked first; ``in_place``: the gradient is written
+    into ``input`` (the fifth output)."""
     view = tensors.as_kernel_array
     logits = view(input)
     fmt = validation.check_logits(logits)
@@ -122,6 +128,12 @@ def _run(input, target, weight, options, validate, grad_output, with_grad, in_pl
         execution.run(RowCall(inputs, options, grad_array, outputs, validate),
                       tensors.TorchArrays(input.device, view))
     return (*returned, input.new_empty(0) if grad is None else grad)
+
+
+def run_(input, target, weight, options, *, validate):
+    """numba_ce::cross_entropy_'s outputs for ``options`` (an Options)."""
+    return run(input, target, weight, None, options, with_grad=True, validate=validate,
+               in_place=True)[:4]
 
 
 def empty_outputs(input, options):
@@ -200,28 +212,80 @@ def _scaled_gradient(ctx, grad_loss):
                                                     zero: an ignored row's gradient is 0 for any
                                                     g, +-inf included)
 
-    each element rounded once to grad's dtype. Eagerly numba_ce::scale_ multiplies in place (one
-    launch, whose blocks return at once when g is 1). Traced by torch.compile, the same product
-    as torch ops: Inductor fuses it with the upstream's own computation and writes it into the
-    saved gradient's buffer, and no op mutates in the backward, which AOTAutograd cannot take
-    when the gradient lives in a graph input's memory (inplace_backward=True on logits passed to
-    the compiled function). Runs on autograd's device thread, whose hand-offs of the interpreter
-    lock make each line dearer (bench/NOTES.md): kept short. It scales what ctx.saved_tensors
-    gives back, which saved-tensor hooks (checkpointing, offloading) may have copied."""
+    each element rounded once to grad's dtype, as torch ops: traced (torch.compile), Inductor
+    fuses them with the upstream's own computation and writes the product into the saved
+    gradient's buffer, and no op mutates in the backward, which AOTAutograd cannot take when the
+    gradient lives in a graph input's memory (inplace_backward=True on logits passed to the
+    compiled function). Eager calls scale in place instead (:class:`EagerAttachGradient`)."""
     if not ctx.needs_input_grad[1]:
         return grad_loss, None, None
     refuse_create_graph()
-    refuse_second_backward(ctx)
     (grad,) = ctx.saved_tensors
     upstream = grad_loss.float().reshape(-1)  # (1,), or (N,) for "none"
-    if torch.compiler.is_compiling():
-        scaled = grad.float() * (upstream[:, None] if ctx.per_row else upstream)
-        return grad_loss, torch.where(grad == 0, grad, scaled.to(grad.dtype)), None
-    scale_(grad, upstream, ctx.per_row)
-    return grad_loss, grad, None
+    scaled = grad.float() * (upstream[:, None] if ctx.per_row else upstream)
+    return grad_loss, torch.where(grad == 0, grad, scaled.to(grad.dtype)), None
 
 
 attach_gradient.register_autograd(_scaled_gradient, setup_context=_keep_gradient)
+
+
+class EagerAttachGradient(torch.autograd.Function):
+    """numba_ce::attach_gradient's formula as a plain autograd Function, for eager calls: a
+    custom op's call passes torch's dispatcher and its autograd wrapper, host time that a small
+    batch's step waits for (bench/NOTES.md), and only tracing needs the op."""
+
+    @staticmethod
+    def forward(ctx, loss, input, gradient):
+        _keep_gradient(ctx, (loss, input, gradient), loss)
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        """_scaled_gradient's product, computed in place by :func:`scale_` (one launch, whose
+        blocks return at once when g is 1). Runs on autograd's device thread, whose hand-offs
+        of the interpreter lock make each line dearer (bench/NOTES.md): kept short. It scales
+        what ctx.saved_tensors gives back, which saved-tensor hooks (checkpointing, offloading)
+        may have copied."""
+        if not ctx.needs_input_grad[1]:
+            return grad_loss, None, None
+        refuse_create_graph()
+        refuse_second_backward(ctx)
+        (grad,) = ctx.saved_tensors
+        scale_(grad, grad_loss.float().reshape(-1), ctx.per_row)
+        return grad_loss, grad, None
+
+
+class EntryPoints(NamedTuple):
+    """What numba_ce.torch's functions call, with an Options: the custom ops when torch.compile
+    or torch.export traces them (graph nodes), their implementations when they run eagerly (the
+    same kernels and formulas, without the dispatcher's host time)."""
+    cross_entropy: Callable  # (input, target, weight, grad_output, options, *, with_grad,
+    #                            validate)
+    cross_entropy_: Callable  # (input, target, weight, options, *, validate)
+    attach_gradient: Callable
+
+
+def _traced_cross_entropy(input, target, weight, grad_output, options, **flags):
+    return cross_entropy(input, target, weight, grad_output, **option_arguments(options), **flags)
+
+
+def _traced_cross_entropy_(input, target, weight, options, **flags):
+    return cross_entropy_(input, target, weight, **option_arguments(options), **flags)
+
+
+def _eager_cross_entropy_(input, target, weight, options, *, validate):
+    returned = run_(input, target, weight, options, validate=validate)
+    torch.autograd.graph.increment_version(input)  # as the op's declared mutation does
+    return returned
+
+
+TRACED = EntryPoints(_traced_cross_entropy, _traced_cross_entropy_, attach_gradient)
+EAGER = EntryPoints(run, _eager_cross_entropy_, EagerAttachGradient.apply)
+
+
+def entry_points():
+    """TRACED while torch.compile or torch.export traces the caller, else EAGER."""
+    return TRACED if torch.compiler.is_compiling() else EAGER
 
 
 def refuse_create_graph():
@@ -247,8 +311,6 @@ def refuse_second_backward(ctx):
     ctx.scaled = True
 
 
-@torch.library.custom_op("numba_ce::scale_", mutates_args=("grad",),
-                         schema="(Tensor(a!) grad, Tensor upstream, bool per_row) -> ()")
 def scale_(grad, upstream, per_row):
     """grad (N, V) *= upstream, float32 (N,) with ``per_row``, else (1,) (then grad may have any
     number of dimensions: a bias's gradient (V,), say): each element rounded once to grad's dtype
@@ -258,8 +320,3 @@ def scale_(grad, upstream, per_row):
     rows = array if array.ndim == 2 else array.reshape(-1, array.shape[-1])
     with tensors.on_torch_stream(grad.device):
         execution.scale_rows(rows, array.dtype.name, view(upstream), per_row)
-
-
-@scale_.register_fake
-def _(grad, upstream, per_row):
-    return None
