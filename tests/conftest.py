@@ -3,11 +3,12 @@
 The backend is fixed when numba is first imported, so this runs before any test module.
 Set NUMBA_CE_TEST_SEED to replay a run's random inputs (the seed is printed in the header and
 above the summary's last lines). Set NUMBA_CE_TEST_LOG to a file to have each test's outcome and
-duration appended to it as it finishes (scripts/gpu: a run cut off by a time limit still says
-which tests failed and which took the time).
+duration appended to it as it starts and finishes (scripts/gpu: a run cut off by a time limit
+still says which tests failed, which took the time and which never ended).
 """
 import os
 import sys
+import time
 
 
 def _gpu_present():
@@ -49,16 +50,37 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"replay these inputs with NUMBA_CE_TEST_SEED={SEED}")
 
 
-def pytest_runtest_logreport(report):
-    """With NUMBA_CE_TEST_LOG set: one line a test phase that failed, and one a finished test."""
+def _test_log():
+    """The file named by NUMBA_CE_TEST_LOG, in the process that reports (with pytest-xdist, the
+    controller, for every worker), else None."""
     log = os.environ.get("NUMBA_CE_TEST_LOG")
-    if not log or os.environ.get("PYTEST_XDIST_WORKER"):  # the controller writes for workers
+    return None if not log or os.environ.get("PYTEST_XDIST_WORKER") else log
+
+
+def _log_line(text):
+    with open(_test_log(), "a") as file:
+        file.write(f"{time.monotonic() - _STARTED:7.1f} s  {text}\n")
+
+
+_STARTED = time.monotonic()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """With NUMBA_CE_TEST_LOG set: a line as a test starts (one that never ends hangs)."""
+    if _test_log():
+        _log_line(f"started  {nodeid}")
+
+
+def pytest_runtest_logreport(report):
+    """With NUMBA_CE_TEST_LOG set: a line for each test phase that failed and each finished
+    test, with its duration; a failure's report follows its line."""
+    if not _test_log():
         return
     if report.failed or report.when == "call" or (report.when == "setup" and report.skipped):
-        with open(log, "a") as file:
-            file.write(f"{report.outcome:8} {report.duration:8.2f} s  {report.nodeid}"
-                       f"{'' if report.when == 'call' else f' ({report.when})'}\n")
-            if report.failed:
+        phase = "" if report.when == "call" else f" ({report.when})"
+        _log_line(f"{report.outcome:8} {report.nodeid}{phase} in {report.duration:.2f} s")
+        if report.failed:
+            with open(_test_log(), "a") as file:
                 file.write(report.longreprtext[-3000:] + "\n")
 
 

@@ -119,6 +119,10 @@ def torch_loss_and_grad(logits, target, *, grad_output=None, **options):
 # Half an ulp, relative: the largest relative error of one rounding to each format; and the
 # largest absolute error of a rounding below its normal range (half fp16's subnormal spacing;
 # float32 and bf16 values below 2**-126 may be flushed to 0 by the kernels' float32 math).
+# Inductor and Triton warn about their own settings and imports (TF32 left off, torch.jit's
+# deprecation when Inductor first imports torch.utils.mkldnn): not ours.
+INDUCTOR_WARNINGS = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 HALF_ULP = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 TINY_ERROR = {"float32": 2.0**-126, "float16": 2.0**-25, "bfloat16": 2.0**-126}
 

@@ -279,14 +279,21 @@ class Gate:
     matter of order (did it return while the gate was closed?), not of wall-clock time."""
 
     def __init__(self, stream):
-        self.flag = cupy.zeros(1, np.int32)
-        cupy.cuda.Device().synchronize()  # the zero is written before anything can open it
+        self.flag = cupy.empty(1, np.int32)
         self.opener = cupy.cuda.Stream(non_blocking=True)
+        # Closed (0) by the kernel that open() launches, so that it is loaded before anything
+        # spins: loading a kernel may wait for the device to be idle (CUDA's lazy loading),
+        # which behind a closed gate is never.
+        self._set(0)
+        cupy.cuda.Device().synchronize()
         spin_until_set[1, 1, cuda.external_stream(stream.ptr)](self.flag)
 
     def open(self):
+        self._set(1)
+
+    def _set(self, value):
         with self.opener:
-            self.flag.fill(1)
+            self.flag.fill(value)
         self.opener.synchronize()
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
-from helpers import (TOLERANCES, assert_close, random_logits, random_target,
+from helpers import (INDUCTOR_WARNINGS, TOLERANCES, assert_close, random_logits, random_target,
                      torch_loss_and_grad)
 from torch_helpers import (CASES, ROTATION, check_against_torch, check_autocast, from_torch,
                            to_torch)
@@ -46,19 +46,21 @@ def test_rows_of_a_wider_tensor_in_place(rng, rows):
     """bf16 rows of a wider tensor (row stride 50 elements, 100 bytes: not a whole number of
     8-byte words), one row or several, read in place; with inplace_backward the gradient goes
     into the view and the columns beside it are untouched."""
-    wide = to_torch(random_logits(rng, 3, 50, "bfloat16"), CUDA)
-    padding = wide[:, 48:].clone()
+    source = to_torch(random_logits(rng, 3, 50, "bfloat16"), CUDA).requires_grad_()
+    wide = source * 1  # computed logits: inplace_backward may overwrite them (not a leaf's)
+    padding = wide[:, 48:].detach().clone()
     logits = wide[:rows, :48]
     target = random_target(rng, rows, 48)
     expected_loss, expected_grad = torch_loss_and_grad(from_torch(logits), target)
-    loss = nce.cross_entropy(logits.requires_grad_(), to_torch(target, CUDA),
-                             inplace_backward=True)
+    loss = nce.cross_entropy(logits, to_torch(target, CUDA), inplace_backward=True)
     loss.backward()
     tol = TOLERANCES["bfloat16"]
+    grad_tol = (tol["grad"][0], tol["grad"][1] * np.abs(expected_grad).max())
     assert_close(from_torch(loss), expected_loss, *tol["loss"], "loss")
-    assert_close(from_torch(wide[:rows, :48]), expected_grad, tol["grad"][0],
-                 tol["grad"][1] * np.abs(expected_grad).max(), "gradient in the view")
+    assert_close(from_torch(wide[:rows, :48]), expected_grad, *grad_tol, "gradient in the view")
     assert torch.equal(wide[:, 48:], padding)
+    assert_close(from_torch(source.grad[:rows, :48]), expected_grad, *grad_tol, "source.grad")
+    assert not source.grad[:, 48:].any() and not source.grad[rows:].any()
 
 
 def test_module_int32_target_and_empty_batch(rng):
@@ -211,9 +213,7 @@ class TinyLM(torch.nn.Module):
         return self.loss_fn(self.head(self.embed(tokens)), target)
 
 
-# Inductor and Triton warn about their own settings (TF32 left off, deprecations): not ours.
-@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
-                            "ignore::FutureWarning")
+@INDUCTOR_WARNINGS
 def test_torch_compile_inductor(rng):
     """A module using the loss under torch.compile (Inductor), traced whole (fullgraph=True: the
     kernels are custom ops); loss and gradients match the eager module."""
