@@ -279,21 +279,19 @@ class Gate:
     matter of order (did it return while the gate was closed?), not of wall-clock time."""
 
     def __init__(self, stream):
-        self.flag = cupy.empty(1, np.int32)
+        self.flag = cupy.zeros(1, np.int32)
+        self.one = np.frombuffer(cupy.cuda.alloc_pinned_memory(4), np.int32, 1)  # page-locked
+        self.one[0] = 1
         self.opener = cupy.cuda.Stream(non_blocking=True)
-        # Closed (0) by the kernel that open() launches, so that it is loaded before anything
-        # spins: loading a kernel may wait for the device to be idle (CUDA's lazy loading),
-        # which behind a closed gate is never.
-        self._set(0)
-        cupy.cuda.Device().synchronize()
+        cupy.cuda.Device().synchronize()  # the zero is written before anything can open it
         spin_until_set[1, 1, cuda.external_stream(stream.ptr)](self.flag)
 
     def open(self):
-        self._set(1)
-
-    def _set(self, value):
-        with self.opener:
-            self.flag.fill(value)
+        """Set the flag by a copy from pinned host memory: no kernel. A kernel launched for the
+        first time behind a closed gate may never start: loading it can wait for the device to
+        be idle (CUDA's lazy loading; CuPy's fill kernel hung so on an H100)."""
+        cupy.cuda.runtime.memcpyAsync(self.flag.data.ptr, self.one.ctypes.data, 4,
+                                      cupy.cuda.runtime.memcpyHostToDevice, self.opener.ptr)
         self.opener.synchronize()
 
 
