@@ -90,6 +90,15 @@ def rng(request):
     return np.random.default_rng([SEED, *request.node.nodeid.encode()])
 
 
+@pytest.fixture
+def torch_device():
+    """The tensors a test makes (factories, modules) on the backend's device: CPU tensors in the
+    simulator, CUDA tensors on a GPU, so that one test checks both."""
+    import torch
+    with torch.device("cpu" if devices.SIMULATOR else "cuda"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def torch_seed(request):
     """torch's global generator seeded the same way, for tests that draw with torch.rand*."""

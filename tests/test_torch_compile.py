@@ -1,7 +1,8 @@
-"""numba_ce.torch under torch.compile, in the simulator on CPU tensors (backend aot_eager: the
-graph TorchDynamo and AOTAutograd make, run op by op): each entry point traced whole
-(fullgraph=True: a graph break would raise) with every option, the numbers those of eager calls
-to the bit; batch sizes that change without recompiling; autocast."""
+"""numba_ce.torch under torch.compile, on CPU tensors in the simulator and CUDA tensors on a GPU
+(backend aot_eager: the graph TorchDynamo and AOTAutograd make, run op by op; Inductor on a GPU
+in tests/test_torch_gpu.py): each entry point traced whole (fullgraph=True: a graph break would
+raise) with every option, the numbers those of eager calls to the bit; batch sizes that change
+without recompiling; autocast."""
 import re
 
 import pytest
@@ -15,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
 
+DEVICE = "cpu" if SIMULATOR else "cuda"
 pytestmark = [
-    pytest.mark.skipif(not SIMULATOR, reason="CPU tensors run in the simulator only"),
+    pytest.mark.usefixtures("torch_device"),  # CPU tensors in the simulator, CUDA on a GPU
     # Dynamo's own tracing reads .grad of non-leaf tensors (a torch warning, not ours)
     pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf"),
 ]
@@ -152,7 +154,7 @@ def test_autocast(entry):
     hidden, target = batch(6)
     results = []
     for f in (function, torch.compile(function, backend="aot_eager", fullgraph=True)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             results.append(outputs_and_gradients(f, head, hidden, target, torch.tensor(0.7)))
     (eager, eager_grads), (traced, traced_grads) = results
     assert all(torch.equal(a, b) for a, b in zip(eager + list(eager_grads),

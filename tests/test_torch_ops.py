@@ -1,16 +1,16 @@
 """numba_ce.torch's custom ops checked by torch.library.opcheck (schema and mutations declared,
 fake implementation agreeing with the real one, autograd registration, AOTAutograd with dynamic
-shapes), in the simulator on CPU tensors; and the ops' own autograd formulas (a second pass with
-the upstream gradient), which callers of an op itself meet, against the public functions."""
+shapes), on CPU tensors in the simulator and CUDA tensors on a GPU; and the ops' own autograd
+formulas (a second pass with the upstream gradient), which callers of an op itself meet, against
+the public functions."""
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import numba_ce.torch as nce
-from numba_ce.portable import SIMULATOR
 from numba_ce.torch import linear_ops, ops
 
-pytestmark = pytest.mark.skipif(not SIMULATOR, reason="CPU tensors run in the simulator only")
+pytestmark = pytest.mark.usefixtures("torch_device")  # CPU tensors in the simulator, CUDA on a GPU
 
 N_ROWS, N_FEATURES, N_CLASSES = 5, 4, 11
 EVERY_OPTION = dict(ignore_index=3, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
