@@ -85,24 +85,29 @@ class Provider:
 
 class NumbaArrays(Provider):
     """numba_ce.cross_entropy / cross_entropy_with_grad on CuPy views of the torch tensors, on
-    torch's current stream (NumPy views of CPU tensors in the simulator). Not in place."""
+    torch's current stream (NumPy views of CPU tensors in the simulator). Not in place.
+    ``baseline``: (package name, label) of an earlier numba_ce loaded by bench.baseline, timed
+    beside this one as provider ``numba_ce-cupy@label``."""
     smoke_default = True
     argmax_outputs = True
 
-    def __init__(self, simulator, validate):
+    def __init__(self, simulator, validate, baseline=None):
         self.simulator, self.validate = simulator, validate
+        self.package, label = baseline or ("numba_ce", None)
         self.name = ("numba_ce-numpy" if simulator else "numba_ce-cupy") + (
-            "" if validate else "-novalidate")
+            "" if validate else "-novalidate") + (f"@{label}" if label else "")
+        self.argmax_outputs = baseline is None  # an earlier numba_ce may not have them
 
     def unavailable(self):
-        problem = _import_problem("numba_ce.devices", "numba_ce")
+        devices = f"{self.package}.devices"
+        problem = _import_problem(devices, self.package)
         if problem or self.simulator:
             return problem
-        return None if importlib.import_module("numba_ce.devices").gpu_available() else (
+        return None if importlib.import_module(devices).gpu_available() else (
             "needs CuPy and a GPU")
 
     def step(self, mode, inputs, target, options):
-        import numba_ce
+        numba_ce = importlib.import_module(self.package)
         xp = np if self.simulator else importlib.import_module("cupy")
         logits, target = array_view(xp, inputs.logits), array_view(xp, target)
         kwargs = dict(ignore_index=IGNORE_INDEX, label_smoothing=options.label_smoothing,
@@ -256,10 +261,12 @@ class Liger(Provider):
         return autograd_step(loss_fn, inputs, target, mode)
 
 
-def all_providers(simulator, validate=True):
-    """Every provider, in the order of the results table."""
+def all_providers(simulator, validate=True, baseline=None):
+    """Every provider, in the order of the results table; ``baseline``: (package, label) of an
+    earlier numba_ce (bench.baseline) to time beside the working tree's."""
     return [
         NumbaArrays(simulator, validate),
+        *([NumbaArrays(simulator, validate, baseline)] if baseline else []),
         NumbaTorch(validate, inplace=False),
         NumbaTorch(validate, inplace=True),
         *([NumbaTorch(False, inplace=False, plain_only=True)] if validate else []),

@@ -5,6 +5,7 @@ a case and mode are timed side by side, in rounds (harness.measure_side_by_side)
     python -m bench.run --quick                # two shapes, plain options, few repetitions
     python -m bench.run --providers numba_ce-cupy,liger --shapes 8192x128256 --modes fwd_bwd
     python -m bench.run --smoke --out DIR      # CPU only: CUDA simulator, one tiny shape
+    python -m bench.run --baseline .baseline   # also an earlier numba_ce (bench.baseline)
 
 Prints the copy ceiling, one line per measurement and the markdown tables; appends the rows to
 bench/results/results.csv (--results; never with --smoke). With --out DIR it also writes
@@ -27,6 +28,7 @@ from pathlib import Path
 
 # None of these imports numba: the simulator switch in main() must come before numba is imported.
 from . import cases, harness, results, table
+from .baseline import load as load_baseline
 
 LOSS_TOLERANCE = 1e-2  # relative, against the fp32 reference: bf16 logits round the loss to 2^-9
 SMOKE_CEILING_BYTES = 64 << 20
@@ -70,6 +72,9 @@ def parse_args(argv):
     parser.add_argument("--no-sweep", action="store_true", help="leave out the V sweep")
     parser.add_argument("--no-validate", action="store_true",
                         help="numba_ce with validate=False (no host read of the target check)")
+    parser.add_argument("--baseline", type=Path,
+                        help="also time the earlier numba_ce that python -m bench.baseline REF "
+                             "wrote into this folder, as numba_ce-cupy@REF")
     parser.add_argument("--out", type=Path, help="also write results.csv, run.log, tables.md "
                                                  "under OUT/bench")
     parser.add_argument("--results", type=Path, default=results.COMMITTED,
@@ -232,7 +237,13 @@ def main(argv=None):
     specs = cases.plan(shapes=args.shapes, dtypes=args.dtypes, options=args.options,
                        modes=args.modes, sweep=not args.no_sweep, quick=args.quick,
                        smoke=args.smoke)
-    chosen = _select(providers.all_providers(run.simulator, validate=not args.no_validate),
+    baseline = None
+    if args.baseline:
+        module, label = load_baseline(args.baseline)
+        baseline = (module.__name__, label)
+        log.say(f"baseline: numba_ce {label} from {Path(module.__file__).parent}")
+    chosen = _select(providers.all_providers(run.simulator, validate=not args.no_validate,
+                                             baseline=baseline),
                      args.providers, args.smoke, log)
     log.say(f"{len(specs)} cases, providers: {', '.join(p.name for p in chosen)}")
 

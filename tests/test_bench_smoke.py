@@ -41,3 +41,35 @@ def test_smoke_run_prints_rows_and_writes_only_under_out(tmp_path):
     assert all(float(r["ms_p50"]) > 0 and r["gpu"] for r in rows)
     assert (tmp_path / "bench" / "run.log").stat().st_size > 0
     assert COMMITTED.read_bytes() == committed_before
+
+
+def test_a_baseline_snapshot_is_timed_beside_the_working_tree(tmp_path):
+    """python -m bench.baseline writes numba_ce as it was at a commit; bench.run --baseline loads
+    it under its own package name and times it beside the working tree's, in one run."""
+    pytest.importorskip("torch")
+    snapshot = tmp_path / "baseline"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONUNBUFFERED="1")
+    made = subprocess.run([sys.executable, "-m", "bench.baseline", "HEAD", "--into",
+                           str(snapshot)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_SECONDS)
+    assert made.returncode == 0, made.stdout + made.stderr
+    label = (snapshot / "LABEL").read_text().strip()
+    assert (snapshot / "numba_ce" / "kernels.py").is_file()
+    baseline = f"numba_ce-numpy@{label}"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path),
+                           "--baseline", str(snapshot), "--providers",
+                           f"numba_ce-numpy,{baseline}", "--options", "plain", "--modes",
+                           "fwd_bwd"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_SECONDS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "bench" / "results.csv", newline="") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"numba_ce-numpy", baseline}
+    assert rows["numba_ce-numpy"]["loss"] == rows[baseline]["loss"]  # the same code, twice
+    assert f"baseline: numba_ce {label} from {snapshot / 'numba_ce'}" in proc.stdout
+
+
+def test_a_missing_baseline_says_how_to_make_one(tmp_path):
+    from bench import baseline
+    with pytest.raises(FileNotFoundError, match="make one with python -m bench.baseline REF"):
+        baseline.load(tmp_path / "missing")
