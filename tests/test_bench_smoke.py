@@ -73,3 +73,22 @@ def test_a_missing_baseline_says_how_to_make_one(tmp_path):
     from bench import baseline
     with pytest.raises(FileNotFoundError, match="make one with python -m bench.baseline REF"):
         baseline.load(tmp_path / "missing")
+
+
+def test_hf_step_smoke_trains_each_patch_to_the_same_loss(tmp_path):
+    """python -m bench.hf_step --smoke: a tiny Llama's training step with transformers' own loss
+    and numba_ce's patch, in the simulator; Liger (not installed here) is skipped with a note;
+    the committed results stay as they were."""
+    pytest.importorskip("transformers")
+    committed = ROOT / "bench" / "results" / "hf_step.csv"
+    before = committed.read_bytes() if committed.exists() else None
+    proc = subprocess.run([sys.executable, "-m", "bench.hf_step", "--smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "bench" / "hf_step.csv", newline="") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"transformers", "numba_ce-patch"}
+    assert float(rows["numba_ce-patch"]["loss_rel_err"]) < 1e-5  # float32 in the smoke run
+    assert "LOSS OFF" not in proc.stdout
+    assert (committed.read_bytes() if committed.exists() else None) == before
