@@ -261,6 +261,43 @@ class Liger(Provider):
         return autograd_step(loss_fn, inputs, target, mode)
 
 
+class Quack(Provider):
+    """quack-kernels (CuTe DSL; scripts/quack-wheels brings it to a GPU machine). ``autograd``
+    False: its one kernel that writes each row's loss and gradient (``cross_entropy_fwd(...,
+    return_dx=True)``: the fused kernel's job, beside numba_ce-cupy); True: its autograd
+    ``cross_entropy`` (a forward kernel, then a backward kernel that reads the logits again,
+    beside numba_ce-torch). quack has ignore_index and class weights, not label smoothing, z-loss
+    or softcap: the cases with those are not its."""
+
+    def __init__(self, simulator, autograd):
+        self.simulator, self.autograd = simulator, autograd
+        self.name = "quack-torch" if autograd else "quack"
+
+    def unavailable(self):
+        if self.simulator:
+            return "GPU only"
+        return _import_problem("quack.cross_entropy", "quack-kernels")
+
+    def applies(self, spec):
+        options = spec.options
+        return (options.label_smoothing == 0 and options.z_loss == 0 and options.softcap is None
+                and not options.argmax_outputs)
+
+    def step(self, mode, inputs, target, options):
+        from quack.cross_entropy import cross_entropy, cross_entropy_fwd
+        if self.autograd:
+            return autograd_step(lambda x, t: cross_entropy(x, t, ignore_index=IGNORE_INDEX),
+                                 inputs, target, mode)
+        x, counted = inputs.logits, (target != IGNORE_INDEX).sum()
+
+        def run():  # the rows' losses (and gradients), then their mean as the others report it
+            returned = cross_entropy_fwd(x, target, ignore_index=IGNORE_INDEX,
+                                         return_dx=mode != "loss")
+            row_loss = returned[0] if mode != "loss" else returned
+            return row_loss.sum() / counted
+        return Step(run)
+
+
 def all_providers(simulator, validate=True, baseline=None):
     """Every provider, in the order of the results table; ``baseline``: (package, label) of an
     earlier numba_ce (bench.baseline) to time beside the working tree's."""
@@ -273,6 +310,8 @@ def all_providers(simulator, validate=True, baseline=None):
         TorchEager(),
         TorchCompile(simulator),
         Liger(simulator),
+        Quack(simulator, autograd=False),
+        Quack(simulator, autograd=True),
     ]
 
 

@@ -29,7 +29,7 @@ def test_smoke_run_prints_rows_and_writes_only_under_out(tmp_path):
     assert any(line.startswith("numba_ce-numpy") and " fwd_bwd " in line for line in printed)
     assert any(line.startswith("torch-eager") and " fwd_bwd " in line for line in printed)
     assert "LOSS OFF" not in proc.stdout
-    assert "skipped liger" in proc.stdout
+    assert "skipped liger" in proc.stdout and "skipped quack" in proc.stdout
     assert "| 8 x 128 bf16 |" in proc.stdout  # the markdown tables
 
     with open(tmp_path / "bench" / "results.csv", newline="") as f:
