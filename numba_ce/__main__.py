@@ -4,7 +4,7 @@ import os
 import sys
 
 from . import __version__, devices
-from .inspect import cli as inspect_cli
+from .inspection import cli as inspect_cli
 from .portable import SIMULATOR
 
 

@@ -22,8 +22,8 @@ import numpy as np
 from numba import cuda, types
 from numba.np.numpy_support import as_dtype
 from numba_ce import abi
-from numba_ce.inspect import compiled
-from numba_ce.inspect.compiler import compile_signature
+from numba_ce.inspection import compiled
+from numba_ce.inspection.compiler import compile_signature
 
 def probe(a, i32, b, f32, i64, u32, f64, c, u64):
     a[0] = i32 + f32 + i64 + u32 + f64 + b[0, 0] + c[0, 0, 0] + u64

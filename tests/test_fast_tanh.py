@@ -197,7 +197,7 @@ PTX_SCRIPT = """
 import json
 from numba import cuda, float32
 from numba_ce import portable
-from numba_ce.inspect import compiler
+from numba_ce.inspection import compiler
 
 def tanh_kernel(y, out):
     out[0] = portable.fast_tanh(y[0], y[1])

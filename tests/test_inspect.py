@@ -1,4 +1,4 @@
-"""The inspect and roofline commands and the numba_ce.inspect module.
+"""The inspect and roofline commands and the numba_ce.inspection module.
 
 Compiling is impossible with the simulator on, so the inspect command runs in a subprocess
 without NUMBA_ENABLE_CUDASIM (it compiles offline for sm_90); the parts that need no compiler
@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
-from numba_ce import devices, inspect, teaching
+from numba_ce import devices, inspection, teaching
 from numba_ce.__main__ import main
-from numba_ce.inspect import occupancy, roofline, tools
-from numba_ce.inspect.launches import DTYPES, KERNELS, numpy_dtype
+from numba_ce.inspection import occupancy, roofline, tools
+from numba_ce.inspection.launches import DTYPES, KERNELS, numpy_dtype
 from numba_ce.portable import SIMULATOR
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -189,21 +189,22 @@ def test_sass_of_a_kernel():
 
 
 def test_kernel_names_and_sources():
-    assert inspect.kernel_names() == ["fused", "loss", "target_stats", "reduce_rows", "scale",
-                                      "round"]
-    assert "def row_kernel(" in inspect.source("fused") and "def kernel(" in inspect.source("loss")
-    assert "def scale_kernel(" in inspect.source("scale")
-    assert "def round_kernel(" in inspect.source("round")
-    source = inspect.source("target_stats")
+    assert inspection.kernel_names() == ["fused", "loss", "target_stats", "reduce_rows",
+                                         "scale", "round"]
+    assert "def row_kernel(" in inspection.source("fused")
+    assert "def kernel(" in inspection.source("loss")
+    assert "def scale_kernel(" in inspection.source("scale")
+    assert "def round_kernel(" in inspection.source("round")
+    source = inspection.source("target_stats")
     assert source.startswith("# ") and "kernels.py:" in source and "def target_stats(" in source
     with pytest.raises(ValueError, match=r"kernel must be one of .* \(got 'row'\)"):
-        inspect.source("row")
+        inspection.source("row")
 
 
 def test_round_kernel_exists_for_fp16_and_bf16_only():
     with pytest.raises(ValueError, match=re.escape(
             "kernel round is compiled for float16, bfloat16 only (got float32)")):
-        inspect.planned_launch("round", "float32", (4, 8))
+        inspection.planned_launch("round", "float32", (4, 8))
 
 
 @pytest.mark.skipif(not SIMULATOR, reason="the message that the simulator gives")
@@ -211,7 +212,7 @@ def test_compiling_in_the_simulator_says_how_to_get_a_compiler(capsys):
     assert main(["inspect"]) == 1
     assert "without NUMBA_ENABLE_CUDASIM" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="without NUMBA_ENABLE_CUDASIM"):
-        inspect.ptx("fused")
+        inspection.ptx("fused")
 
 
 INSTALL_HINT = "pip install 'numba_ce[inspect]'"

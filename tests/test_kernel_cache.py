@@ -92,7 +92,7 @@ def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch):
 COMPILE_SCALE_KERNEL = """
 import json
 from numba import types
-from numba_ce.inspect.compiler import compile_signature
+from numba_ce.inspection.compiler import compile_signature
 from numba_ce.scale_kernel import scale_kernel
 signature = (types.int32[:, ::1], types.float32[::1], types.int32)
 print(json.dumps(compile_signature(scale_kernel("bfloat16", 2), signature, (9, 0))))

@@ -27,7 +27,7 @@ def test_an_edit_that_finds_nothing_to_change_raises():
 
 COMPILE_LOSS_KERNEL = """
 import json
-from numba_ce.inspect import compiled
+from numba_ce.inspection import compiled
 print(json.dumps(compiled("loss", "float32", "sm_90", (4, 8)).ptx))
 """
 

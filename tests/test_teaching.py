@@ -47,7 +47,7 @@ def test_teaching_variants_take_fp32_logits_only(rng):
 COMPILE_TEACHING_KERNELS = """
 import numba
 import numpy as np
-from numba_ce.inspect.compiler import compile_signature
+from numba_ce.inspection.compiler import compile_signature
 from numba_ce.teaching import naive, online
 
 rows, row_values, targets = (numba.typeof(np.zeros(shape, dtype)) for shape, dtype in

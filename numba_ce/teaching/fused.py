@@ -24,7 +24,7 @@ copied here). What it changes from step 2, and what each change saves:
 import numpy as np
 
 from ..api import cross_entropy_with_grad as production_cross_entropy_with_grad
-from ..inspect.roofline import ARRAYS_MOVED
+from ..inspection.roofline import ARRAYS_MOVED
 
 DRAM_ARRAYS = ARRAYS_MOVED["fused"]  # one read of the logits, one write of the gradient
 

@@ -1,18 +1,18 @@
 """Kernel inspection: the Python source, PTX, SASS and resource use of every kernel, and a
 roofline report. Compiles offline (no GPU needed) for sm_90 by default, or for the visible GPU.
 
-    from numba_ce import inspect
-    inspect.kernel_names()  # ['fused', 'loss', 'target_stats', 'reduce_rows', 'scale', 'round']
-    inspect.ptx("fused", "bfloat16")             # PTX for sm_90, as the GPU path compiles it
-    inspect.resources("fused", "bfloat16")       # registers, shared/local memory, occupancy
-    inspect.ptx("fused", variant=inspect.Variant(softcap=30.0))  # the softcap specialisation
-    print(inspect.format_table([inspect.resources(k) for k in inspect.kernel_names()]))
+    from numba_ce import inspection
+    inspection.kernel_names()  # ['fused', 'loss', 'target_stats', 'reduce_rows', 'scale', 'round']
+    inspection.ptx("fused", "bfloat16")             # PTX for sm_90, as the GPU path compiles it
+    inspection.resources("fused", "bfloat16")       # registers, shared/local memory, occupancy
+    inspection.ptx("fused", variant=inspection.Variant(softcap=30.0))  # the softcap specialisation
+    print(inspection.format_table([inspection.resources(k) for k in inspection.kernel_names()]))
 
 The same from the shell: ``python -m numba_ce inspect --help`` and ``python -m numba_ce roofline
 --help``. Compiling needs a process without NUMBA_ENABLE_CUDASIM=1, NVVM and NVRTC, and for
-resources and SASS ptxas and nvdisasm: ``pip install 'numba_ce[inspect]'`` installs them all (see
-:mod:`numba_ce.inspect.tools`). ``shape`` (N, V) decides what numba_ce.planning plans: 8-byte packed
-loads when V fills whole words, else one element a load; and the block size.
+resources and SASS ptxas and nvdisasm: ``pip install 'numba_ce[inspect]'`` installs them all
+(see :mod:`numba_ce.inspection.tools`). ``shape`` (N, V) decides what numba_ce.planning plans:
+8-byte packed loads when V fills whole words, else one element a load; and the block size.
 """
 from .compiler import compiled, default_arch, sass
 from .launches import (DEFAULT_SHAPE, DTYPES, KERNELS, PLAIN, Variant, kernel_names,

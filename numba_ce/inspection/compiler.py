@@ -76,7 +76,7 @@ class Compiled(NamedTuple):
 
     @property
     def assembly(self):
-        """ptxas's cubin and ``-v`` report (:class:`numba_ce.inspect.tools.Assembly`)."""
+        """ptxas's cubin and ``-v`` report (:class:`numba_ce.inspection.tools.Assembly`)."""
         return tools.assemble(self.ptx, arch_name(self.capability))
 
 

@@ -152,7 +152,7 @@ def planned_launch(name, dtype, shape, variant=PLAIN):
     if len(recorded) != 1:
         raise RuntimeError(
             f"expected the {spec.call} call to launch {spec.function} once, but it did "
-            f"{len(recorded)} times: numba_ce.inspect.launches needs updating to follow "
+            f"{len(recorded)} times: numba_ce.inspection.launches needs updating to follow "
             f"{spec.module.__name__}")
     return recorded[0]
 

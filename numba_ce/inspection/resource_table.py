@@ -25,7 +25,7 @@ class Resources(NamedTuple):
 
 
 def resources(kernel, dtype="bfloat16", arch=None, shape=DEFAULT_SHAPE, variant=PLAIN):
-    """The :class:`Resources` of ``kernel`` compiled as in :func:`numba_ce.inspect.ptx`: ptxas's
+    """The :class:`Resources` of ``kernel`` compiled as in :func:`numba_ce.inspection.ptx`: ptxas's
     report, the launch configuration numba_ce.planning picks for ``shape``, the theoretical
     occupancy."""
     built = compiled(kernel, dtype, arch, shape, variant)
