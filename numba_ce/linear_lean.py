@@ -19,7 +19,8 @@ float32 accumulator: each slice of the weight gradient is one complete product o
 Memory beyond the inputs and the returned gradients: the logits buffer of pass B (N x V_s,
 LOGITS_BYTES), the float32 N x H input-gradient sum (for fp16/bf16; a float32 input gradient is
 its own sum) and O(N). Pass A's buffer (C x V) is freed before pass B starts and may take what
-pass B will: LOGITS_BYTES plus the N x H float32 sum, so that its products have rows enough.
+pass B will hold (its buffers and the weight gradient it returns), so that its products have
+rows enough and the peak is pass B's.
 
 fp16 "mean": the kernels form the gradient for an upstream of S_w (entries ~ p_j - [j == y]; p_j
 / S_w would flush to zero) and the float32 sums are scaled by g / S_w as they are rounded: the
@@ -35,13 +36,13 @@ from .linear_work import logits_into, ones, rounded, row_chunk
 from .matmul import matmul
 from .planning import RowInputs, plan_slice_gradient
 
-# Pass B's logits buffer. At 8192 x 4096 x 128256 bf16: slices of 4096 classes (a product
-# of 8192 x 4096 x 4096 each), 64 MiB + the 128 MiB float32 input-gradient sum beyond the
-# returned gradients (bench/NOTES.md, "Linear cross-entropy: the lean design").
+# Pass B's logits buffer. At 8192 x 4096 x 128256 bf16: slices of 4096 classes (products of
+# 8192 x 4096 x 4096), 64 MiB beside the 128 MiB float32 input-gradient sum and the returned
+# weight gradient (bench/NOTES.md, "Linear cross-entropy: the lean design").
 LOGITS_BYTES = 64 * 2**20
-# Chunks of whole tiles where they are large enough: rows of pass A in 128s, classes of pass B
-# in 64s (which also keeps a slice's rows in whole 8-byte words).
-ROW_UNIT, CLASS_UNIT = 128, 64
+# Slices of whole tiles where they are large enough (which also keeps a slice's rows in whole
+# 8-byte words).
+CLASS_UNIT = 64
 
 
 class LeanChunks(NamedTuple):
@@ -49,13 +50,21 @@ class LeanChunks(NamedTuple):
     classes: int  # V_s: classes a slice of pass B
 
 
-def lean_chunks(n_rows, n_features, n_classes, itemsize, chunk_size=None):
-    """The chunks of both passes. ``chunk_size`` (rows, as the fast design's) fixes pass A's
-    chunk, and pass B's slices hold as many logits: chunk_size x V. By default pass B's hold
-    LOGITS_BYTES, and pass A's that plus the bytes of pass B's float32 input-gradient sum."""
+def lean_chunks(n_rows, n_features, n_classes, itemsize, needed, chunk_size=None):
+    """The chunks of both passes for the gradients ``needed`` = (input, weight, bias).
+
+    By default pass B's slices hold LOGITS_BYTES of logits, and pass A's chunks may take all
+    that pass B will hold: the logits, the float32 input-gradient sum and the returned weight
+    gradient (not allocated before pass B); so the peak is pass B's, and pass A's products have
+    rows enough to keep the tensor cores busy. Its chunks are balanced (N / C rows each, not a
+    short last one). ``chunk_size`` (rows, as the fast design's) fixes pass A's chunk instead,
+    and pass B's slices then hold as many logits: chunk_size x V."""
     if chunk_size is None:
-        sum_bytes = n_rows * n_features * 4 if itemsize < 4 else 0
-        rows = _whole((LOGITS_BYTES + sum_bytes) // (n_classes * itemsize), ROW_UNIT)
+        need_input, need_weight, _ = needed
+        pass_b = (LOGITS_BYTES + (n_rows * n_features * 4 if need_input else 0)
+                  + (n_classes * n_features * itemsize if need_weight else 0))
+        rows = max(pass_b // (n_classes * itemsize), 1)
+        rows = -(-n_rows // -(-n_rows // rows)) if n_rows else 1
         elements = LOGITS_BYTES // itemsize
     else:
         rows, elements = chunk_size, chunk_size * n_classes
@@ -70,7 +79,7 @@ def gradients(work, chunk_size):
     inputs = work.inputs
     n_rows, n_features = inputs.input.shape
     chunks = lean_chunks(n_rows, n_features, inputs.linear_weight.shape[0],
-                         inputs.input.dtype.itemsize, chunk_size)
+                         inputs.input.dtype.itemsize, work.needed, chunk_size)
     _loss_pass(work, chunks.rows)
     if not any(work.needed):
         return None, None, None
