@@ -190,9 +190,10 @@ def test_sass_of_a_kernel():
 
 def test_kernel_names_and_sources():
     assert inspect.kernel_names() == ["fused", "loss", "target_stats", "reduce_rows", "scale",
-                                      "round"]
+                                      "slice", "round"]
     assert "def row_kernel(" in inspect.source("fused") and "def kernel(" in inspect.source("loss")
     assert "def scale_kernel(" in inspect.source("scale")
+    assert "def slice_gradient_kernel(" in inspect.source("slice")
     assert "def round_kernel(" in inspect.source("round")
     source = inspect.source("target_stats")
     assert source.startswith("# ") and "kernels.py:" in source and "def target_stats(" in source

@@ -2,7 +2,8 @@
 roofline report. Compiles offline (no GPU needed) for sm_90 by default, or for the visible GPU.
 
     from numba_ce import inspect
-    inspect.kernel_names()  # ['fused', 'loss', 'target_stats', 'reduce_rows', 'scale', 'round']
+    inspect.kernel_names()  # ['fused', 'loss', 'target_stats', 'reduce_rows', 'scale', 'slice',
+                           #  'round']
     inspect.ptx("fused", "bfloat16")             # PTX for sm_90, as the GPU path compiles it
     inspect.resources("fused", "bfloat16")       # registers, shared/local memory, occupancy
     inspect.ptx("fused", variant=inspect.Variant(softcap=30.0))  # the softcap specialisation
