@@ -56,7 +56,7 @@ def check(rng, dtype, *, reduction="mean", bias=False, ignored=0.0, weighted=Fal
             assert leaf.grad is None
             continue
         assert leaf.grad.dtype == leaf.dtype, f"{name}.grad dtype"
-        # fp16 "mean" scales the rounded input gradient by 1 / S_w (linear.compute); for "mean"
+        # fp16 "mean" scales the rounded input gradient by 1 / S_w (the fast design); for "mean"
         # and "sum" the adapter scales a gradient stored for an upstream of 1 by a given one
         roundings = (1 + (dtype == "float16" and reduction == "mean" and name == "input")
                      + (grad_output is not None and reduction != "none"))

@@ -7,7 +7,7 @@ has the cross-entropy's, and says why custom ops):
         -> (loss, token accuracy, predicted tokens, grad_input, grad_linear_weight,
             grad_linear_bias)
 
-numba_ce.linear.compute with the design ``memory`` names: the loss, and the gradients asked for by
+numba_ce.linear.compute in the design ``memory`` names: the loss, and the gradients asked for by
 the flags where the upstream gradient is known: ``grad_output`` when given, else 1 for a reduced
 loss ("none" without grad_output: the loss only).
 
