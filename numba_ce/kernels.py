@@ -56,7 +56,7 @@ from .portable import (bits_from_f32, copy_word, device_function, f32_from_bits,
 from .reductions import (LOG2E, NEG_INF, NO_INDEX, ZERO, block_argmax, block_lse, block_sum2,
                          reduction_scratch)
 from .row_math import INDEX, RowGradient, Softcap, row_math
-from .row_passes import cached_group, prefetch_group, row_passes
+from .row_passes import cached_group, grouped_words, prefetch_group, row_passes
 from .words import UNROLL, host_word, word_format
 
 ONE = np.float32(1.0)
@@ -287,7 +287,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
         n_words = logits.shape[1]
         # Words in whole groups of UNROLL per thread (no bounds tests), then the rest one by one.
         group = UNROLL * step
-        n_grouped = n_words - n_words % group
+        n_grouped = grouped_words(n_words, step)
         # The first n_cached words of a row (whole groups) live in the launch's dynamic shared
         # memory. Slot k is only ever touched by the thread that owns word k, so no barrier
         # guards it: that thread copies the word in (cp.async), reads it in pass 1 and pass 2,

@@ -16,11 +16,18 @@ the head, no N x V logits and no V x H float32 sum.
 
 Four products where the fast design has three (the logits are computed twice), and no V x H
 float32 accumulator: each slice of the weight gradient is one complete product over the rows.
-Memory beyond the inputs and the returned gradients: the logits buffer of pass B (N x V_s,
-LOGITS_BYTES), the float32 N x H input-gradient sum (for fp16/bf16; a float32 input gradient is
-its own sum) and O(N). Pass A's buffer (C x V) is freed before pass B starts and may take what
-pass B will hold (its buffers and the weight gradient it returns), so that its products have
-rows enough and the peak is pass B's.
+Memory beyond the inputs and the returned gradients: one workspace, allocated once, and O(N):
+
+    [0, L)          the logits of a slice of pass B (N x V_s, L = LOGITS_BYTES)
+    [L, L + 4NH)    the float32 input-gradient sum of pass B (fp16/bf16 only: a float32 input
+                    gradient is its own sum)
+    [0, L + 4NH)    all of it: the logits of a chunk of pass A, which ends before pass B starts
+
+With the weight gradient asked for, pass A's logits go to the returned weight gradient's memory
+instead where a chunk fits there (V x H elements: up to H rows), which pass B then overwrites
+slice by slice. So pass A's products have rows enough (H = 4096 at the benchmark's shape, as the
+fast design's chunks), and the peak does not depend on when an allocator frees (the torch
+adapter's keeps a call's buffers until it returns).
 
 fp16 "mean": the kernels form the gradient for an upstream of S_w (entries ~ p_j - [j == y]; p_j
 / S_w would flush to zero) and the float32 sums are scaled by g / S_w as they are rounded: the
@@ -36,40 +43,46 @@ from .linear_work import logits_into, ones, rounded, row_chunk
 from .matmul import matmul
 from .planning import RowInputs, plan_slice_gradient
 
-# Pass B's logits buffer. At 8192 x 4096 x 128256 bf16: slices of 4096 classes (products of
-# 8192 x 4096 x 4096), 64 MiB beside the 128 MiB float32 input-gradient sum and the returned
-# weight gradient (bench/NOTES.md, "Linear cross-entropy: the lean design").
+# Pass B's logits slice. At 8192 x 4096 x 128256 bf16: slices of 4096 classes (products of
+# 8192 x 4096 x 4096), 64 MiB beside the 128 MiB float32 input-gradient sum (bench/NOTES.md,
+# "Linear cross-entropy: the lean design").
 LOGITS_BYTES = 64 * 2**20
 # Slices of whole tiles where they are large enough (which also keeps a slice's rows in whole
 # 8-byte words).
 CLASS_UNIT = 64
+WORD_BYTES = 8  # the input-gradient sum starts on a word, after the logits
 
 
 class LeanChunks(NamedTuple):
-    rows: int     # C: rows of logits a chunk of pass A
-    classes: int  # V_s: classes a slice of pass B
+    rows: int          # C: rows of logits a chunk of pass A
+    classes: int       # V_s: classes a slice of pass B
+    logits_bytes: int  # L: the workspace's logits part (a multiple of WORD_BYTES)
+    sum_bytes: int     # the float32 input-gradient sum after it (0 where not needed)
+    loss_in_weight_gradient: bool  # pass A's logits in the weight gradient's memory
 
 
 def lean_chunks(n_rows, n_features, n_classes, itemsize, needed, chunk_size=None):
-    """The chunks of both passes for the gradients ``needed`` = (input, weight, bias).
+    """The chunks of both passes and the workspace's parts (module docstring) for the gradients
+    ``needed`` = (input, weight, bias).
 
-    By default pass B's slices hold LOGITS_BYTES of logits, and pass A's chunks may take all
-    that pass B will hold: the logits, the float32 input-gradient sum and the returned weight
-    gradient (not allocated before pass B); so the peak is pass B's, and pass A's products have
-    rows enough to keep the tensor cores busy. Its chunks are balanced (N / C rows each, not a
-    short last one). ``chunk_size`` (rows, as the fast design's) fixes pass A's chunk instead,
-    and pass B's slices then hold as many logits: chunk_size x V."""
-    if chunk_size is None:
-        need_input, need_weight, _ = needed
-        pass_b = (LOGITS_BYTES + (n_rows * n_features * 4 if need_input else 0)
-                  + (n_classes * n_features * itemsize if need_weight else 0))
-        rows = max(pass_b // (n_classes * itemsize), 1)
+    By default pass B's slices hold LOGITS_BYTES of logits and pass A's chunks as many rows as
+    the larger of the whole workspace and (when it is needed) the weight gradient hold, balanced
+    (N / C rows each, not a short last one). ``chunk_size`` (rows, as the fast design's) fixes
+    pass A's chunk instead, and pass B's slices then hold as many logits: chunk_size x V. A
+    chunk of up to H rows goes to the weight gradient's memory when it is needed."""
+    need_input, need_weight, _ = needed
+    sum_bytes = n_rows * n_features * 4 if need_input and itemsize < 4 else 0
+    if chunk_size is None:  # LOGITS_BYTES, or all the logits where they take less
+        logits_bytes = min(LOGITS_BYTES, _words(max(n_rows, 1) * n_classes * itemsize))
+        rows = max((logits_bytes + sum_bytes) // (n_classes * itemsize),
+                   n_features if need_weight else 1, 1)
         rows = -(-n_rows // -(-n_rows // rows)) if n_rows else 1
-        elements = LOGITS_BYTES // itemsize
     else:
-        rows, elements = chunk_size, chunk_size * n_classes
-    classes = _whole(elements // max(n_rows, 1), CLASS_UNIT)
-    return LeanChunks(min(rows, max(n_rows, 1)), min(classes, n_classes))
+        rows = min(chunk_size, max(n_rows, 1))
+        logits_bytes = _words(rows * n_classes * itemsize)
+    classes = min(_whole(logits_bytes // itemsize // max(n_rows, 1), CLASS_UNIT), n_classes)
+    return LeanChunks(rows, classes, logits_bytes, sum_bytes,
+                      bool(need_weight and rows <= n_features))
 
 
 def gradients(work, chunk_size):
@@ -78,47 +91,55 @@ def gradients(work, chunk_size):
     needed."""
     inputs = work.inputs
     n_rows, n_features = inputs.input.shape
-    chunks = lean_chunks(n_rows, n_features, inputs.linear_weight.shape[0],
-                         inputs.input.dtype.itemsize, work.needed, chunk_size)
-    _loss_pass(work, chunks.rows)
+    dtype = inputs.input.dtype
+    n_classes = inputs.linear_weight.shape[0]
+    need_input, need_weight, _ = work.needed
+    chunks = lean_chunks(n_rows, n_features, n_classes, dtype.itemsize, work.needed, chunk_size)
+    workspace = work.alloc.empty(chunks.logits_bytes + chunks.sum_bytes, np.uint8)
+    grad_weight = work.alloc.empty((n_classes, n_features), dtype) if need_weight else None
+    _loss_pass(work, chunks.rows, grad_weight.reshape(-1) if chunks.loss_in_weight_gradient
+               else workspace.view(dtype))
     if not any(work.needed):
         return None, None, None
-    input_sum, grad_weight, grad_bias = _gradient_pass(work, chunks.classes)
+    if chunks.sum_bytes:
+        input_sum = workspace[chunks.logits_bytes:].view(np.float32).reshape(n_rows, n_features)
+    else:  # float32: the input gradient is its own sum
+        input_sum = work.alloc.empty((n_rows, n_features), np.float32) if need_input else None
+    logits = workspace[:chunks.logits_bytes].view(dtype)
+    grad_bias = _gradient_pass(work, chunks.classes, logits, input_sum, grad_weight)
     return (None if input_sum is None else rounded(work, input_sum)), grad_weight, grad_bias
 
 
-def _loss_pass(work, chunk):
-    """Pass A: row losses and lse (and the argmax outputs) of every row, chunk by chunk; the
-    logits buffer is freed on return."""
+def _loss_pass(work, chunk, memory):
+    """Pass A: row losses and lse (and the argmax outputs) of every row, chunk by chunk of
+    ``chunk`` rows, their logits in ``memory`` (1-D, of the input's format)."""
     n_rows = work.inputs.input.shape[0]
-    logits = work.alloc.empty((chunk, work.inputs.linear_weight.shape[0]),
-                              work.inputs.input.dtype)
+    n_classes = work.inputs.linear_weight.shape[0]
     for start in range(0, n_rows, chunk):
         rows = slice(start, min(start + chunk, n_rows))
-        row_chunk(work, rows, logits[:rows.stop - start], False)
+        count = rows.stop - start
+        row_chunk(work, rows, memory[:count * n_classes].reshape(count, n_classes), False)
 
 
-def _gradient_pass(work, width):
-    """Pass B: (the float32 input-gradient sum, grad_linear_weight, grad_linear_bias), slice by
-    slice of ``width`` classes; the logits buffer and the fp16 "mean" scratch are freed on
-    return."""
+def _gradient_pass(work, width, memory, input_sum, grad_weight):
+    """Pass B, slice by slice of ``width`` classes, their logits in ``memory`` (1-D, of the
+    input's format): the float32 input-gradient sum into ``input_sum`` and the weight gradient
+    into ``grad_weight`` (each None where not needed); returns grad_linear_bias (None where not
+    needed)."""
     alloc, inputs, options = work.alloc, work.inputs, work.options
     x, linear_weight, linear_bias = inputs.input, inputs.linear_weight, inputs.linear_bias
     n_rows, n_features = x.shape
     n_classes = linear_weight.shape[0]
     dtype = x.dtype
-    need_input, need_weight, need_bias = work.needed
-    input_sum = alloc.empty((n_rows, n_features), np.float32) if need_input else None
-    grad_weight = alloc.empty((n_classes, n_features), dtype) if need_weight else None
+    _, need_weight, need_bias = work.needed
     grad_bias = alloc.empty(n_classes, dtype) if need_bias else None
     unit_column = ones(alloc, (n_rows, 1), dtype) if need_bias else None
-    logits = alloc.empty(n_rows * width, dtype)  # each slice's N x V_s logits, row-major
     weight_sums = (alloc.empty((width, n_features), np.float32)
                    if need_weight and work.rescaled else None)
     bias_sums = alloc.empty((width, 1), np.float32) if need_bias and work.rescaled else None
     for start in range(0, n_classes, width):
         classes = slice(start, min(start + width, n_classes))
-        z = logits[:n_rows * (classes.stop - start)].reshape(n_rows, classes.stop - start)
+        z = memory[:n_rows * (classes.stop - start)].reshape(n_rows, classes.stop - start)
         logits_into(x, linear_weight[classes],
                     None if linear_bias is None else linear_bias[classes], z)
         if n_rows:
@@ -127,14 +148,14 @@ def _gradient_pass(work, width):
             execution.EXECUTOR.launch(plan_slice_gradient(
                 slice_inputs, start, n_classes, options, work.stats, work.outputs.row_lse,
                 work.device))
-        if need_input:
+        if input_sum is not None:
             matmul(z, linear_weight[classes], input_sum, accumulate=start > 0)
         if need_weight:
             _rounded_product(work, z.T, x, grad_weight[classes], weight_sums)
         if need_bias:
             _rounded_product(work, z.T, unit_column, grad_bias[classes].reshape(-1, 1),
                              bias_sums)
-    return input_sum, grad_weight, grad_bias
+    return grad_bias
 
 
 def _rounded_product(work, a, b, out, sums):
@@ -147,6 +168,11 @@ def _rounded_product(work, a, b, out, sums):
     sums = sums[:out.shape[0]]
     matmul(a, b, sums)
     execution.round_into(sums, work.unscale, out, work.inputs.fmt, work.device)
+
+
+def _words(nbytes):
+    """``nbytes`` rounded up to whole words (WORD_BYTES)."""
+    return -(-nbytes // WORD_BYTES) * WORD_BYTES
 
 
 def _whole(count, unit):

@@ -54,50 +54,23 @@ class StatsArguments(NamedTuple):
     bad_row: Any
 
 
-class RowArguments(NamedTuple):
-    """kernels.row_kernel's kernel's parameters."""
-    logits: Any
-    target: Any
-    weight: Any
-    grad: Any
-    row_loss: Any
-    row_z: Any
-    row_lse: Any
-    row_correct: Any
-    predicted: Any
-    stats: Any
-    grad_output: Any
-    n_classes: np.int64
-    ignore_index: np.int64
-    one_minus_eps: np.float32
-    eps_over_v: np.float32
-    z_loss: np.float32
-    softcap: np.float32
-    has_weight: np.int32
-    reduction: np.int32
-    go_per_row: np.int32
+# The last parameters of the row and slice gradient kernels: the options and the call's shape as
+# scalars (_row_scalars makes them)
+OPTION_SCALARS = [("n_classes", np.int64), ("ignore_index", np.int64),
+                  ("one_minus_eps", np.float32), ("eps_over_v", np.float32),
+                  ("z_loss", np.float32), ("softcap", np.float32), ("has_weight", np.int32),
+                  ("reduction", np.int32), ("go_per_row", np.int32)]
 
+RowArguments = NamedTuple("RowArguments", [
+    (name, Any) for name in ("logits", "target", "weight", "grad", "row_loss", "row_z", "row_lse",
+                             "row_correct", "predicted", "stats", "grad_output")] + OPTION_SCALARS)
+RowArguments.__doc__ = "kernels.row_kernel's kernel's parameters."
 
-class SliceArguments(NamedTuple):
-    """slice_gradient.slice_gradient_kernel's kernel's parameters."""
-    logits: Any
-    grad: Any
-    target: Any
-    weight: Any
-    slice_weight: Any
-    row_lse: Any
-    stats: Any
-    grad_output: Any
-    column_offset: np.int64
-    n_classes: np.int64
-    ignore_index: np.int64
-    one_minus_eps: np.float32
-    eps_over_v: np.float32
-    z_loss: np.float32
-    softcap: np.float32
-    has_weight: np.int32
-    reduction: np.int32
-    go_per_row: np.int32
+SliceArguments = NamedTuple("SliceArguments", [
+    (name, Any) for name in ("logits", "grad", "target", "weight", "slice_weight", "row_lse",
+                             "stats", "grad_output")] + [("column_offset", np.int64)]
+    + OPTION_SCALARS)
+SliceArguments.__doc__ = "slice_gradient.slice_gradient_kernel's kernel's parameters."
 
 
 class ReduceArguments(NamedTuple):
@@ -259,8 +232,7 @@ def plan_rows(inputs, options, stats, grad, outputs, device):
 
 
 def _row_scalars(inputs, options, n_classes):
-    """The last parameters of the row and slice gradient kernels, from n_classes (V, all of
-    them) to go_per_row."""
+    """The OPTION_SCALARS of a call on ``n_classes`` (V, all of them)."""
     eps = options.label_smoothing
     return (np.int64(n_classes), np.int64(options.ignore_index), np.float32(1.0 - eps),
             np.float32(eps / n_classes), np.float32(options.z_loss),

@@ -34,7 +34,7 @@ from .kernels import (NO_SMOOTHING, STAT_ALL_WEIGHTS, WEIGHTED_SMOOTHING, fill_r
                       gradient_coefficients, kept, nan_word_of)
 from .reductions import ZERO
 from .row_math import ONE, RowGradient, Softcap
-from .row_passes import row_passes
+from .row_passes import grouped_words, row_passes
 from .words import UNROLL
 
 NO_POLICY = 0  # the passes' reads without an L2 cache policy
@@ -69,14 +69,12 @@ def slice_gradient_kernel(fmt, pack, capped=False, smoothing=NO_SMOOTHING):
         column_offset # o, the slice's first class
         n_classes     # V, the full vocabulary
         """
-        group_words = cuda.local.array(UNROLL, np.int64)  # a group's words, in registers
-        tid = cuda.threadIdx.x
-        step = cuda.blockDim.x
-        n_words = logits.shape[1]
-        group = UNROLL * step
-        n_grouped = n_words - n_words % group
         cap = Softcap(softcap, ONE / softcap if capped else ZERO)
         all_weights = stats[STAT_ALL_WEIGHTS]
+        group_words = cuda.local.array(UNROLL, np.int64)  # a group's words, in registers
+        n_words = logits.shape[1]
+        step = cuda.blockDim.x
+        n_grouped = grouped_words(n_words, step)
         for row in range(cuda.blockIdx.x, logits.shape[0], cuda.gridDim.x):
             label = int(target[row])
             if not kept(label, ignore_index, n_classes):
@@ -91,11 +89,11 @@ def slice_gradient_kernel(fmt, pack, capped=False, smoothing=NO_SMOOTHING):
             # p_j = 2 ** ((x_j - lse) * log2(e) - 0): lse in the place of m, log2(s) = 0
             gradient = RowGradient(lse, ZERO, coef_p, coef_w, coef_y)
             local_label = label - column_offset  # outside [0, V_s) when y is not in the slice
-            for k in range(tid, n_grouped, group):
+            for k in range(cuda.threadIdx.x, n_grouped, UNROLL * step):
                 read_group(group_words, logits, row, k, step, NO_POLICY)
                 store_group(grad, row, group_words, k, step, local_label, gradient,
                             slice_weight, cap)
-            for k in range(n_grouped + tid, n_words, step):
+            for k in range(n_grouped + cuda.threadIdx.x, n_words, step):
                 store_gradient(grad, row, read(logits, row, k, NO_POLICY), k, local_label,
                                gradient, slice_weight, cap)
 
