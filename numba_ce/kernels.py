@@ -20,6 +20,8 @@ non-ignored rows for its z part):
     softcap:  x = c * tanh(r / c)  =>  dL/dr_j = dL/dx_j * (1 - tanh(r_j / c)**2)
 
 P * p_y - T forms p_y - 1 in fp32; the result is rounded to the logits' format once.
+numba_ce.slice_gradient forms the same dL/dx_j for a slice of the classes from a given lse (the
+lean linear cross-entropy's second pass), with P, Q, T from :func:`gradient_coefficients`.
 
 Memory traffic of the fused kernel: pass 1 reads the row (online max and sum), pass 2 reads it
 again and writes the gradient. A row (256 KB for 128256 bf16 logits) does not fit a block's share
