@@ -20,6 +20,8 @@ non-ignored rows for its z part):
     softcap:  x = c * tanh(r / c)  =>  dL/dr_j = dL/dx_j * (1 - tanh(r_j / c)**2)
 
 P * p_y - T forms p_y - 1 in fp32; the result is rounded to the logits' format once.
+numba_ce.slice_gradient forms the same dL/dx_j for a slice of the classes from a given lse (the
+lean linear cross-entropy's second pass), with P, Q, T from :func:`gradient_coefficients`.
 
 Memory traffic of the fused kernel: pass 1 reads the row (online max and sum), pass 2 reads it
 again and writes the gradient. A row (256 KB for 128256 bf16 logits) does not fit a block's share
@@ -43,6 +45,7 @@ Three kernels make one call, all on one stream, without host synchronisation:
                               the rows: lse, row losses and (fused variant) the gradient
     reduce_rows    1 block    sum of the row losses for reduction "sum" / "mean"
 """
+import functools
 import math
 
 import numpy as np
@@ -55,7 +58,7 @@ from .portable import (bits_from_f32, copy_word, device_function, f32_from_bits,
 from .reductions import (LOG2E, NEG_INF, NO_INDEX, ZERO, block_argmax, block_lse, block_sum2,
                          reduction_scratch)
 from .row_math import INDEX, RowGradient, Softcap, row_math
-from .row_passes import cached_group, prefetch_group, row_passes
+from .row_passes import cached_group, grouped_words, prefetch_group, row_passes
 from .words import UNROLL, host_word, word_format
 
 ONE = np.float32(1.0)
@@ -150,6 +153,52 @@ def kept(label, ignore_index, n_classes):
     return label != ignore_index and 0 <= label < n_classes
 
 
+def nan_word_of(fmt, pack):
+    """The word of ``pack`` quiet NaNs of ``fmt``: a gradient row whose target is out of range."""
+    return host_word([NAN_CODES[fmt]] * pack, FORMATS[fmt][0])
+
+
+@cuda.jit(device=True)
+def fill_row(out_row, n_words, word):
+    """Fill a gradient row with one word (zeros for ignored rows, NaN for bad targets)."""
+    for k in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
+        out_row[k] = word
+
+
+@functools.lru_cache(maxsize=None)
+def gradient_coefficients(smoothed):
+    """The device function (upstream, reduction, stats, S_w, (1 - eps) * w_y, eps / V, z, lse)
+    -> (P, Q, T) of a row's gradient dL/dx_j = P * p_j - Q * w_j - T * [j == y] (module
+    docstring), with or without label smoothing (``smoothed``, fixed at compile time):
+
+        g_ce = g / sum(w_y), g_z = g / count   ("mean"; g itself for "sum" and "none")
+        P = g_ce * (1 - eps) * w_y  [+ g_ce * (eps / V) * S_w]  [+ g_z * 2 * z * lse]
+        Q = g_ce * eps / V,   T = g_ce * (1 - eps) * w_y
+
+    Terms only where their option is on: a NaN or inf weight of a class that no row targets
+    (in S_w) must multiply nothing, and an upstream of inf must not meet a z-loss of 0
+    (inf * 0 = NaN), as neither does in torch's formula. Shared by the row kernel and the slice
+    gradient kernel (numba_ce.slice_gradient), which takes lse as given."""
+
+    @device_function
+    def coefficients(upstream, reduction, stats, all_weights, ce_part_weight, eps_over_v,
+                     z_loss, lse):
+        if reduction == MEAN:
+            grad_ce = upstream / stats[STAT_WEIGHT_SUM]
+            grad_z = upstream / stats[STAT_COUNT]
+        else:
+            grad_ce = upstream
+            grad_z = upstream
+        coef_p = grad_ce * ce_part_weight
+        if smoothed:
+            coef_p += grad_ce * (eps_over_v * all_weights)
+        if z_loss != ZERO:
+            coef_p += grad_z * (TWO * z_loss * lse)
+        return coef_p, grad_ce * eps_over_v, grad_ce * ce_part_weight
+
+    return coefficients
+
+
 @kernel_factory
 def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argmax=False):
     """The row kernel for one logits format, ``pack`` elements per loaded word, with or without
@@ -158,8 +207,9 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
     predicted tokens). Each is fixed at compile time: the loops over a word's elements unroll and
     the plain kernel's per-element work is decode, exp2 and (pass 2) one rounding per element.
     The per-element math is numba_ce.row_math, the groups of words numba_ce.row_passes."""
-    nan_word = host_word([NAN_CODES[fmt]] * pack, FORMATS[fmt][0])
+    nan_word = nan_word_of(fmt, pack)
     smoothed = smoothing != NO_SMOOTHING
+    coefficients = gradient_coefficients(smoothed)
     # Gradient kernels of 8-byte words keep the first words of each row in shared memory.
     cached = with_grad and pack > 1
     # Gradient kernels read the uncached words twice, pass 2 backwards (the latest read first,
@@ -174,12 +224,6 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
     (read, read_group, absorb_group, absorb_word, store_gradient, store_group, track_group,
      track_word) = row_passes(fmt, pack, capped, smoothed, weighted, hint_l2)
     element = word_format(fmt, pack).element
-
-    @cuda.jit(device=True)
-    def fill_row(out_row, n_words, word):
-        """Fill a gradient row with one word (zeros for ignored rows, NaN for bad targets)."""
-        for k in range(cuda.threadIdx.x, n_words, cuda.blockDim.x):
-            out_row[k] = word
 
     @cuda.jit(device=True)
     def merged_state(row_max, row_sum, weighted_x, scratch):
@@ -245,7 +289,7 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
         n_words = logits.shape[1]
         # Words in whole groups of UNROLL per thread (no bounds tests), then the rest one by one.
         group = UNROLL * step
-        n_grouped = n_words - n_words % group
+        n_grouped = grouped_words(n_words, step)
         # The first n_cached words of a row (whole groups) live in the launch's dynamic shared
         # memory. Slot k is only ever touched by the thread that owns word k, so no barrier
         # guards it: that thread copies the word in (cp.async), reads it in pass 1 and pass 2,
@@ -335,22 +379,8 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
 
             # 5. Pass 2: the gradient (module docstring), UNROLL loads in flight before the stores.
             upstream = grad_output[row] if go_per_row else grad_output[0]
-            if reduction == MEAN:
-                grad_ce = upstream / stats[STAT_WEIGHT_SUM]
-                grad_z = upstream / stats[STAT_COUNT]
-            else:
-                grad_ce = upstream
-                grad_z = upstream
-            # Terms only where their option is on: a NaN or inf weight of a class that no row
-            # targets (in S_w) must multiply nothing, and an upstream of inf must not meet a
-            # z-loss of 0 (inf * 0 = NaN), as neither does in torch's formula.
-            coef_p = grad_ce * ce_part_weight
-            if smoothed:
-                coef_p += grad_ce * (eps_over_v * all_weights)
-            if z_loss != ZERO:
-                coef_p += grad_z * (TWO * z_loss * lse)
-            coef_w = grad_ce * eps_over_v
-            coef_y = grad_ce * ce_part_weight
+            coef_p, coef_w, coef_y = coefficients(upstream, reduction, stats, all_weights,
+                                                  ce_part_weight, eps_over_v, z_loss, lse)
             gradient = RowGradient(row_max, log_s * LOG2E, coef_p, coef_w, coef_y)
             next_row = row + cuda.gridDim.x
             prefetched = (next_row < logits.shape[0]

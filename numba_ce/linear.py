@@ -1,57 +1,43 @@
 """Fused linear cross-entropy: the loss of a language-model head, logits = x @ W^T + b, without
-ever holding all N x V logits.
+ever holding all N x V logits. Two designs, chosen by ``memory``:
 
-    stats = target_stats(target)                     once: the batch's reduction denominators
-    for each chunk c of C rows:                      one C x V logits buffer, reused
-        z     = x_c @ W^T (+ b)                      cuBLAS, fp32 sums, rounded to x's format
-                                                     (with b: rounded, then b added, rounded)
-        z    <- dL/dz in place                       numba_ce's row kernel: row loss, lse and
-                                                     gradient, scaled by the batch's stats
-        dx_c  = dz @ W                               cuBLAS (sum over V in fp32)
-        dW   += dz^T @ x_c                           cuBLAS into a float32 accumulator
-        db   += dz^T @ 1                             cuBLAS (a matrix-vector product)
-    loss = reduce(row losses);  dW, db rounded once to W's format (numba_ce.rounding)
+    "low"   (default) numba_ce.linear_lean: a loss pass over chunks of rows, then a gradient
+            pass over slices of the classes; four matrix products, memory beyond the returned
+            gradients a logits slice, a float32 N x H sum and O(N)
+    "fast"  numba_ce.linear_fast: one pass over chunks of rows; the three products of the
+            unfused computation, and a float32 V x H weight-gradient sum
 
-The matrix products are the three of an unfused ``linear`` + ``cross_entropy`` (one forward,
-two backward), so the work is theirs plus one pass of our kernel per chunk. The weight gradient
-sums N / C chunk products: in the weight's bf16 each addition would round (Liger-Kernel issue
-1391), so the sum is kept in float32 (V x H x 4 bytes; for float32 weights it is the output
-itself) and rounded once at the end.
-
-Memory beyond the inputs and the returned gradients: the C x V logits chunk, three float32 values
-a row (row loss, z part, lse) and, for fp16/bf16 weights, the float32 accumulators (V x H x 4
-bytes, the floor of this design). The default chunk
-is 4096 rows (CHUNK_ROWS), fewer when its logits would exceed 1 GiB.
-fp16 "mean" forms the chunk gradient without the 1 / S_w and the upstream factor, which it
-applies afterwards (see ``compute``): p_j / S_w would flush to zero, g * p_j overflow.
+Both compute the batch's target statistics first (the reduction's denominators: every chunk's
+gradient has the batch's scale), check the targets before any product, and reduce the row losses
+at the end; both round each logit as cuBLAS does (the product to x's format, the bias added and
+rounded again) and sum every gradient in float32, rounded once to its format.
+fp16 "mean" forms the gradient without the 1 / S_w and the upstream factor, which it applies
+afterwards (see ``compute``): p_j / S_w would flush to zero, g * p_j overflow.
 """
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import api, buffers, device_properties, devices, execution, results, validation
+from . import (api, buffers, device_properties, devices, execution, linear_fast, linear_lean,
+               results, validation)
 from .host_read import start_read
 from .kernels import STAT_WEIGHT_SUM
-from .matmul import matmul
+from .linear_work import LinearWork, ones
 from .options import Options, check_flag
-from .planning import RowInputs, plan_rows
 from .results import Array, LinearCrossEntropyResult
 
-# The default chunk: 4096 rows, halved while its logits exceed 1 GiB. Each chunk's weight-gradient
-# product reads and writes the float32 accumulator (8 * V * H bytes) for 2 * V * H * C flops:
-# enough rows keep it compute-bound (bench/NOTES.md, "Figures behind the code's comments").
-CHUNK_ROWS = 4096
-CHUNK_BYTES = 2**30
+# memory=: what each design trades (numba_ce.linear_lean, numba_ce.linear_fast)
+DESIGNS = {"low": linear_lean, "fast": linear_fast}
 
 
 def linear_cross_entropy(input: Array, linear_weight: Array, target: Array, *,
                          linear_bias: Array | None = None, weight: Array | None = None,
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: float | None = None, chunk_size: int | None = None,
-                         validate: bool = True) -> Array:
+                         softcap: float | None = None, memory: str = "low",
+                         chunk_size: int | None = None, validate: bool = True) -> Array:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` against ``target``,
-    computed chunk by chunk of rows, so that no N x V array is ever allocated.
+    computed chunk by chunk, so that no N x V array is ever allocated.
 
     Parameters
     ----------
@@ -61,7 +47,13 @@ def linear_cross_entropy(input: Array, linear_weight: Array, target: Array, *,
     linear_bias : (V,) array of input's dtype, optional.
     weight, ignore_index, reduction, label_smoothing, z_loss, softcap, validate : as
         :func:`numba_ce.cross_entropy`.
-    chunk_size : rows per chunk (default: 4096, fewer when C x V logits would exceed 1 GiB).
+    memory : "low" (default): the gradients in a second pass over slices of the classes, four
+        matrix products, no V x H float32 sum; "fast": one pass over chunks of rows, three
+        products, a float32 V x H weight-gradient sum (module docstring). The loss alone costs
+        the same either way.
+    chunk_size : rows per chunk ("fast" default: 4096, fewer when C x V logits would exceed
+        1 GiB; "low": numba_ce.linear_lean.lean_chunks, whose slices of classes then hold as
+        many logits as chunk_size rows).
 
     Returns
     -------
@@ -69,7 +61,7 @@ def linear_cross_entropy(input: Array, linear_weight: Array, target: Array, *,
     """
     options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return call(input, linear_weight, target, options, linear_bias=linear_bias, weight=weight,
-                chunk_size=chunk_size, validate=validate).loss
+                memory=memory, chunk_size=chunk_size, validate=validate).loss
 
 
 def linear_cross_entropy_with_grad(input: Array, linear_weight: Array, target: Array, *,
@@ -77,12 +69,12 @@ def linear_cross_entropy_with_grad(input: Array, linear_weight: Array, target: A
                                    weight: Array | None = None, ignore_index: int = -100,
                                    reduction: str = "mean", label_smoothing: float = 0.0,
                                    z_loss: float = 0.0, softcap: float | None = None,
-                                   chunk_size: int | None = None,
+                                   memory: str = "low", chunk_size: int | None = None,
                                    grad_output: Array | float | None = None,
                                    return_token_accuracy: bool = False,
                                    return_predicted_tokens: bool = False,
                                    validate: bool = True) -> LinearCrossEntropyResult:
-    """The loss of :func:`linear_cross_entropy` and its gradients in one pass over the chunks.
+    """The loss of :func:`linear_cross_entropy` and its gradients (``memory``: as there).
 
     grad_output : None (ones), a scalar, or an (N,) array for reduction='none'.
     return_token_accuracy, return_predicted_tokens : as in
@@ -98,16 +90,18 @@ def linear_cross_entropy_with_grad(input: Array, linear_weight: Array, target: A
     options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                       return_token_accuracy, return_predicted_tokens)
     return call(input, linear_weight, target, options, linear_bias=linear_bias, weight=weight,
-                chunk_size=chunk_size, grad_output=grad_output, with_grad=True,
+                memory=memory, chunk_size=chunk_size, grad_output=grad_output, with_grad=True,
                 validate=validate)
 
 
 def call(input, linear_weight, target, options, *, linear_bias=None, weight=None,
-         chunk_size=None, grad_output=None, with_grad=False, validate=True, alloc=None):
+         memory="low", chunk_size=None, grad_output=None, with_grad=False, validate=True,
+         alloc=None):
     """The checked call behind both functions, with ``options`` an :class:`Options`; ``alloc``
     makes every buffer with its ``empty(shape, dtype)`` (default: the arrays' module; tests pass
     one that poisons them)."""
     validate = check_flag("validate", validate)
+    check_memory(memory)
     xp, on_host = api.array_kind(input=input, linear_weight=linear_weight, target=target,
                                  linear_bias=linear_bias, weight=weight, grad_output=grad_output)
     fmt = check_arguments(input, linear_weight, target, linear_bias, weight, chunk_size)
@@ -119,12 +113,18 @@ def call(input, linear_weight, target, options, *, linear_bias=None, weight=None
     grad_output = api.upstream(xp, grad_output, go_shape)
     needed = (with_grad, with_grad, with_grad and linear_bias is not None)
     inputs = LinearInputs(input, linear_weight, linear_bias, target, weight, grad_output, fmt)
-    result = compute(alloc or xp, inputs, options, needed, chunk_size=chunk_size,
-                     validate=validate)
+    result = compute(alloc or xp, inputs, options, needed, memory=memory,
+                     chunk_size=chunk_size, validate=validate)
     if on_host:
         result = LinearCrossEntropyResult(*(None if a is None else devices.cupy.asnumpy(a)
                                             for a in result))
     return result
+
+
+def check_memory(memory):
+    """``memory`` names a design: "low" or "fast"."""
+    if not isinstance(memory, str) or memory not in DESIGNS:
+        raise ValueError(f"memory must be 'low' or 'fast' (got {memory!r})")
 
 
 def check_arguments(input, linear_weight, target, linear_bias, weight, chunk_size):
@@ -164,86 +164,43 @@ class LinearInputs(NamedTuple):
     fmt: str
 
 
-def compute(alloc, inputs, options, needed, *, chunk_size=None, validate=True):
+def compute(alloc, inputs, options, needed, *, memory="low", chunk_size=None, validate=True):
     """The loss and the gradients named by ``needed`` = (input, weight, bias) (shared with
-    numba_ce.torch); ``alloc.empty`` makes every buffer. Launches on the current stream;
-    synchronises only for ``validate``."""
-    input, linear_weight, linear_bias, target, weight, grad_output, fmt = inputs
-    n_rows, n_features = input.shape
-    n_classes = linear_weight.shape[0]
-    dtype = input.dtype
-    need_input, need_weight, need_bias = needed
-    with_grad = any(needed)
-    chunk = min(chunk_size or default_chunk(n_classes, dtype.itemsize), max(n_rows, 1))
+    numba_ce.torch) by the design ``memory`` names; ``alloc.empty`` makes every buffer.
+    Launches on the current stream; synchronises only for ``validate``."""
+    n_rows = inputs.input.shape[0]
+    n_classes = inputs.linear_weight.shape[0]
     device = device_properties.current()
-
     outputs = buffers.allocate(alloc, n_rows, options)
-    grad_input = alloc.empty((n_rows, n_features), dtype) if need_input else None
-    weight_sum = _zeros(alloc, (n_classes, n_features)) if need_weight else None
-    bias_sum = _zeros(alloc, (n_classes, 1)) if need_bias else None
-    ones = _ones(alloc, (chunk, 1), dtype) if need_bias else None
-    logits = alloc.empty((chunk, n_classes), dtype)
     stats = None
     if n_rows:  # checked before any chunk: the matrix products dwarf the wait for the read
-        stats, bad_row = execution.target_statistics(alloc, target, weight, options, n_classes,
-                                                     device)
+        stats, bad_row = execution.target_statistics(alloc, inputs.target, inputs.weight,
+                                                     options, n_classes, device)
         if validate:
-            execution.check_targets(start_read(bad_row), target, n_classes,
+            execution.check_targets(start_read(bad_row), inputs.target, n_classes,
                                     options.ignore_index)
+    unscale = ones(alloc, (1,), np.dtype(np.float32))
+    work = LinearWork(alloc, inputs, options, tuple(needed), stats, outputs, unscale, device)
     # fp16 only: its smallest subnormal is 6e-8 and its largest value 65504, so the entries
     # g * p_j / S_w of a "mean" gradient (S_w = the batch's sum of w_y, g the scalar upstream)
-    # would flush to zero for a large batch, or overflow for a loss-scaled g. The chunk gradient
-    # is formed for an upstream of S_w instead (entries ~ p_j - [j == y], within [-1, 1]); the
-    # input gradient is then scaled by g / S_w once more, and the float32 weight and bias sums
-    # are scaled by it as they are rounded.
-    rescale = bool(with_grad and n_rows and fmt == "float16" and options.reduction == "mean")
-    unscale = _ones(alloc, (1,), np.dtype(np.float32))
-    if rescale:
-        grad_output = _undo_mean(alloc, grad_output, stats, unscale)
-
-    for start in range(0, n_rows, chunk):
-        rows = slice(start, min(start + chunk, n_rows))
-        x = input[rows]
-        z = logits[:x.shape[0]]
-        if linear_bias is not None:
-            _broadcast_rows(z, linear_bias)
-        matmul(x, linear_weight.T, z, accumulate=linear_bias is not None)
-        chunk_inputs = RowInputs(z, fmt, target[rows], weight,
-                                 grad_output[rows] if grad_output.shape[0] > 1 else grad_output)
-        execution.EXECUTOR.launch(plan_rows(chunk_inputs, options, stats,
-                                            z if with_grad else None, outputs.rows(rows),
-                                            device))
-        if need_input:
-            matmul(z, linear_weight, grad_input[rows])
-        if need_weight:
-            matmul(z.T, x, weight_sum, accumulate=True)
-        if need_bias:
-            matmul(z.T, ones[:x.shape[0]], bias_sum, accumulate=True)
-
+    # would flush to zero for a large batch, or overflow for a loss-scaled g. The kernels form
+    # the gradient for an upstream of S_w instead (entries ~ p_j - [j == y], within [-1, 1]),
+    # and each design scales by g / S_w (``unscale``) once more: the float32 sums as they are
+    # rounded, the fast design's rounded input gradient after it.
+    if work.rescaled:
+        upstream = _undo_mean(alloc, inputs.grad_output, stats, unscale)
+        work = work._replace(inputs=inputs._replace(grad_output=upstream))
+    grads = DESIGNS[memory].gradients(work, chunk_size)
     if n_rows:
         execution.reduce(outputs, stats, options, device)
     else:
         execution.fill_no_rows(options, outputs)
     loss, z_part, accuracy, predicted = results.returned(outputs, options)
-    if rescale and need_input:
-        execution.scale_rows(grad_input, fmt, unscale, False, device)
-    grad_weight = (None if weight_sum is None
-                   else _rounded(alloc, weight_sum, unscale, dtype, fmt, device))
-    grad_bias = (None if bias_sum is None
-                 else _rounded(alloc, bias_sum, unscale, dtype, fmt, device).reshape(-1))
-    return LinearCrossEntropyResult(loss, grad_input, grad_weight, grad_bias, z_part, accuracy,
-                                    predicted)
-
-
-def default_chunk(n_classes, itemsize):
-    rows = CHUNK_ROWS
-    while rows > 1 and rows * n_classes * itemsize > CHUNK_BYTES:
-        rows //= 2
-    return rows
+    return LinearCrossEntropyResult(loss, *grads, z_part, accuracy, predicted)
 
 
 def _undo_mean(alloc, grad_output, stats, unscale):
-    """The upstream S_w for the row kernel, and unscale[0] = g / S_w, on the device. With no
+    """The upstream S_w for the kernels, and unscale[0] = g / S_w, on the device. With no
     row counted, S_w = 0 is replaced by a tiny value: the gradient is all zeros either way."""
     array_module = np if isinstance(stats, np.ndarray) else devices.cupy
     weight_sum = alloc.empty(1, np.float32)
@@ -251,33 +208,3 @@ def _undo_mean(alloc, grad_output, stats, unscale):
                          out=weight_sum)
     array_module.divide(grad_output, weight_sum, out=unscale)
     return weight_sum
-
-
-def _zeros(alloc, shape):
-    out = alloc.empty(shape, np.float32)
-    out.fill(0)
-    return out
-
-
-def _ones(alloc, shape, dtype):
-    """An array of ones in ``dtype`` (fp16/bf16 too), written through an integer view of it."""
-    out = alloc.empty(shape, dtype)
-    bits = np.dtype(f"int{8 * dtype.itemsize}")
-    out.view(bits).fill(np.ones(1, dtype).view(bits)[0])
-    return out
-
-
-def _broadcast_rows(out, row):
-    """Every row of ``out`` = ``row`` (bits copied through an integer view, any format)."""
-    bits = np.dtype(f"int{8 * row.dtype.itemsize}")
-    out.view(bits)[...] = row.view(bits)
-
-
-def _rounded(alloc, sums, scale, dtype, fmt, device):
-    """The float32 ``sums`` times scale[0] in ``dtype``: the sums themselves for float32 (scale
-    is 1 there), else rounded once."""
-    if dtype == np.float32:
-        return sums
-    out = alloc.empty(sums.shape, dtype)
-    execution.round_into(sums, scale, out, fmt, device)
-    return out

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import kernels, rounding, scale_kernel
+from . import kernels, rounding, scale_kernel, slice_gradient
 from .limits import MAX_THREADS
 from .words import UNROLL
 from .devices import data_pointer
@@ -54,28 +54,23 @@ class StatsArguments(NamedTuple):
     bad_row: Any
 
 
-class RowArguments(NamedTuple):
-    """kernels.row_kernel's kernel's parameters."""
-    logits: Any
-    target: Any
-    weight: Any
-    grad: Any
-    row_loss: Any
-    row_z: Any
-    row_lse: Any
-    row_correct: Any
-    predicted: Any
-    stats: Any
-    grad_output: Any
-    n_classes: np.int64
-    ignore_index: np.int64
-    one_minus_eps: np.float32
-    eps_over_v: np.float32
-    z_loss: np.float32
-    softcap: np.float32
-    has_weight: np.int32
-    reduction: np.int32
-    go_per_row: np.int32
+# The last parameters of the row and slice gradient kernels: the options and the call's shape as
+# scalars (_row_scalars makes them)
+OPTION_SCALARS = [("n_classes", np.int64), ("ignore_index", np.int64),
+                  ("one_minus_eps", np.float32), ("eps_over_v", np.float32),
+                  ("z_loss", np.float32), ("softcap", np.float32), ("has_weight", np.int32),
+                  ("reduction", np.int32), ("go_per_row", np.int32)]
+
+RowArguments = NamedTuple("RowArguments", [
+    (name, Any) for name in ("logits", "target", "weight", "grad", "row_loss", "row_z", "row_lse",
+                             "row_correct", "predicted", "stats", "grad_output")] + OPTION_SCALARS)
+RowArguments.__doc__ = "kernels.row_kernel's kernel's parameters."
+
+SliceArguments = NamedTuple("SliceArguments", [
+    (name, Any) for name in ("logits", "grad", "target", "weight", "slice_weight", "row_lse",
+                             "stats", "grad_output")] + [("column_offset", np.int64)]
+    + OPTION_SCALARS)
+SliceArguments.__doc__ = "slice_gradient.slice_gradient_kernel's kernel's parameters."
 
 
 class ReduceArguments(NamedTuple):
@@ -226,19 +221,46 @@ def plan_rows(inputs, options, stats, grad, outputs, device):
         threads = threads_per_row(n_words, device, MAX_THREADS // per_sm)
     else:
         blocks, shared, threads = row_blocks(n_rows, device), 0, threads_per_row(n_words, device)
-    eps = options.label_smoothing
     arguments = RowArguments(
         words, inputs.target, stats if inputs.weight is None else inputs.weight,
         words[:1, :1] if grad is None else grad.view(word_dtype),
         outputs.row_loss, outputs.row_z, outputs.row_lse,
         outputs.row_loss if outputs.row_correct is None else outputs.row_correct,
         inputs.target if outputs.predicted is None else outputs.predicted, stats,
-        inputs.grad_output,
-        np.int64(n_classes), np.int64(options.ignore_index), np.float32(1.0 - eps),
-        np.float32(eps / n_classes), np.float32(options.z_loss),
-        np.float32(options.softcap or 0.0), np.int32(inputs.weight is not None),
-        np.int32(REDUCTION_CODES[options.reduction]), np.int32(inputs.grad_output.shape[0] > 1))
+        inputs.grad_output, *_row_scalars(inputs, options, n_classes))
     return Launch(kernels.row_kernel(*spec), blocks, threads, arguments, shared)
+
+
+def _row_scalars(inputs, options, n_classes):
+    """The OPTION_SCALARS of a call on ``n_classes`` (V, all of them)."""
+    eps = options.label_smoothing
+    return (np.int64(n_classes), np.int64(options.ignore_index), np.float32(1.0 - eps),
+            np.float32(eps / n_classes), np.float32(options.z_loss),
+            np.float32(options.softcap or 0.0), np.int32(inputs.weight is not None),
+            np.int32(REDUCTION_CODES[options.reduction]),
+            np.int32(inputs.grad_output.shape[0] > 1))
+
+
+def plan_slice_gradient(inputs, column_offset, n_classes, options, stats, row_lse, device):
+    """slice_gradient's kernel: the gradient of ``inputs.logits`` (N, V_s), the classes
+    [column_offset, column_offset + V_s) of ``n_classes``, in place, from each row's lse over
+    all of them (``row_lse``, (N,) float32) and the batch's ``stats``; ``inputs.weight`` are
+    the class weights of all ``n_classes`` (or None). A block a row (a few, striding, in the
+    simulator), no shared memory."""
+    logits, fmt = inputs.logits, inputs.fmt
+    n_rows, n_columns = logits.shape
+    pack, word_dtype = word_layout(logits, fmt)
+    words = logits.view(word_dtype)
+    weighted = inputs.weight is not None
+    spec = row_kernel_spec(options, fmt, pack, True, weighted)
+    weight = inputs.weight if weighted else stats
+    arguments = SliceArguments(
+        words, words, inputs.target, weight,
+        weight[column_offset:column_offset + n_columns] if weighted else stats, row_lse, stats,
+        inputs.grad_output, np.int64(column_offset), *_row_scalars(inputs, options, n_classes))
+    kernel = slice_gradient.slice_gradient_kernel(fmt, pack, spec.capped, spec.smoothing)
+    return Launch(kernel, row_blocks(n_rows, device), threads_per_row(words.shape[1], device),
+                  arguments)
 
 
 def plan_reduce(outputs, stats, options, device):

@@ -1,5 +1,6 @@
-"""Rounding float32 values to fp16 or bf16 in one kernel: the last step of a weight gradient
-that numba_ce.linear accumulates in float32 over chunks of rows.
+"""Rounding float32 values to fp16 or bf16 in one kernel: the last step of a gradient that the
+linear cross-entropy sums in float32 (numba_ce.linear_fast's weight and bias gradients over
+chunks of rows, numba_ce.linear_lean's input gradient over slices of the classes).
 
     out[i] = the bits of (source[i] * scale[0]) rounded to nearest (ties to even), as
              floatbits.FORMATS; scale is a float32 device array (no host synchronisation)

@@ -40,6 +40,13 @@ class RowPasses(NamedTuple):
 
 
 @device_function
+def grouped_words(n_words, step):
+    """The words of a row that whole groups of UNROLL words per thread cover, with ``step``
+    threads: [0, n_grouped); the rest, [n_grouped, n_words), go one by one."""
+    return n_words - n_words % (UNROLL * step)
+
+
+@device_function
 def cached_group(group, cache, k, step):
     """group[u] = cache[k + u * step]: a group's words from shared memory."""
     for u in range(UNROLL):

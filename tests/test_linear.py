@@ -1,6 +1,8 @@
 """numba_ce.linear_cross_entropy against the unfused computation (torch float64: linear, then
-cross_entropy) for every option, chunk sizes that do and do not divide N, ignored rows, bias and
-no bias; the float32 accumulation of the weight gradient; empty batches; and bad input."""
+cross_entropy) for every option, in both designs (memory="low" and "fast"), chunk sizes that do
+and do not divide N (and, in the lean design, slices of the classes that do and do not fill
+whole words), ignored rows, bias and no bias; the float32 sums of the weight gradient; empty
+batches; and bad input."""
 import re
 
 import numpy as np
@@ -20,7 +22,9 @@ RELATIVE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 N_ROWS, N_FEATURES, N_CLASSES = 9, 8, 24
 
 # Option sets, each checked for every reduction; chunk 4 and 2 leave a short last chunk, 3
-# divides N, None is one chunk.
+# divides N, None is one chunk. The lean design's slices of the classes hold as many logits as
+# the chunks: for N = 9, V = 24, chunk 4 gives slices of 10, 10 and 4 classes (one element a
+# word for fp16/bf16, then packed words), 3 gives 8 (packed), 2 gives 5, None all 24.
 CASES = [
     dict(chunk_size=4),
     dict(bias=True, ignored=0.3, weighted=True, upstream="given", chunk_size=3),
@@ -32,6 +36,7 @@ CASES = [
 REDUCTIONS = ["mean", "sum", "none"]
 ROTATION = [(reduction, case, list(DTYPES)[(r + case) % len(DTYPES)])
             for r, reduction in enumerate(REDUCTIONS) for case in range(len(CASES))]
+MEMORY = ("low", "fast")
 needs_gpu = pytest.mark.skipif(not devices.gpu_available(), reason="needs a CUDA GPU and CuPy")
 
 
@@ -51,7 +56,7 @@ def random_head(rng, n_rows, n_features, n_classes, dtype, bias):
 
 def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ignored=0.0,
                  weighted=False, smoothing=0.0, z_loss=0.0, softcap=None, upstream="ones",
-                 chunk_size=None, target_dtype=np.int64, alloc=None):
+                 chunk_size=None, target_dtype=np.int64, memory="low", alloc=None):
     x, w, b = random_head(rng, n_rows, N_FEATURES, N_CLASSES, dtype, bias)
     target = random_target(rng, n_rows, N_CLASSES, ignored_share=ignored).astype(target_dtype)
     weight = random_weight(rng, N_CLASSES, weighted)
@@ -63,14 +68,15 @@ def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ign
 
     if alloc is None:
         res = numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b,
-                                                      chunk_size=chunk_size,
+                                                      chunk_size=chunk_size, memory=memory,
                                                       grad_output=grad_output, **options)
         loss = numba_ce.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=chunk_size,
-                                             **options)
+                                             memory=memory, **options)
     else:  # the call behind both functions, with the test's allocator
         def call(with_grad):
             return linear.call(x, w, target, Options(**loss_options), linear_bias=b,
-                               weight=weight, chunk_size=chunk_size, with_grad=with_grad,
+                               weight=weight, chunk_size=chunk_size, memory=memory,
+                               with_grad=with_grad,
                                grad_output=grad_output if with_grad else None, alloc=alloc)
         res, loss = call(True), call(False).loss
     expected = torch_linear_loss_and_grads(x, w, target, linear_bias=b, grad_output=grad_output,
@@ -82,7 +88,8 @@ def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ign
         if want is None:
             assert got is None, f"{name}: expected None without a bias"
             continue
-        # fp16 "mean" scales the rounded input gradient by g / S_w afterwards (linear.compute)
+        # fp16 "mean" scales the rounded input gradient by g / S_w afterwards (the fast design;
+        # the lean one rounds its float32 sum once, times g / S_w)
         rescaled = dtype == "float16" and reduction == "mean" and name == "grad_input"
         assert_rounded_close(got, want, magnitude, dtype, name, roundings=2 if rescaled else 1)
     for got, of in zip(res[1:4], (x, w, b)):
@@ -96,21 +103,25 @@ def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ign
     return res
 
 
+@pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("reduction,case,dtype", ROTATION)
-def test_matches_unfused_torch(rng, reduction, case, dtype):
-    check_linear(rng, dtype, reduction=reduction, **CASES[case])
+def test_matches_unfused_torch(rng, reduction, case, dtype, memory):
+    check_linear(rng, dtype, reduction=reduction, memory=memory, **CASES[case])
 
 
-def test_weight_gradient_accumulates_in_float32(rng):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_weight_gradient_accumulates_in_float32(rng, memory):
     """Identical rows make every chunk's contribution to dW identical and exactly representable,
     so a float32 sum is exact and chunking changes nothing; a bf16 sum would round at each chunk
-    (Liger-Kernel issue 1391): the test shows it would differ."""
+    (Liger-Kernel issue 1391): the test shows it would differ. (The lean design sums all rows
+    in each slice's one product: its chunks change nothing by design.)"""
     x, w, _ = random_head(rng, 1, N_FEATURES, N_CLASSES, "bfloat16", False)
     rows = 64
     x = np.repeat(x, rows, axis=0)
     target = np.full(rows, 5)
-    one_chunk = numba_ce.linear_cross_entropy_with_grad(x, w, target, chunk_size=rows)
-    chunked = numba_ce.linear_cross_entropy_with_grad(x, w, target, chunk_size=8)
+    one_chunk = numba_ce.linear_cross_entropy_with_grad(x, w, target, chunk_size=rows,
+                                                        memory=memory)
+    chunked = numba_ce.linear_cross_entropy_with_grad(x, w, target, chunk_size=8, memory=memory)
     whole = to_numpy(one_chunk.grad_linear_weight)
     np.testing.assert_array_equal(to_numpy(chunked.grad_linear_weight), whole)
     np.testing.assert_array_equal(to_numpy(chunked.grad_input), to_numpy(one_chunk.grad_input))
@@ -122,16 +133,22 @@ def test_weight_gradient_accumulates_in_float32(rng):
     assert (in_bf16 != whole).any(), "the case does not tell the two accumulations apart"
 
 
+@pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_poisoned_outputs_are_all_written(rng, dtype):
-    """Every buffer starts as NaN bit patterns (logits chunk and accumulators included)."""
-    check_linear(rng, dtype, bias=True, ignored=0.3, chunk_size=4, alloc=PoisonedArrays())
+def test_poisoned_outputs_are_all_written(rng, dtype, memory):
+    """Every buffer starts as NaN bit patterns (logits chunks and sums included)."""
+    check_linear(rng, dtype, bias=True, ignored=0.3, chunk_size=4, memory=memory,
+                 alloc=PoisonedArrays())
 
 
-def test_fp16_mean_with_a_loss_scale(rng):
+@pytest.mark.parametrize("memory", MEMORY)
+@pytest.mark.parametrize("chunk_size", [4, None])
+def test_fp16_mean_with_a_loss_scale(rng, chunk_size, memory):
     """fp16 "mean" with a GradScaler-sized upstream (65536): g * p_j would overflow fp16 and
-    p_j / N flush, so the chunk gradient is formed without both and they are applied in fp32."""
-    check_linear(rng, "float16", bias=True, upstream="scaled", chunk_size=4)
+    p_j / N flush, so the chunk gradient is formed without both and they are applied in fp32
+    (poisoned buffers: the lean design's float32 scratch of a slice included)."""
+    check_linear(rng, "float16", bias=True, upstream="scaled", chunk_size=chunk_size,
+                 weighted=True, memory=memory, alloc=PoisonedArrays())
 
 
 def test_layouts_that_products_read_in_place():
@@ -152,24 +169,28 @@ def test_layouts_that_products_read_in_place():
     assert validation.matrix_layout(z[:, ::2]) is None
 
 
-def test_transposed_weight_is_read_in_place(rng):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_transposed_weight_is_read_in_place(rng, memory):
     """A (V, H) weight that is the transpose of an (H, V) array (a tied embedding stored the
-    other way) gives the same result as its contiguous copy."""
+    other way) gives the same result as its contiguous copy (the lean design's slices of it are
+    transposed views too)."""
     x, w, b = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", True)
     target = random_target(rng, N_ROWS, N_CLASSES)
     stored = np.ascontiguousarray(w.T)
     res = numba_ce.linear_cross_entropy_with_grad(x, stored.T, target, linear_bias=b,
-                                                  chunk_size=4)
-    want = numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b, chunk_size=4)
+                                                  chunk_size=4, memory=memory)
+    want = numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b, chunk_size=4,
+                                                   memory=memory)
     for got, expected in zip(res, want):
         assert_close(got, to_numpy(expected), 1e-6, 1e-7, "result")
 
 
+@pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("reduction,expected", [("mean", np.nan), ("sum", 0.0), ("none", None)])
-def test_empty_batch(rng, reduction, expected):
+def test_empty_batch(rng, reduction, expected, memory):
     x, w, b = random_head(rng, 0, N_FEATURES, N_CLASSES, "bfloat16", True)
     res = numba_ce.linear_cross_entropy_with_grad(x, w, np.zeros(0, np.int64), linear_bias=b,
-                                                  reduction=reduction)
+                                                  reduction=reduction, memory=memory)
     loss = to_numpy(res.loss)
     if expected is None:
         assert loss.shape == (0,)
@@ -226,6 +247,8 @@ def test_bad_arguments(rng, case):
     (dict(weight=np.ones(5, np.float32)), ValueError,
      "weight must have shape (24,), one per class (got shape (5,))"),
     (dict(reduction="avg"), ValueError, "reduction must be 'mean', 'sum' or 'none' (got 'avg')"),
+    (dict(memory="medium"), ValueError, "memory must be 'low' or 'fast' (got 'medium')"),
+    (dict(memory=None), ValueError, "memory must be 'low' or 'fast' (got None)"),
 ])
 def test_bad_options(rng, kwargs, error, message):
     x, w, _ = random_head(rng, 4, N_FEATURES, N_CLASSES, "float32", False)
@@ -280,7 +303,8 @@ def test_gpu_default_chunks_at_a_larger_shape(rng, dtype):
         assert_close(got, want, 0.0, allowed * scale, f"{name} (torch's error {torch_error:.2g})")
 
 
-def test_non_finite_weight_of_a_class_no_row_targets_multiplies_nothing(rng):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_non_finite_weight_of_a_class_no_row_targets_multiplies_nothing(rng, memory):
     """As in the fused cross-entropy: the results of any finite weight for that class, to the
     bit (every gradient was NaN)."""
     x, w, b = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", True)
@@ -290,8 +314,8 @@ def test_non_finite_weight_of_a_class_no_row_targets_multiplies_nothing(rng):
     results = []
     for value in (np.nan, 1.0):
         weight[unused] = value
-        results.append(numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b,
-                                                               weight=weight, chunk_size=4))
+        results.append(numba_ce.linear_cross_entropy_with_grad(
+            x, w, target, linear_bias=b, weight=weight, chunk_size=4, memory=memory))
     for name, got, finite in zip(results[0]._fields, *results):
         if got is None:  # outputs not asked for
             continue

@@ -6,7 +6,8 @@ import inspect
 import numpy as np
 import pytest
 
-from numba_ce import buffers, device_properties, kernels, planning, rounding, scale_kernel
+from numba_ce import (buffers, device_properties, kernels, planning, rounding, scale_kernel,
+                      slice_gradient)
 from numba_ce.options import Options
 from numba_ce.planning import RowInputs
 
@@ -16,6 +17,9 @@ ARGUMENTS = [
     (kernels.row_kernel("bfloat16", 4, True), planning.RowArguments),
     (kernels.row_kernel("float32", 1, False, True, kernels.WEIGHTED_SMOOTHING),
      planning.RowArguments),
+    (slice_gradient.slice_gradient_kernel("bfloat16", 4), planning.SliceArguments),
+    (slice_gradient.slice_gradient_kernel("float32", 1, True, kernels.WEIGHTED_SMOOTHING),
+     planning.SliceArguments),
     (scale_kernel.scale_kernel("float16", 4), planning.ScaleArguments),
     (rounding.round_kernel("bfloat16"), planning.RoundArguments),
 ]

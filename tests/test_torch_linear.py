@@ -1,6 +1,7 @@
 """numba_ce.torch.linear_cross_entropy and LinearCrossEntropyLoss against torch's unfused
-linear + cross_entropy (float64 autograd): options, reductions with an upstream gradient, which
-parameters require grad, autocast and errors. CPU tensors in the simulator, CUDA tensors on a GPU.
+linear + cross_entropy (float64 autograd) in both designs (memory="low" and "fast"): options,
+reductions with an upstream gradient, which parameters require grad, autocast and errors. CPU
+tensors in the simulator, CUDA tensors on a GPU.
 """
 import re
 
@@ -13,7 +14,7 @@ import numba_ce.torch as nce
 from numba_ce.portable import SIMULATOR
 from helpers import (DTYPES, assert_close, assert_rounded_close, random_target, random_upstream,
                      random_weight, torch_linear_loss_and_grads)
-from test_linear import N_CLASSES, N_FEATURES, N_ROWS, RELATIVE, random_head
+from test_linear import MEMORY, N_CLASSES, N_FEATURES, N_ROWS, RELATIVE, random_head
 from torch_helpers import from_torch, to_torch
 
 DEVICE = "cpu" if SIMULATOR else "cuda"
@@ -28,7 +29,7 @@ CASES = [
 
 def check(rng, dtype, *, reduction="mean", bias=False, ignored=0.0, weighted=False,
           smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, upstream="ones",
-          frozen_input=False, frozen_weight=False, target_dtype=torch.int64):
+          frozen_input=False, frozen_weight=False, target_dtype=torch.int64, memory="low"):
     x, w, b = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, dtype, bias)
     target = random_target(rng, N_ROWS, N_CLASSES, ignored_share=ignored)
     weight = random_weight(rng, N_CLASSES, weighted)
@@ -40,7 +41,7 @@ def check(rng, dtype, *, reduction="mean", bias=False, ignored=0.0, weighted=Fal
     torch_options = {**options, "weight": None if weight is None else to_torch(weight, DEVICE)}
     loss = nce.linear_cross_entropy(leaves[0], leaves[1], to_torch(target, DEVICE, target_dtype),
                                     linear_bias=leaves[2] if bias else None,
-                                    chunk_size=chunk_size, **torch_options)
+                                    chunk_size=chunk_size, memory=memory, **torch_options)
     assert loss.dtype == torch.float32
     loss.backward(torch.ones_like(loss) if grad_output is None else
                   torch.as_tensor(grad_output, dtype=torch.float32, device=DEVICE))
@@ -55,7 +56,7 @@ def check(rng, dtype, *, reduction="mean", bias=False, ignored=0.0, weighted=Fal
             assert leaf.grad is None
             continue
         assert leaf.grad.dtype == leaf.dtype, f"{name}.grad dtype"
-        # fp16 "mean" scales the rounded input gradient by 1 / S_w (linear.compute); for "mean"
+        # fp16 "mean" scales the rounded input gradient by 1 / S_w (the fast design); for "mean"
         # and "sum" the adapter scales a gradient stored for an upstream of 1 by a given one
         roundings = (1 + (dtype == "float16" and reduction == "mean" and name == "input")
                      + (grad_output is not None and reduction != "none"))
@@ -63,10 +64,11 @@ def check(rng, dtype, *, reduction="mean", bias=False, ignored=0.0, weighted=Fal
                              roundings=roundings)
 
 
+@pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_unfused_torch(rng, case, dtype):
-    check(rng, dtype, **CASES[case])
+def test_matches_unfused_torch(rng, case, dtype, memory):
+    check(rng, dtype, memory=memory, **CASES[case])
 
 
 def test_module_owns_the_head(rng):
@@ -97,7 +99,8 @@ def autocast_exact_head(rng):
             w_cast)
 
 
-def test_autocast_casts_the_head_like_linear(rng):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_autocast_casts_the_head_like_linear(rng, memory):
     """float32 parameters under autocast: the product runs in bfloat16 (as F.linear's would) and
     the gradients come back in float32. The reference is float64 on the same bf16 logits; a
     product left in float32 (the inputs' offsets kept, the logits unrounded) moves each row's
@@ -106,7 +109,8 @@ def test_autocast_casts_the_head_like_linear(rng):
     target = random_target(rng, N_ROWS, N_CLASSES)
     xt, wt = (to_torch(a, DEVICE).requires_grad_() for a in (x, w))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        loss = nce.linear_cross_entropy(xt, wt, to_torch(target, DEVICE), reduction="none")
+        loss = nce.linear_cross_entropy(xt, wt, to_torch(target, DEVICE), reduction="none",
+                                        memory=memory)
     loss.backward(torch.ones_like(loss))
     assert xt.grad.dtype == torch.float32 and wt.grad.dtype == torch.float32
 
@@ -139,6 +143,8 @@ def test_errors_name_what_arrived(rng):
     with pytest.raises(TypeError, match=re.escape("linear_weight must be a torch.Tensor (got "
                                                   "ndarray)")):
         nce.linear_cross_entropy(xt, w, target)
+    with pytest.raises(ValueError, match=re.escape("memory must be 'low' or 'fast' (got 'lean')")):
+        nce.linear_cross_entropy(xt, wt, target, memory="lean")
     with pytest.raises(ValueError, match=re.escape("chunk_size must be at least 1 row (got 0)")):
         nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, chunk_size=0)
     if not SIMULATOR:

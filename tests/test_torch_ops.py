@@ -55,13 +55,15 @@ def test_attach_gradient(reduction):
     opcheck(ops.attach_gradient, (loss, logits, torch.randn(N_ROWS, N_CLASSES)), {})
 
 
+@pytest.mark.parametrize("memory", ["low", "fast"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_cross_entropy(reduction):
+def test_linear_cross_entropy(reduction, memory):
     _, target, weight = row_inputs()
     hidden = torch.randn(N_ROWS, N_FEATURES, requires_grad=True)
     head = torch.nn.Linear(N_FEATURES, N_CLASSES)
-    arguments = dict(EVERY_OPTION, reduction=reduction, chunk_size=2, validate=True,
-                     input_grad=True, linear_weight_grad=True, linear_bias_grad=True)
+    arguments = dict(EVERY_OPTION, reduction=reduction, memory=memory, chunk_size=2,
+                     validate=True, input_grad=True, linear_weight_grad=True,
+                     linear_bias_grad=True)
     opcheck(linear_ops.linear_cross_entropy,
             (hidden, head.weight, head.bias, target, weight, None), arguments)
     opcheck(linear_ops.linear_cross_entropy,

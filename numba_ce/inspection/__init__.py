@@ -2,7 +2,8 @@
 roofline report. Compiles offline (no GPU needed) for sm_90 by default, or for the visible GPU.
 
     from numba_ce import inspection
-    inspection.kernel_names()  # ['fused', 'loss', 'target_stats', 'reduce_rows', 'scale', 'round']
+    inspection.kernel_names()  # ['fused', 'loss', 'target_stats', 'reduce_rows', 'scale',
+                               #  'slice', 'round']
     inspection.ptx("fused", "bfloat16")             # PTX for sm_90, as the GPU path compiles it
     inspection.resources("fused", "bfloat16")       # registers, shared/local memory, occupancy
     inspection.ptx("fused", variant=inspection.Variant(softcap=30.0))  # the softcap specialisation

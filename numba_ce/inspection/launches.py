@@ -16,7 +16,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .. import abi, buffers, device_properties, kernels, planning, rounding, scale_kernel
+from .. import (abi, buffers, device_properties, kernels, planning, rounding, scale_kernel,
+                slice_gradient)
 from ..floatbits import FORMATS
 from ..options import Options
 from ..portable import SIMULATOR
@@ -29,7 +30,8 @@ class KernelSpec(NamedTuple):
     module: object   # the module that defines it
     function: str    # its name there (row_kernel, scale_kernel, round_kernel: factories)
     call: str        # what launches it: "with_grad", "loss" (a call with or without a
-    #                  gradient), "backward" (scale_rows), "round" (round_into)
+    #                  gradient), "backward" (scale_rows), "round" (round_into), "slice"
+    #                  (a slice of the classes in the lean linear cross-entropy's pass B)
     per_dtype: bool  # whether the logits' dtype changes the compiled code
     packed: bool     # whether it reads the logits (or gradient) as words of packed elements
     rounds: bool     # whether it rounds float32 results to the logits' format
@@ -52,6 +54,9 @@ KERNELS = {
                         "one block a row: the torch adapter's backward, the saved gradient "
                         "times the upstream gradient in place (blocks return at once when it "
                         "is 1)"),
+    "slice": KernelSpec(slice_gradient, "slice_gradient_kernel", "slice", True, True, True,
+                        "one block a row: the gradient of a slice of the classes in place, "
+                        "from each row's lse given (the lean linear cross-entropy's pass B)"),
     "round": KernelSpec(rounding, "round_kernel", "round", True, False, True,
                         "grid-stride: the linear cross-entropy's float32 weight gradient "
                         "rounded to the logits' format (fp16 and bf16 only)",
@@ -136,7 +141,8 @@ def check_kernel_dtype(name, dtype):
 def planned_launch(name, dtype, shape, variant=PLAIN):
     """The :class:`Launch` of kernel ``name`` in a call on ``shape`` (N, V) logits of ``dtype``
     with int64 targets, reduction "mean" and the options of ``variant`` (a :class:`Variant`), as
-    the launching code plans it for a GPU (for "round": a weight gradient of N x V elements)."""
+    the launching code plans it for a GPU (for "round": a weight gradient of N x V elements; for
+    "slice": the first V classes of a vocabulary of V, as one slice)."""
     spec = check_kernel_dtype(name, dtype)
     if SIMULATOR:
         raise RuntimeError(
@@ -170,15 +176,19 @@ def _plans(call, dtype, n_rows, n_classes, variant):
         source = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (n,), (0,))
         out = np.lib.stride_tricks.as_strided(one_row, (n,), (0,))
         return [planning.plan_round(source, np.ones(1, np.float32), out, dtype, device)]
-    grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if call == "with_grad" else None
     options = Options(label_smoothing=variant.label_smoothing, softcap=variant.softcap,
                       return_token_accuracy=variant.argmax_outputs,
                       return_predicted_tokens=variant.argmax_outputs)
     weight = np.ones(n_classes, np.float32) if variant.class_weights else None
     inputs = planning.RowInputs(logits, dtype, np.zeros(n_rows, np.int64), weight,
                                 np.ones(1, np.float32))
+    stats = np.zeros(3, np.float32)
+    if call == "slice":
+        return [planning.plan_slice_gradient(inputs, 0, n_classes, options, stats,
+                                             np.zeros(n_rows, np.float32), device)]
+    grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if call == "with_grad" else None
     outputs = buffers.allocate(np, n_rows, options)
-    stats, bad_row = np.zeros(3, np.float32), np.zeros(1, np.int64)
+    bad_row = np.zeros(1, np.int64)
     return [planning.plan_target_stats(inputs.target, weight, options, n_classes, stats,
                                        bad_row, device),
             planning.plan_rows(inputs, options, stats, grad, outputs, device),

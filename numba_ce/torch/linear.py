@@ -7,7 +7,7 @@ would be.
 """
 import torch
 
-from .. import validation
+from .. import linear, validation
 from ..options import Options, check_flag
 from ..results import CrossEntropyOutput
 from . import linear_ops, ops, tensors
@@ -18,12 +18,13 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                          weight: torch.Tensor | None = None, reduction: str = "mean",
                          ignore_index: int = -100, label_smoothing: float = 0.0,
                          z_loss: float = 0.0, softcap: float | None = None,
-                         chunk_size: int | None = None, return_token_accuracy: bool = False,
+                         memory: str = "low", chunk_size: int | None = None,
+                         return_token_accuracy: bool = False,
                          return_predicted_tokens: bool = False,
                          validate: bool = True) -> torch.Tensor | CrossEntropyOutput:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` against ``target``,
     as :func:`torch.nn.functional.linear_cross_entropy` (same leading signature), plus z-loss and
-    softcap, computed chunk by chunk of rows so that no N x V logits are ever stored.
+    softcap, computed chunk by chunk so that no N x V logits are ever stored.
 
     Parameters
     ----------
@@ -32,7 +33,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     target : int64 or int32 tensor (N,).
     weight, reduction, ignore_index, label_smoothing, z_loss, softcap, validate : as
         :func:`numba_ce.torch.cross_entropy`.
-    chunk_size : rows per chunk (default: 4096, fewer when C x V logits would exceed 1 GiB).
+    memory, chunk_size : as :func:`numba_ce.linear_cross_entropy`: "low" (default) computes the
+        gradients in a second pass over slices of the classes, with no V x H float32 sum;
+        "fast" in one pass over chunks of rows, with a float32 V x H weight-gradient sum.
     return_token_accuracy, return_predicted_tokens : as in :func:`numba_ce.torch.cross_entropy`.
 
     Returns
@@ -46,6 +49,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                       return_token_accuracy, return_predicted_tokens)
     validation.check_chunk_size(chunk_size)
+    linear.check_memory(memory)
     validate = check_flag("validate", validate)
     tensors.check_devices(input, linear_weight=linear_weight, target=target,
                           linear_bias=linear_bias, weight=weight)
@@ -55,8 +59,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         linear_bias = None if linear_bias is None else linear_bias.to(dtype)
     linear_inputs = (input, linear_weight, linear_bias)
     asked = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in linear_inputs]
-    arguments = dict(ops.option_arguments(options), chunk_size=chunk_size, validate=validate,
-                     input_grad=asked[0], linear_weight_grad=asked[1], linear_bias_grad=asked[2])
+    arguments = dict(ops.option_arguments(options), memory=memory, chunk_size=chunk_size,
+                     validate=validate, input_grad=asked[0], linear_weight_grad=asked[1],
+                     linear_bias_grad=asked[2])
     if not (options.reduced and any(asked)):  # "none": the op's autograd formula, a second pass
         loss, accuracy, predicted, *_ = linear_ops.linear_cross_entropy(
             input, linear_weight, linear_bias, target, weight, None, **arguments)

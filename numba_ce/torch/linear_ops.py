@@ -3,11 +3,11 @@ has the cross-entropy's, and says why custom ops):
 
     numba_ce::linear_cross_entropy
         (input, linear_weight, linear_bias?, target, weight?, grad_output?, *, options...,
-         chunk_size, validate, input_grad, linear_weight_grad, linear_bias_grad)
+         memory, chunk_size, validate, input_grad, linear_weight_grad, linear_bias_grad)
         -> (loss, token accuracy, predicted tokens, grad_input, grad_linear_weight,
             grad_linear_bias)
 
-One pass of numba_ce.linear over the chunks of rows: the loss, and the gradients asked for by
+numba_ce.linear.compute in the design ``memory`` names: the loss, and the gradients asked for by
 the flags where the upstream gradient is known: ``grad_output`` when given, else 1 for a reduced
 loss ("none" without grad_output: the loss only).
 
@@ -32,11 +32,12 @@ GRADIENT_FLAGS = "bool input_grad, bool linear_weight_grad, bool linear_bias_gra
 @torch.library.custom_op(
     "numba_ce::linear_cross_entropy", mutates_args=(),
     schema="(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
-           f"Tensor? weight, Tensor? grad_output, *, {OPTIONS_SCHEMA}, int? chunk_size, "
-           f"bool validate, {GRADIENT_FLAGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+           f"Tensor? weight, Tensor? grad_output, *, {OPTIONS_SCHEMA}, str memory, "
+           f"int? chunk_size, bool validate, {GRADIENT_FLAGS}) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def linear_cross_entropy(input, linear_weight, linear_bias, target, weight, grad_output, *,
-                         chunk_size, validate, input_grad, linear_weight_grad, linear_bias_grad,
-                         **options):
+                         memory, chunk_size, validate, input_grad, linear_weight_grad,
+                         linear_bias_grad, **options):
     """(loss, token accuracy, predicted tokens, grad_input, grad_linear_weight,
     grad_linear_bias); outputs not asked for or not computed are empty (0,)."""
     options = Options(**options)
@@ -54,8 +55,8 @@ def linear_cross_entropy(input, linear_weight, linear_bias, target, weight, grad
     inputs = linear.LinearInputs(input_array, weight_array, bias_array, target_array,
                                  class_weight, upstream, fmt)
     with tensors.on_torch_stream_with_cupy(device):
-        result = linear.compute(xp, inputs, options, needed, chunk_size=chunk_size,
-                                validate=validate)
+        result = linear.compute(xp, inputs, options, needed, memory=memory,
+                                chunk_size=chunk_size, validate=validate)
 
     def tensor(array, dtype):
         return input.new_empty(0, dtype=dtype) if array is None else xp.tensor(array)
@@ -69,8 +70,8 @@ def linear_cross_entropy(input, linear_weight, linear_bias, target, weight, grad
 
 
 @linear_cross_entropy.register_fake
-def _(input, linear_weight, linear_bias, target, weight, grad_output, *, chunk_size, validate,
-      input_grad, linear_weight_grad, linear_bias_grad, **options):
+def _(input, linear_weight, linear_bias, target, weight, grad_output, *, memory, chunk_size,
+      validate, input_grad, linear_weight_grad, linear_bias_grad, **options):
     options = Options(**options)
     needed = _computed(options, grad_output, linear_bias,
                        (input_grad, linear_weight_grad, linear_bias_grad))

@@ -1,0 +1,80 @@
+"""What both designs of the fused linear cross-entropy share (numba_ce.linear_fast,
+numba_ce.linear_lean): the call's state as one value, the logits product of a block of the
+head, a chunk of rows through the row kernel, and the float32 -> format rounding of a sum.
+"""
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import execution
+from .matmul import matmul
+from .planning import RowInputs, plan_rows
+
+
+class LinearWork(NamedTuple):
+    """A call as numba_ce.linear.compute hands it to a design: ``alloc.empty`` makes every
+    buffer; ``inputs`` a linear.LinearInputs whose grad_output is the one the kernels read
+    (S_w for fp16 "mean", see ``unscale``); ``needed`` = (input, weight, bias) gradients;
+    ``stats`` the batch's target statistics (None without rows); ``outputs`` the call's
+    buffers.RowOutputs; ``unscale`` (1,) float32: what the float32 sums are multiplied by as
+    they are rounded (g / S_w for fp16 "mean", else 1)."""
+    alloc: Any
+    inputs: Any
+    options: Any
+    needed: tuple
+    stats: Any
+    outputs: Any
+    unscale: Any
+    device: Any
+
+    @property
+    def rescaled(self):
+        """Whether the kernels' gradients leave out g / S_w (fp16 "mean"), for ``unscale``."""
+        return self.inputs.fmt == "float16" and self.options.reduction == "mean" and any(
+            self.needed) and self.stats is not None
+
+
+def logits_into(x, linear_weight, linear_bias, out):
+    """out = x @ linear_weight.T (+ linear_bias) in out's format, as cuBLAS computes it: float32
+    sums rounded once, and with a bias, the bias rows added to that and rounded once more."""
+    if linear_bias is not None:
+        _broadcast_rows(out, linear_bias)
+    matmul(x, linear_weight.T, out, accumulate=linear_bias is not None)
+
+
+def row_chunk(work, rows, z, with_grad):
+    """The logits of the rows ``rows`` (a slice) into ``z``, then the row kernel on them: row
+    losses and lse into work.outputs and, ``with_grad``, the gradient in place of z."""
+    inputs = work.inputs
+    logits_into(inputs.input[rows], inputs.linear_weight, inputs.linear_bias, z)
+    grad_output = inputs.grad_output
+    chunk_inputs = RowInputs(z, inputs.fmt, inputs.target[rows], inputs.weight,
+                             grad_output[rows] if grad_output.shape[0] > 1 else grad_output)
+    execution.EXECUTOR.launch(plan_rows(chunk_inputs, work.options, work.stats,
+                                        z if with_grad else None, work.outputs.rows(rows),
+                                        work.device))
+
+
+def ones(alloc, shape, dtype):
+    """An array of ones in ``dtype`` (fp16/bf16 too), written through an integer view of it."""
+    out = alloc.empty(shape, dtype)
+    bits = np.dtype(f"int{8 * dtype.itemsize}")
+    out.view(bits).fill(np.ones(1, dtype).view(bits)[0])
+    return out
+
+
+def rounded(work, sums):
+    """The float32 ``sums`` times work.unscale[0] in the input's format: the sums themselves
+    for float32 (the scale is 1 there), else a new array, each element rounded once."""
+    dtype = work.inputs.input.dtype
+    if dtype == np.float32:
+        return sums
+    out = work.alloc.empty(sums.shape, dtype)
+    execution.round_into(sums, work.unscale, out, work.inputs.fmt, work.device)
+    return out
+
+
+def _broadcast_rows(out, row):
+    """Every row of ``out`` = ``row`` (bits copied through an integer view, any format)."""
+    bits = np.dtype(f"int{8 * row.dtype.itemsize}")
+    out.view(bits)[...] = row.view(bits)
