@@ -56,8 +56,8 @@ def as_rows(input: torch.Tensor, target: torch.Tensor) -> Rows:
     if input.dtype == torch.float64:
         logits = logits.to(torch.float32, memory_format=torch.contiguous_format)
     if input.dim() != 2:
-        logits = logits.reshape(target.numel(), input.shape[1 if input.dim() > 1 else 0])
-        target = target.reshape(-1)
+        n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+        logits, target = logits.reshape(target.numel(), n_classes), target.reshape(-1)
     if target.dtype == torch.uint8:
         target = target.long()
     loss_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32

@@ -115,9 +115,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     loss: 0-d for 'mean' and 'sum', the target's shape for 'none'; float32 (float64 for float64
     input); or (loss, z_loss) with ``return_z_loss``; with ``return_token_accuracy`` or
     ``return_predicted_tokens`` a CrossEntropyOutput(loss, z_loss, token_accuracy,
-    predicted_tokens), None where not asked. The gradient reaching ``input`` has its dtype and
-    layout, computed in fp32 and rounded once by the forward (and once more when the upstream
-    gradient is not 1).
+    predicted_tokens), None where not asked. The gradient reaching ``input`` has its shape and
+    dtype (and, for a leaf's ``.grad``, its layout, channels-last included), computed in fp32
+    and rounded once by the forward (and once more when the upstream gradient is not 1).
 
     Notes
     -----
