@@ -51,7 +51,7 @@ def test_the_inspect_extra_has_the_tools_and_the_test_extra_uses_it():
     assert listed("options.extras_require", "inspect") == [
         "cuda-toolkit[nvvm,nvrtc,nvcc] == 13.0.*", "nvidia-cuda-nvdisasm >= 13.2, < 14"]
     assert listed("options.extras_require", "test") == [
-        "numba_ce[test-without-torch,torch,transformers]"]
+        "numba_ce[test-without-torch,torch,transformers]", "expecttest"]
     assert "numba_ce[inspect]" in listed("options.extras_require", "test-without-torch")
     assert listed("options.extras_require", "gpu-cuda12") == ["cupy-cuda12x >= 14"]
 

@@ -277,14 +277,34 @@ ERRORS = [
      "target must be on the same device as input (expected cpu, got meta)"),
     (dict(weight=torch.ones(67, device=META)), ValueError,
      "weight must be on the same device as input (expected cpu, got meta)"),
-    (dict(input=torch.zeros(5, 67, dtype=torch.float64)), TypeError,
-     "logits dtype must be float32, float16 or bfloat16 (got float64)"),
-    (dict(input=torch.zeros(5, 2, 67)), ValueError,
-     "logits must be 2-D (N, V) with the class dimension last (got shape (5, 2, 67)); "
-     "for (batch, seq, V) logits pass logits.reshape(-1, V)"),
+    (dict(input=torch.zeros(5, 67, dtype=torch.int64)), TypeError,
+     "input dtype must be float32, float16, bfloat16 or float64 (got int64)"),
+    (dict(input=torch.zeros(5, 67, dtype=torch.complex64)), TypeError,
+     "input dtype must be float32, float16, bfloat16 or float64 (got complex64)"),
+    (dict(input=torch.zeros(())), ValueError,
+     "input must have a class dimension: (C,), (N, C) or (N, C, d1, ..., dk) (got a 0-d tensor)"),
+    (dict(input=torch.zeros(5, 67, 2)), ValueError,
+     "target must have shape (5, 2) to match input (5, 67, 2), whose class dimension is "
+     "dimension 1 (got shape (5,))"),
+    (dict(input=torch.zeros(5, 67, 2), target=torch.zeros(2, 5, dtype=torch.int64)), ValueError,
+     "target must have shape (5, 2) to match input (5, 67, 2), whose class dimension is "
+     "dimension 1 (got shape (2, 5))"),
     (dict(target=torch.zeros(4, dtype=torch.int64)), ValueError,
-     "target must have shape (5,) to match logits (got shape (4,))"),
-    (dict(target=torch.zeros(5)), TypeError, "target dtype must be int32 or int64 (got float32)"),
+     "target must have shape (5,) to match input (5, 67), whose class dimension is dimension 1 "
+     "(got shape (4,))"),
+    (dict(target=torch.zeros(5, 1, dtype=torch.int64)), ValueError,
+     "target must have shape (5,) to match input (5, 67), whose class dimension is dimension 1 "
+     "(got shape (5, 1))"),
+    (dict(input=torch.zeros(67), target=torch.zeros(2, dtype=torch.int64)), ValueError,
+     "target of an unbatched input (67,) must be one class index, shape () (got shape (2,))"),
+    (dict(target=torch.zeros(5)), TypeError,
+     "target must hold class indices of dtype int64 or uint8 (as torch's), or int32 (got "
+     "float32); class-probability (floating-point) targets are not supported"),
+    (dict(target=torch.zeros(5, dtype=torch.int16)), TypeError,
+     "target must hold class indices of dtype int64 or uint8 (as torch's), or int32 (got "
+     "int16)"),
+    (dict(target=torch.zeros(5, dtype=torch.bool)), TypeError,
+     "target must hold class indices of dtype int64 or uint8 (as torch's), or int32 (got bool)"),
     (dict(weight=torch.ones(3)), ValueError,
      "weight must have shape (67,), one per class (got shape (3,))"),
     (dict(weight=torch.ones(67, dtype=torch.int64)), TypeError,

@@ -24,9 +24,8 @@ pytestmark = [
 ]
 
 N_FEATURES, N_CLASSES = 8, 40
-# Every option in at least one case, for each entry point (the modules take no return_z_loss,
-# the linear ones no inplace_backward, only the linear function memory); each case is one
-# compilation.
+# Every option in at least one case, for each entry point (the linear ones take no
+# inplace_backward nor return_z_loss, the others no memory); each case is one compilation.
 CASES = {
     "mean": dict(reduction="mean", weighted=True, ignore_index=3, label_smoothing=0.1,
                  z_loss=1e-3, softcap=5.0, return_token_accuracy=True,
@@ -46,12 +45,8 @@ def loss_function(entry, case):
     if options.pop("weighted", False):
         options["weight"] = torch.rand(N_CLASSES) + 0.5
     linear = entry.lower().startswith("linear")
-    for option in ("inplace_backward", "return_z_loss") if linear else ("chunk_size",):
+    for option in ("inplace_backward", "return_z_loss") if linear else ("chunk_size", "memory"):
         options.pop(option, None)
-    if entry.endswith("Loss"):
-        options.pop("return_z_loss", None)
-    if entry != "linear_cross_entropy":
-        options.pop("memory", None)
     if entry == "LinearCrossEntropyLoss":
         crit = nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, bias=True, **options)
         return crit, crit.linear
@@ -144,6 +139,38 @@ def test_batch_size_changes_without_recompiling(entry, marking):
               for f in (function, compiled))))
         frames.append(counter.frame_count)
     assert frames[0] >= 1 and frames == [frames[0]] * 3, f"compilations after each call: {frames}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_k_dimensional_input_traces_whole(reduction, dtype):
+    """(N, C, d) logits: the class dimension moved last (float64 cast to float32) and the loss
+    given torch's shape (N, d) by torch ops around the op, in one graph for every batch size;
+    loss and input gradient those of eager calls to the bit."""
+    torch._dynamo.reset()
+
+    def function(x, target):
+        return nce.cross_entropy(x * 1, target, reduction=reduction, label_smoothing=0.1)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(function, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    for n_rows in (3, 5):
+        x = torch.randn(n_rows, N_CLASSES, 4, dtype=dtype, requires_grad=True)
+        target = torch.randint(0, N_CLASSES, (n_rows, 4))
+        upstream = torch.rand((n_rows, 4) if reduction == "none" else (), dtype=dtype) + 0.5
+        results = []
+        for f in (function, compiled):
+            x.grad = None
+            loss = f(x, target)
+            loss.backward(upstream)
+            results.append((loss.detach(), x.grad))
+        (eager_loss, eager_grad), (loss, grad) = results
+        assert loss.shape == target.shape if reduction == "none" else loss.shape == ()
+        assert loss.dtype == dtype and grad.dtype == dtype
+        assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0], f"compilations after each call: {frames}"
 
 
 @pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])

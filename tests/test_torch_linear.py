@@ -71,12 +71,13 @@ def test_matches_unfused_torch(rng, case, dtype, memory):
     check(rng, dtype, memory=memory, **CASES[case])
 
 
-def test_module_owns_the_head(rng):
+@pytest.mark.parametrize("memory", ["low", "fast"])
+def test_module_owns_the_head(rng, memory):
     """LinearCrossEntropyLoss(in_features, num_classes, bias=...) as torch 2.13's module: the
-    head's parameters get the gradients of the unfused computation."""
+    head's parameters get the gradients of the unfused computation, in either design."""
     torch.manual_seed(int(rng.integers(2**31)))
     crit = nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, bias=True, device=DEVICE,
-                                      label_smoothing=0.1, chunk_size=4)
+                                      label_smoothing=0.1, chunk_size=4, memory=memory)
     x = torch.randn(N_ROWS, N_FEATURES, device=DEVICE)
     target = random_target(rng, N_ROWS, N_CLASSES, ignored_share=0.3)
     crit(x, to_torch(target, DEVICE)).backward()
@@ -86,7 +87,7 @@ def test_module_owns_the_head(rng):
         label_smoothing=0.1)
     assert_close(from_torch(head.weight.grad), expected[2], 0.0, 1e-5, "weight.grad")
     assert_close(from_torch(head.bias.grad), expected[3], 0.0, 1e-5, "bias.grad")
-    assert "chunk_size=4" in repr(crit)
+    assert f"chunk_size=4, memory='{memory}'" in repr(crit)
 
 
 def autocast_exact_head(rng):
@@ -147,6 +148,8 @@ def test_errors_name_what_arrived(rng):
         nce.linear_cross_entropy(xt, wt, target, memory="lean")
     with pytest.raises(ValueError, match=re.escape("chunk_size must be at least 1 row (got 0)")):
         nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, chunk_size=0)
+    with pytest.raises(ValueError, match=re.escape("memory must be 'low' or 'fast' (got None)")):
+        nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, memory=None)
     if not SIMULATOR:
         with pytest.raises(ValueError, match=re.escape(
                 "linear_weight must be on the same device as input (expected cuda:0, got cpu)")):

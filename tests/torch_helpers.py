@@ -63,9 +63,9 @@ def check_against_torch(rng, device, dtype, n_rows, n_classes, *, reduction="mea
     original = x.detach().clone()
     loss, z_part = nce.cross_entropy(
         x, to_torch(target, device, target_dtype),
-        None if weight is None else to_torch(weight, device), ignore_index, reduction,
-        smoothing, z_loss=z_loss, softcap=softcap, inplace_backward=inplace,
-        return_z_loss=True)
+        None if weight is None else to_torch(weight, device), ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=smoothing, z_loss=z_loss, softcap=softcap,
+        inplace_backward=inplace, return_z_loss=True)
     if grad_output is not None:
         loss.backward(to_torch(grad_output, device, torch.float32).reshape(loss.shape))
     elif reduction == "none":

@@ -3,6 +3,8 @@
     import numba_ce.torch as nce
     loss = nce.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)  # (N, V), (N,)
     loss.backward()                      # the gradient was computed by the forward's kernel
+    per_pixel = nce.cross_entropy(masks, pixels, weight, None, 255, None, "none")  # as torch's:
+    # (N, C, H, W), (N, H, W) -> (N, H, W); torch's positional order, numba_ce's options by name
     crit = nce.CrossEntropyLoss(ignore_index=-100, softcap=30.0)
     loss = nce.linear_cross_entropy(hidden, head.weight, target)  # (N, H), (V, H): no N x V logits
 

@@ -11,7 +11,10 @@
     Eagerly the ops' implementations run without the ops (ops.entry_points): the same kernels,
     without the dispatcher's host time.
 
-No math lives here: the ops run the core on views of the tensors (numba_ce.torch.tensors).
+No math lives here: the ops run the core on views of the tensors (numba_ce.torch.tensors). The
+ops take (M, C) logits: torch's other forms of a call (K-dimensional or unbatched input, float64
+input, uint8 targets) become that by torch ops before them, and the outputs take torch's shapes by
+torch ops after them (numba_ce.torch.forms), which torch.compile traces with the ops.
 Host time is what small batches pay for (a training step waits for it when the GPU is faster):
 what is not the ops' is a few checks.
 
@@ -26,12 +29,14 @@ import torch
 
 from ..options import Options, check_flag
 from ..results import CrossEntropyOutput
-from . import ops, tensors
+from . import forms, ops, tensors
 
 
 @overload
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
-                  ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+                  size_average: bool | None = ..., ignore_index: int = ...,
+                  reduce: bool | None = ..., reduction: str = ...,
+                  label_smoothing: float = ..., *,
                   z_loss: float = ..., softcap: float | None = ..., inplace_backward: bool = ...,
                   return_z_loss: Literal[False] = ...,
                   return_token_accuracy: Literal[False] = ...,
@@ -41,7 +46,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
 @overload
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
-                  ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+                  size_average: bool | None = ..., ignore_index: int = ...,
+                  reduce: bool | None = ..., reduction: str = ...,
+                  label_smoothing: float = ..., *,
                   z_loss: float = ..., softcap: float | None = ..., inplace_backward: bool = ...,
                   return_z_loss: Literal[True], return_token_accuracy: Literal[False] = ...,
                   return_predicted_tokens: Literal[False] = ..., validate: bool = ...
@@ -50,7 +57,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
 @overload
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
-                  ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+                  size_average: bool | None = ..., ignore_index: int = ...,
+                  reduce: bool | None = ..., reduction: str = ...,
+                  label_smoothing: float = ..., *,
                   z_loss: float = ..., softcap: float | None = ..., inplace_backward: bool = ...,
                   return_z_loss: bool = ..., return_token_accuracy: bool = ...,
                   return_predicted_tokens: bool = ..., validate: bool = ...
@@ -58,44 +67,57 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                  *, z_loss: float = 0.0, softcap: float | None = None,
-                  inplace_backward: bool = False, return_z_loss: bool = False,
-                  return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
-                  validate: bool = True
+                  size_average: bool | None = None, ignore_index: int = -100,
+                  reduce: bool | None = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  softcap: float | None = None, inplace_backward: bool = False,
+                  return_z_loss: bool = False, return_token_accuracy: bool = False,
+                  return_predicted_tokens: bool = False, validate: bool = True
                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
-    """Cross-entropy of ``input`` (N, V) against class indices ``target`` (N,), as
-    :func:`torch.nn.functional.cross_entropy`, plus z-loss and softcap.
+    """Cross-entropy of ``input`` against class indices ``target``, as
+    :func:`torch.nn.functional.cross_entropy` (the same positional parameters, input forms and
+    legacy arguments), plus z-loss and softcap; our own options are keyword-only.
 
     Parameters
     ----------
-    input : float32, float16 or bfloat16 tensor (N, V) on the GPU (CPU in the simulator). Rows
-        whose class stride is not 1 (or that overlap) are copied first.
-    target : int64 or int32 tensor (N,). Rows equal to ``ignore_index`` contribute nothing.
-    weight : float tensor (V,), optional. Class weights, as in PyTorch (read as float32).
+    input : float32, float16, bfloat16 or float64 tensor on the GPU (CPU in the simulator), as
+        torch's: (N, C); (N, C, d1, ..., dk), the classes in dimension 1 (moved last for the
+        kernels: a view when each element's classes are contiguous, as in channels-last memory,
+        else a copy); or (C,), one unbatched row. Rows whose class stride is not 1 (or that
+        overlap) are copied first. float64 is computed in float32 (numerics below).
+    target : int64 or uint8 tensor (int32 too) of input's shape without the class dimension:
+        (N,), (N, d1, ..., dk), or () for a (C,) input. Elements equal to ``ignore_index``
+        contribute nothing.
+    weight : float tensor (C,), optional. Class weights, as in PyTorch (read as float32).
+    size_average, reduce : torch's deprecated arguments: when either is not None, they set the
+        reduction by torch's rule (torch.nn._reduction.legacy_get_string, which warns as torch
+        does).
     reduction : 'mean' (weighted by w_y, as PyTorch), 'sum' or 'none'.
     label_smoothing : float in [0, 1]. z_loss : float >= 0, adds z_loss * lse**2 per row.
     softcap : float > 0, optional. Replaces x by softcap * tanh(x / softcap) first.
-    inplace_backward : write the gradient into ``input``'s memory (no extra N x V buffer).
+    inplace_backward : write the gradient into ``input``'s memory (no extra N x C buffer).
         ``input`` then holds the gradient, not the logits: its version counter is bumped, so
-        autograd raises if anything saved it for backward. (An input that had to be copied is
-        left alone: the copy takes the gradient.) Default False: ``input`` is never modified.
+        autograd raises if anything saved it for backward. An input that had to be copied (rows
+        not readable in place, K-dimensional input whose classes are not contiguous, float64
+        input) is left alone: the copy takes the gradient, and autograd brings it back to
+        ``input``. Default False: ``input`` is never modified.
     return_z_loss : also return the z-loss part of the loss (reduced the same way, no gradient).
     return_token_accuracy : also return the share of counted rows whose argmax is their target
-        (reduced as the loss: a mean over counted rows, a sum, or 0/1 per row; no gradient).
-    return_predicted_tokens : also return each row's argmax (int64, first maximal index as
-        torch.argmax; -1 for ignored rows).
-    validate : raise ValueError for a target outside [0, V) (one 8-byte device read, a host
-        synchronisation); with False nothing synchronises (CUDA-graph capture) and such rows
-        give NaN.
+        (reduced as the loss: a mean over counted rows, a sum, or 0/1 per element; no gradient).
+    return_predicted_tokens : also return each element's argmax (int64, first maximal index as
+        torch.argmax; -1 for ignored elements), in the target's shape.
+    validate : raise ValueError for a target outside [0, C) (one 8-byte device read, a host
+        synchronisation; the index it names is one of ``target.reshape(-1)``); with False
+        nothing synchronises (CUDA-graph capture) and such rows give NaN.
 
     Returns
     -------
-    float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'; or (loss, z_loss) with
-    ``return_z_loss``; with ``return_token_accuracy`` or ``return_predicted_tokens`` a
-    CrossEntropyOutput(loss, z_loss, token_accuracy, predicted_tokens), None where not asked.
-    The gradient reaching ``input`` has its dtype, computed in fp32 and rounded once by the
-    forward (and once more when the upstream gradient is not 1).
+    loss: 0-d for 'mean' and 'sum', the target's shape for 'none'; float32 (float64 for float64
+    input); or (loss, z_loss) with ``return_z_loss``; with ``return_token_accuracy`` or
+    ``return_predicted_tokens`` a CrossEntropyOutput(loss, z_loss, token_accuracy,
+    predicted_tokens), None where not asked. The gradient reaching ``input`` has its shape and
+    dtype (and, for a leaf's ``.grad``, its layout, channels-last included), computed in fp32
+    and rounded once by the forward (and once more when the upstream gradient is not 1).
 
     Notes
     -----
@@ -103,28 +125,36 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     float16 logits and reduction="mean" its entries are p_j / N, and those below fp16's smallest
     subnormal (6e-8) are zero before a loss scale (GradScaler) multiplies them; bfloat16 has
     float32's range and does not lose them.
+
+    float64 input is rounded to float32 and computed as float32 logits are: the float64 loss and
+    gradient carry float32's errors (within 2e-5 relative of torch's float64 results in the
+    tests), not float64's. Half-precision input gives a float32 loss (torch's is in the input's
+    dtype).
     """
+    reduction = forms.reduction_of(size_average, reduce, reduction)
     options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                       return_token_accuracy, return_predicted_tokens)
     inplace_backward = check_flag("inplace_backward", inplace_backward)
     return_z_loss = check_flag("return_z_loss", return_z_loss)
     validate = check_flag("validate", validate)
     tensors.check_devices(input, target=target, weight=weight)
-    logits = tensors.readable_rows(input)
+    rows = forms.as_rows(input, target)
+    logits, target = tensors.readable_rows(rows.logits), rows.target
     run = ops.entry_points()
     if not (torch.is_grad_enabled() and logits.requires_grad):
-        loss, z_part, accuracy, predicted, _ = run.cross_entropy(
-            logits, target, weight, None, options, with_grad=False, validate=validate)
-    elif inplace_backward:
-        _check_overwritable(logits)
-        gradient = logits.detach()  # the op writes it outside autograd: attach_gradient links
-        loss, z_part, accuracy, predicted = run.cross_entropy_(  # the loss to the logits
-            gradient, target, weight, options, validate=validate)
-        loss = run.attach_gradient(loss, logits, gradient)
+        outputs = run.cross_entropy(logits, target, weight, None, options, with_grad=False,
+                                    validate=validate)[:4]
     else:
-        loss, z_part, accuracy, predicted, gradient = run.cross_entropy(
-            logits.detach(), target, weight, None, options, with_grad=True, validate=validate)
-        loss = run.attach_gradient(loss, logits, gradient)
+        if inplace_backward:
+            _check_overwritable(logits)
+            gradient = logits.detach()  # the op writes it outside autograd: attach_gradient
+            outputs = run.cross_entropy_(  # links the loss to the logits
+                gradient, target, weight, options, validate=validate)
+        else:
+            *outputs, gradient = run.cross_entropy(logits.detach(), target, weight, None,
+                                                   options, with_grad=True, validate=validate)
+        outputs = (run.attach_gradient(outputs[0], logits, gradient), *outputs[1:])
+    loss, z_part, accuracy, predicted = forms.in_torch_shapes(rows, options, outputs)
     if options.argmax:
         return CrossEntropyOutput(loss, z_part if return_z_loss else None,
                                   accuracy if options.return_token_accuracy else None,

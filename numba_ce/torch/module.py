@@ -5,8 +5,10 @@ from dataclasses import fields
 import torch
 
 from .. import validation
+from ..linear import check_memory
 from ..options import Options, check_flag
 from ..results import CrossEntropyOutput
+from . import forms
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
 
@@ -31,40 +33,48 @@ class _LossOptions:
 
 
 class CrossEntropyLoss(_LossOptions, torch.nn.Module):
-    """As :class:`torch.nn.CrossEntropyLoss` (the class weights are a buffer, so they follow
-    ``.to(device)`` and the state dict), plus z-loss, softcap, in-place backward, the target
-    check and the outputs of :func:`numba_ce.torch.cross_entropy`; ``crit(input, target)``
-    calls it with these options.
+    """As :class:`torch.nn.CrossEntropyLoss` (the same positional parameters and legacy
+    ``size_average`` / ``reduce``, which set ``self.reduction`` by torch's rule and warning; the
+    class weights are a buffer, so they follow ``.to(device)`` and the state dict), plus z-loss,
+    softcap, in-place backward, the target check and the outputs of
+    :func:`numba_ce.torch.cross_entropy`, keyword-only; ``crit(input, target)`` calls it with
+    these options.
     """
 
     weight: torch.Tensor | None  # a buffer
 
-    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+    def __init__(self, weight: torch.Tensor | None = None, size_average: bool | None = None,
+                 ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: float | None = None, inplace_backward: bool = False,
-                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
-                 validate: bool = True) -> None:
+                 return_z_loss: bool = False, return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False, validate: bool = True) -> None:
         super().__init__()
+        reduction = forms.reduction_of(size_average, reduce, reduction)
         self._keep(Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                            return_token_accuracy, return_predicted_tokens))
         self.inplace_backward = check_flag("inplace_backward", inplace_backward)
+        self.return_z_loss = check_flag("return_z_loss", return_z_loss)
         self.validate = check_flag("validate", validate)
         self.register_buffer("weight", weight)
 
-    def forward(self, input: torch.Tensor,
-                target: torch.Tensor) -> torch.Tensor | CrossEntropyOutput:
+    def forward(self, input: torch.Tensor, target: torch.Tensor
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
         return cross_entropy(input, target, self.weight, **self._options(),
-                             inplace_backward=self.inplace_backward, validate=self.validate)
+                             inplace_backward=self.inplace_backward,
+                             return_z_loss=self.return_z_loss, validate=self.validate)
 
     def extra_repr(self):
-        return f"{self._describe()}, inplace_backward={self.inplace_backward}"
+        return (f"{self._describe()}, inplace_backward={self.inplace_backward}, "
+                f"return_z_loss={self.return_z_loss}")
 
 
 class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
     """As :class:`torch.nn.LinearCrossEntropyLoss` (torch 2.13): owns the head ``self.linear``
     (an nn.Linear from ``in_features`` to ``num_classes``) and returns the cross-entropy of its
     logits, ``crit(input, target)``, through :func:`numba_ce.torch.linear_cross_entropy`; plus
-    z-loss, softcap, chunk_size, the target check and the outputs of that function."""
+    z-loss, softcap, chunk_size, memory (the design), the target check and the outputs of that
+    function."""
 
     weight: torch.Tensor | None  # a buffer
 
@@ -73,13 +83,14 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
                  reduction: str = "mean", weight: torch.Tensor | None = None,
                  ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  softcap: float | None = None, chunk_size: int | None = None,
-                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
-                 validate: bool = True) -> None:
+                 memory: str = "low", return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False, validate: bool = True) -> None:
         super().__init__()
         self._keep(Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                            return_token_accuracy, return_predicted_tokens))
         validation.check_chunk_size(chunk_size)
-        self.chunk_size = chunk_size
+        check_memory(memory)
+        self.chunk_size, self.memory = chunk_size, memory
         self.validate = check_flag("validate", validate)
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
                                       dtype=dtype)
@@ -89,7 +100,8 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
                 target: torch.Tensor) -> torch.Tensor | CrossEntropyOutput:
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
-            **self._options(), chunk_size=self.chunk_size, validate=self.validate)
+            **self._options(), chunk_size=self.chunk_size, memory=self.memory,
+            validate=self.validate)
 
     def extra_repr(self):
-        return f"{self._describe()}, chunk_size={self.chunk_size}"
+        return f"{self._describe()}, chunk_size={self.chunk_size}, memory={self.memory!r}"
