@@ -41,6 +41,9 @@ def snapshot(ref, folder):
 def load(folder):
     """(the snapshot's numba_ce as module ``numba_ce_baseline``, its label)."""
     folder = Path(folder)
+    # The working tree's numba_ce first: Numba and numba-cuda are then imported with its NumPy
+    # mend (numba_ce.numpy_compat), which a snapshot older than the mend does not have.
+    importlib.import_module("numba_ce")
     if PACKAGE not in sys.modules:
         init = folder / "numba_ce" / "__init__.py"
         if not init.is_file():
