@@ -112,8 +112,8 @@ class NumbaArrays(Provider):
         logits, target = array_view(xp, inputs.logits), array_view(xp, target)
         kwargs = dict(ignore_index=IGNORE_INDEX, label_smoothing=options.label_smoothing,
                       z_loss=options.z_loss, softcap=options.softcap, validate=self.validate)
-        outputs = dict(return_token_accuracy=options.argmax_outputs,
-                       return_predicted_tokens=options.argmax_outputs)
+        outputs = dict(return_token_accuracy=True, return_predicted_tokens=True) if (
+            options.argmax_outputs) else {}  # (an earlier numba_ce may not take them)
         if mode == "loss" and not options.argmax_outputs:
             def call():
                 return numba_ce.cross_entropy(logits, target, **kwargs)
