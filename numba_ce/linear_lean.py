@@ -32,7 +32,7 @@ adapter's keeps a call's buffers until it returns).
 fp16 "mean": the kernels form the gradient for an upstream of S_w (entries ~ p_j - [j == y]; p_j
 / S_w would flush to zero) and the float32 sums are scaled by g / S_w as they are rounded: the
 input gradient's sum, and each slice's weight and bias gradient, whose product goes to a float32
-V_s x H scratch first (only in this case).
+scratch first, block by block of at most the logits slice's bytes (only in this case).
 """
 from typing import NamedTuple
 
@@ -81,6 +81,9 @@ def lean_chunks(n_rows, n_features, n_classes, itemsize, needed, chunk_size=None
         rows = min(chunk_size, max(n_rows, 1))
         logits_bytes = _words(rows * n_classes * itemsize)
     classes = min(_whole(logits_bytes // itemsize // max(n_rows, 1), CLASS_UNIT), n_classes)
+    # A slice has at least one class of all N rows, which may be more than chunk_size x V (or
+    # LOGITS_BYTES) hold: the logits part grows to it.
+    logits_bytes = max(logits_bytes, _words(n_rows * classes * itemsize))
     return LeanChunks(rows, classes, logits_bytes, sum_bytes,
                       bool(need_weight and rows <= n_features))
 
@@ -134,7 +137,11 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
     _, need_weight, need_bias = work.needed
     grad_bias = alloc.empty(n_classes, dtype) if need_bias else None
     unit_column = ones(alloc, (n_rows, 1), dtype) if need_bias else None
-    weight_sums = (alloc.empty((width, n_features), np.float32)
+    # fp16 "mean": the weight gradient's float32 sums go through a scratch of at most the
+    # logits slice's bytes (a slice of V_s x H float32 would be up to 2H / N times that: all of
+    # V x H for a batch of few rows), block by block of its rows
+    scratch_rows = min(width, max(1, memory.nbytes // (4 * n_features)))
+    weight_sums = (alloc.empty((scratch_rows, n_features), np.float32)
                    if need_weight and work.rescaled else None)
     bias_sums = alloc.empty((width, 1), np.float32) if need_bias and work.rescaled else None
     for start in range(0, n_classes, width):
@@ -160,14 +167,17 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
 
 def _rounded_product(work, a, b, out, sums):
     """out = a @ b, a part of the returned weight or bias gradient, rounded once: by the product
-    itself, or (fp16 "mean", ``sums`` a float32 scratch of at least out's rows) as its float32
-    sums times g / S_w."""
+    itself, or (fp16 "mean", ``sums`` a float32 scratch) as its float32 sums times g / S_w,
+    ``sums``'s rows at a time."""
     if sums is None:
         matmul(a, b, out)
         return
-    sums = sums[:out.shape[0]]
-    matmul(a, b, sums)
-    execution.round_into(sums, work.unscale, out, work.inputs.fmt, work.device)
+    block = sums.shape[0]
+    for start in range(0, out.shape[0], block):
+        rows = slice(start, min(start + block, out.shape[0]))
+        part = sums[:rows.stop - start]
+        matmul(a[rows], b, part)
+        execution.round_into(part, work.unscale, out[rows], work.inputs.fmt, work.device)
 
 
 def _words(nbytes):

@@ -50,14 +50,14 @@ class CountingArrays(PoisonedArrays):
 N_ROWS, N_FEATURES, N_CLASSES = 64, 16, 200
 
 
-def counted_call(rng, memory, dtype="bfloat16", chunk_size=8):
+def counted_call(rng, memory, dtype="bfloat16", chunk_size=8, reduction="sum", n_rows=N_ROWS):
     """A call with every gradient (bias and class weights too) through a CountingArrays, checked
     against torch's float64 computation; returns the allocator and the result."""
-    x, w, b = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, dtype, True)
-    target = random_target(rng, N_ROWS, N_CLASSES, ignored_share=0.2)
+    x, w, b = random_head(rng, n_rows, N_FEATURES, N_CLASSES, dtype, True)
+    target = random_target(rng, n_rows, N_CLASSES, ignored_share=0.2)
     weight = random_weight(rng, N_CLASSES, True)
     alloc = CountingArrays()
-    options = dict(reduction="sum", label_smoothing=0.1, z_loss=1e-3)
+    options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
     res = linear.call(x, w, target, Options(**options), linear_bias=b, weight=weight,
                       memory=memory, chunk_size=chunk_size, with_grad=True, alloc=alloc)
     expected = torch_linear_loss_and_grads(x, w, target, linear_bias=b, weight=weight,
@@ -98,6 +98,27 @@ def test_lean_design_allocates_no_vocabulary_sized_sums_or_logits(rng, dtype, ch
     # alive after the call: what it returns, the gradients and the one allocation of the row
     # outputs (numba_ce.buffers) that the loss is a view of
     assert alloc.live == returned + 4 * (3 * N_ROWS + 2)
+
+
+def test_fp16_mean_sums_the_weight_gradient_in_blocks_of_the_logits_slices_bytes(rng):
+    """fp16 "mean" rounds the weight gradient's float32 sums scaled by g / S_w, through a
+    scratch: for a batch of few rows (N < 2H), a slice's V_s x H float32 sums would outgrow the
+    N x V_s logits slice, up to all of V x H; the scratch holds at most the slice's bytes."""
+    n_rows, chunk_size = 8, 8
+    alloc, _ = counted_call(rng, "low", "float16", chunk_size, "mean", n_rows)
+    chunks = lean_chunks(n_rows, N_FEATURES, N_CLASSES, 2, (True, True, True), chunk_size)
+    assert chunks.classes * N_FEATURES * 4 > chunks.logits_bytes  # the case the blocks are for
+    scratch = [a for a in alloc.allocations if a.dtype == np.float32 and len(a.shape) == 2
+               and a.shape[1] == N_FEATURES and a.shape[0] != n_rows]
+    assert scratch == [Allocation((chunks.logits_bytes // (4 * N_FEATURES), N_FEATURES),
+                                  np.dtype(np.float32), chunks.logits_bytes)], scratch
+
+
+@pytest.mark.parametrize("memory", ["low", "fast"])
+def test_slices_of_all_rows_fit_however_small_the_chunk(rng, memory):
+    """chunk_size x V smaller than the batch (a small head, a chunk of one row): a slice of pass
+    B still holds one class of every row, and both designs give torch's gradients."""
+    counted_call(rng, memory, "bfloat16", chunk_size=1, n_rows=N_CLASSES + 3)
 
 
 def test_fast_design_keeps_a_float32_weight_gradient_sum(rng):
