@@ -200,6 +200,25 @@ def test_saved_gradient_that_hooks_give_back(rng, reduction, saving):
     assert_close(from_torch(x.grad), expected, 2e-5, 1e-7, "grad")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_loss_takes_in_place_ops_as_torchs_does(rng, reduction):
+    """A returned loss is a tensor of its own, as torch's: dividing it in place (gradient
+    accumulation's loss /= steps) or masking rows of a per-row loss scales the gradient."""
+    logits, target = random_logits(rng, 4, 24), random_target(rng, 4, 24)
+    mask = np.array([1.0, 0.0, 1.0, 1.0])
+    grad_output = mask / 4 if reduction == "none" else 0.25
+    _, expected = torch_loss_and_grad(logits, target, reduction=reduction,
+                                      grad_output=grad_output)
+    x = to_torch(logits).requires_grad_()
+    loss = nce.cross_entropy(x * 1, to_torch(target), reduction=reduction)
+    if reduction == "none":
+        loss *= to_torch(mask).float()
+        loss[1] = 0.0
+    loss /= 4
+    loss.sum().backward()
+    assert_close(from_torch(x.grad), expected, 2e-5, 1e-7, "grad")
+
+
 def test_autocast(rng):
     check_autocast(rng, "cpu", 6, 16, 40)
 

@@ -237,7 +237,7 @@ class EagerAttachGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss, input, gradient):
         _keep_gradient(ctx, (loss, input, gradient), loss)
-        return loss.view_as(loss)
+        return loss.clone()  # as the op's: a view would refuse in-place use (loss /= steps)
 
     @staticmethod
     def backward(ctx, grad_loss):
