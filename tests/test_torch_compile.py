@@ -173,6 +173,25 @@ def test_k_dimensional_input_traces_whole(reduction, dtype):
     assert frames[0] >= 1 and frames[1] == frames[0], f"compilations after each call: {frames}"
 
 
+@pytest.mark.parametrize("size_average,reduce,reduction",
+                         [(False, None, "sum"), (None, False, "none")])
+def test_legacy_reduction_arguments_trace_whole(size_average, reduce, reduction):
+    """torch's deprecated size_average and reduce, positional as torch takes them, map to their
+    reduction inside the graph (torch's own cross_entropy compiles with them too); eagerly they
+    warn as torch's do."""
+    torch._dynamo.reset()
+
+    def function(x, target):
+        return nce.cross_entropy(x, target, None, size_average, -100, reduce)
+
+    x, target = torch.randn(6, N_CLASSES), torch.randint(0, N_CLASSES, (6,))
+    compiled = torch.compile(function, backend="aot_eager", fullgraph=True)
+    expected = nce.cross_entropy(x, target, reduction=reduction)
+    assert torch.equal(compiled(x, target), expected)
+    with pytest.warns(UserWarning, match=f"please use reduction='{reduction}' instead"):
+        assert torch.equal(function(x, target), expected)
+
+
 @pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])
 def test_autocast(entry):
     """Under torch.autocast the compiled loss is the eager one: bf16 logits read as they are,

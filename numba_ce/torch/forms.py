@@ -16,24 +16,34 @@ contiguously, and an (M,) target:
 A per-element output (the loss and its z part for reduction="none", the token accuracy, the
 predicted tokens) comes back in the target's shape: (N, d1, ..., dk), or 0-d unbatched.
 """
+import warnings
 from typing import NamedTuple
 
 import torch
-from torch.nn._reduction import legacy_get_string
 
 from ..options import Options
 
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.uint8, torch.int32)
+# torch.nn._reduction's words, so that filters written for torch's warning catch ours
+LEGACY_WARNING = ("size_average and reduce args will be deprecated, please use reduction='{}' "
+                  "instead.")
 
 
 def reduction_of(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
     """The reduction of a call or module given torch's deprecated ``size_average`` and
     ``reduce``: ``reduction`` when both are None, else the one torch's legacy rule makes of them
-    (torch.nn._reduction.legacy_get_string, which warns as torch does)."""
+    (torch.nn._reduction.legacy_get_string's: None counts as True; "mean" where both hold, "sum"
+    where only reduce does, else "none"), with torch's deprecation warning in eager calls.
+    Written out here, as TorchDynamo takes a torch function that returns a string for an op it
+    cannot trace."""
     if size_average is None and reduce is None:
         return reduction
-    return legacy_get_string(size_average, reduce)
+    reduce = reduce is None or bool(reduce)
+    legacy = "none" if not reduce else "mean" if size_average is None or size_average else "sum"
+    if not torch.compiler.is_compiling():  # (TorchDynamo cannot trace warnings.warn)
+        warnings.warn(LEGACY_WARNING.format(legacy), UserWarning, stacklevel=3)
+    return legacy
 
 
 class Rows(NamedTuple):
