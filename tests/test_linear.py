@@ -303,6 +303,36 @@ def test_gpu_default_chunks_at_a_larger_shape(rng, dtype):
         assert_close(got, want, 0.0, allowed * scale, f"{name} (torch's error {torch_error:.2g})")
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_lean_passes_compute_the_same_logits(rng, dtype):
+    """The lean design forms p_j = exp(z_j - lse) in pass B from pass A's lse, so both passes
+    must round the same logits: cuBLAS's products of pass A's chunks of rows (C x V) and of pass
+    B's slices of classes (N x V_s), of other shapes (and so maybe other algorithms), agree to
+    the bit where they overlap, at default chunks of a shape whose logits exceed one slice."""
+    from numba_ce.linear_lean import lean_chunks
+    from numba_ce.matmul import matmul
+
+    cp = devices.cupy
+    n_rows, n_features, n_classes = 8192, 1024, 32768
+    # Values whose products' sums are not exact in float32 (random_head's are, in any order):
+    # another order of summation would show.
+    x = rng.standard_normal((n_rows, n_features)).astype(DTYPES[dtype])
+    w = (rng.standard_normal((n_classes, n_features)) * 3 / n_features**0.5).astype(DTYPES[dtype])
+    chunks = lean_chunks(n_rows, n_features, n_classes, x.dtype.itemsize, (True, True, False))
+    assert chunks.rows < n_rows and chunks.classes < n_classes  # two shapes of product
+    x, w = cp.asarray(x), cp.asarray(w)
+    pass_a = cp.empty((chunks.rows, n_classes), x.dtype)
+    matmul(x[:chunks.rows], w.T, pass_a)
+    for start in (0, n_classes - chunks.classes):
+        pass_b = cp.empty((n_rows, chunks.classes), x.dtype)
+        matmul(x, w[start:start + chunks.classes].T, pass_b)
+        a = pass_a[:, start:start + chunks.classes].view(f"u{x.dtype.itemsize}")
+        b = pass_b[:chunks.rows].view(f"u{x.dtype.itemsize}")
+        differ = int((a != b).sum())
+        assert differ == 0, f"{differ} of {a.size} logits differ between the passes"
+
+
 @pytest.mark.parametrize("memory", MEMORY)
 def test_non_finite_weight_of_a_class_no_row_targets_multiplies_nothing(rng, memory):
     """As in the fused cross-entropy: the results of any finite weight for that class, to the
