@@ -49,8 +49,10 @@ def linear_cross_entropy(input: Array, linear_weight: Array, target: Array, *,
         :func:`numba_ce.cross_entropy`.
     memory : "low" (default): the gradients in a second pass over slices of the classes, four
         matrix products, no V x H float32 sum; "fast": one pass over chunks of rows, three
-        products, a float32 V x H weight-gradient sum (module docstring). The loss alone costs
-        the same either way.
+        products, a float32 V x H weight-gradient sum (module docstring). The loss alone is
+        the first pass of either: "low"'s chunks hold 64 MiB of logits (256 rows at V = 128256
+        bf16), "fast"'s up to 1 GiB (4096 rows), so its products are smaller and likely slower
+        on a GPU; chunk_size chooses.
     chunk_size : rows per chunk ("fast" default: 4096, fewer when C x V logits would exceed
         1 GiB; "low": numba_ce.linear_lean.lean_chunks, whose slices of classes then hold as
         many logits as chunk_size rows).
