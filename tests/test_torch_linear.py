@@ -154,3 +154,81 @@ def test_errors_name_what_arrived(rng):
         with pytest.raises(ValueError, match=re.escape(
                 "linear_weight must be on the same device as input (expected cuda:0, got cpu)")):
             nce.linear_cross_entropy(xt, wt.cpu(), target)
+
+
+def torch_options(**fields):
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+    return LinearCrossEntropyOptions(**fields)
+
+
+@pytest.mark.parametrize("call", ["function", "module"])
+@pytest.mark.parametrize("options", [None, dict(), dict(chunking_method="aspect_ratio:2"),
+                                     dict(chunking_method=None, batch_chunk_size=3),
+                                     dict(chunking_method=None, acc_policy="compact")])
+def test_torch_2_13_signature_and_options(rng, call, options):
+    """torch 2.13's linear_cross_entropy and LinearCrossEntropyLoss calls as written for torch:
+    ignore_index left None (-100), options=LinearCrossEntropyOptions(...) or None; loss and
+    gradients those of torch's own function on the same float32 values."""
+    F = torch.nn.functional
+    x, w, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
+    target = random_target(rng, N_ROWS, N_CLASSES, ignored_share=0.3)  # -100 rows
+    # (torch's chunked path takes no label smoothing: it would warn and ignore the options)
+    arguments = dict(reduction="mean",
+                     options=None if options is None else torch_options(**options))
+    results = []
+    for implementation in ("torch", call):
+        xt = to_torch(x, DEVICE).requires_grad_()
+        wt = to_torch(w, DEVICE).requires_grad_()
+        t = to_torch(target, DEVICE)
+        if implementation == "module":
+            crit = nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, device=DEVICE, **arguments)
+            with torch.no_grad():
+                crit.linear.weight.copy_(wt)
+            loss = crit(xt, t)
+            loss.backward()
+            results.append((loss, xt.grad, crit.linear.weight.grad))
+            continue
+        function = F.linear_cross_entropy if implementation == "torch" else (
+            nce.linear_cross_entropy)
+        loss = function(xt, wt, t, **arguments)
+        loss.backward()
+        results.append((loss, xt.grad, wt.grad))
+    for name, ours, theirs in zip(("loss", "grad_input", "grad_linear_weight"), results[1],
+                                  results[0]):
+        expected = from_torch(theirs)
+        assert_close(from_torch(ours), expected, 1e-5, 1e-6 * np.abs(expected).max(), name)
+
+
+def test_torch_options_numba_ce_cannot_honour_are_refused():
+    x = torch.randn(4, N_FEATURES, device=DEVICE)
+    w = torch.randn(N_CLASSES, N_FEATURES, device=DEVICE)
+    t = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    refusals = [
+        (dict(options=torch_options(acc_dtype=torch.bfloat16)),
+         "options.acc_dtype must be None or torch.float32 (got torch.bfloat16)"),
+        (dict(options=torch_options(allow_retain_graph=True)),
+         "options.allow_retain_graph=True is not supported"),
+        (dict(options=torch_options(), chunk_size=2), "pass chunk_size or options, not both"),
+        (dict(options=torch_options(batch_chunk_size=2)),
+         "options set both batch_chunk_size=2 and chunking_method='auto'"),
+    ]
+    for arguments, message in refusals:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            nce.linear_cross_entropy(x, w, t, **arguments)
+    with pytest.raises(ValueError, match=re.escape("out_features must be () (got (2, 3))")):
+        nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, out_features=(2, 3))
+    with pytest.raises(ValueError, match=re.escape("options.allow_retain_graph=True")):
+        nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES,
+                                   options=torch_options(allow_retain_graph=True))
+
+
+@pytest.mark.parametrize("fields,chunk_size", [
+    (dict(), None),  # "auto": numba_ce's own chunks
+    (dict(chunking_method="aspect_ratio"), 256),  # next_pow2(ceil(8192 / ceil(128256 / 4096)))
+    (dict(chunking_method="aspect_ratio:2"), 128),
+    (dict(chunking_method=None, batch_chunk_size=1000), 1000),
+    (dict(chunking_method=None), 8192),  # torch: one chunk
+])
+def test_torch_options_chunking_as_torch_defines_it(fields, chunk_size):
+    from numba_ce.torch.linear_forms import chunk_size_of
+    assert chunk_size_of(torch_options(**fields), None, 8192, 4096, 128256) == chunk_size

@@ -10,13 +10,14 @@ import torch
 from .. import linear, validation
 from ..options import Options, check_flag
 from ..results import CrossEntropyOutput
-from . import linear_ops, ops, tensors
+from . import linear_forms, linear_ops, ops, tensors
 
 
 def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
                          *, linear_bias: torch.Tensor | None = None,
                          weight: torch.Tensor | None = None, reduction: str = "mean",
-                         ignore_index: int = -100, label_smoothing: float = 0.0,
+                         ignore_index: int | None = None, label_smoothing: float = 0.0,
+                         options: "LinearCrossEntropyOptions | None" = None,  # noqa: F821
                          z_loss: float = 0.0, softcap: float | None = None,
                          memory: str = "low", chunk_size: int | None = None,
                          return_token_accuracy: bool = False,
@@ -31,8 +32,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     input : float32, float16 or bfloat16 tensor (N, H) on the GPU (CPU in the simulator).
     linear_weight : (V, H) tensor of input's dtype. linear_bias : (V,) tensor or None.
     target : int64 or int32 tensor (N,).
-    weight, reduction, ignore_index, label_smoothing, z_loss, softcap, validate : as
-        :func:`numba_ce.torch.cross_entropy`.
+    weight, reduction, label_smoothing, z_loss, softcap, validate : as
+        :func:`numba_ce.torch.cross_entropy`. ignore_index : as torch's, None meaning -100.
+    options : torch's LinearCrossEntropyOptions, or None: its chunking sets chunk_size, its other
+        fields are checked (numba_ce.torch.linear_forms says how each maps).
     memory, chunk_size : as :func:`numba_ce.linear_cross_entropy`: "low" (default) computes the
         gradients in a second pass over slices of the classes, with no V x H float32 sum;
         "fast" in one pass over chunks of rows, with a float32 V x H weight-gradient sum.
@@ -46,8 +49,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     the rows in float32 and rounded once (a backward whose upstream gradient is not 1 rounds them
     once more as it scales them).
     """
-    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
-                      return_token_accuracy, return_predicted_tokens)
+    chunk_size = linear_forms.chunk_size_of(options, chunk_size, input.shape[0],
+                                            linear_weight.shape[-1], linear_weight.shape[0])
+    options = Options(linear_forms.ignore_index_of(ignore_index), reduction, label_smoothing,
+                      z_loss, softcap, return_token_accuracy, return_predicted_tokens)
     validation.check_chunk_size(chunk_size)
     linear.check_memory(memory)
     validate = check_flag("validate", validate)

@@ -8,7 +8,7 @@ from .. import validation
 from ..linear import check_memory
 from ..options import Options, check_flag
 from ..results import CrossEntropyOutput
-from . import forms
+from . import forms, linear_forms
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
 
@@ -74,23 +74,31 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
     (an nn.Linear from ``in_features`` to ``num_classes``) and returns the cross-entropy of its
     logits, ``crit(input, target)``, through :func:`numba_ce.torch.linear_cross_entropy`; plus
     z-loss, softcap, chunk_size, memory (the design), the target check and the outputs of that
-    function."""
+    function. torch's ignore_index=None, options and out_features=() are taken as that function
+    and numba_ce.torch.linear_forms take them."""
 
     weight: torch.Tensor | None  # a buffer
 
-    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 reduction: str = "mean", weight: torch.Tensor | None = None,
-                 ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: float | None = None, chunk_size: int | None = None,
-                 memory: str = "low", return_token_accuracy: bool = False,
-                 return_predicted_tokens: bool = False, validate: bool = True) -> None:
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
+                 bias: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, reduction: str = "mean",
+                 weight: torch.Tensor | None = None, ignore_index: int | None = None,
+                 label_smoothing: float = 0.0,
+                 options: "LinearCrossEntropyOptions | None" = None,  # noqa: F821
+                 z_loss: float = 0.0, softcap: float | None = None,
+                 chunk_size: int | None = None, memory: str = "low",
+                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
+                 validate: bool = True) -> None:
         super().__init__()
-        self._keep(Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
-                           return_token_accuracy, return_predicted_tokens))
+        linear_forms.check_out_features(out_features)
+        self._keep(Options(linear_forms.ignore_index_of(ignore_index), reduction,
+                           label_smoothing, z_loss, softcap, return_token_accuracy,
+                           return_predicted_tokens))
         validation.check_chunk_size(chunk_size)
+        if options is not None:
+            linear_forms.check_options(options, chunk_size)
         check_memory(memory)
-        self.chunk_size, self.memory = chunk_size, memory
+        self.chunk_size, self.memory, self.options = chunk_size, memory, options
         self.validate = check_flag("validate", validate)
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
                                       dtype=dtype)
@@ -100,8 +108,9 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
                 target: torch.Tensor) -> torch.Tensor | CrossEntropyOutput:
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
-            **self._options(), chunk_size=self.chunk_size, memory=self.memory,
-            validate=self.validate)
+            **self._options(), options=self.options, chunk_size=self.chunk_size,
+            memory=self.memory, validate=self.validate)
 
     def extra_repr(self):
-        return f"{self._describe()}, chunk_size={self.chunk_size}, memory={self.memory!r}"
+        return (f"{self._describe()}, chunk_size={self.chunk_size}, memory={self.memory!r}"
+                + ("" if self.options is None else f", options={self.options!r}"))
