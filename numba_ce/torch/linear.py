@@ -17,7 +17,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                          *, linear_bias: torch.Tensor | None = None,
                          weight: torch.Tensor | None = None, reduction: str = "mean",
                          ignore_index: int | None = None, label_smoothing: float = 0.0,
-                         options: "LinearCrossEntropyOptions | None" = None,  # noqa: F821
+                         options: linear_forms.TorchOptions | None = None,
                          z_loss: float = 0.0, softcap: float | None = None,
                          memory: str = "low", chunk_size: int | None = None,
                          return_token_accuracy: bool = False,

@@ -22,6 +22,8 @@ import math
 import torch
 
 IGNORE_INDEX = -100  # what torch's ignore_index=None means for class-index targets
+# torch 2.13's options class (older torch has none: then options are read by field name alone)
+TorchOptions = getattr(torch.nn, "LinearCrossEntropyOptions", object)
 
 
 def ignore_index_of(ignore_index: int | None) -> int:

@@ -84,7 +84,7 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
                  dtype: torch.dtype | None = None, reduction: str = "mean",
                  weight: torch.Tensor | None = None, ignore_index: int | None = None,
                  label_smoothing: float = 0.0,
-                 options: "LinearCrossEntropyOptions | None" = None,  # noqa: F821
+                 options: linear_forms.TorchOptions | None = None,
                  z_loss: float = 0.0, softcap: float | None = None,
                  chunk_size: int | None = None, memory: str = "low",
                  return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
