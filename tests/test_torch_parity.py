@@ -3,7 +3,7 @@ form of torch's signature (positional, keywords, the legacy size_average and red
 forms (K-dimensional, unbatched), uint8 and int32 targets and float64 logits, through the
 function and the module, on fresh random inputs, each compared with torch's float64 loss and
 input gradient; then PyTorch's own OpInfo sample inputs for nn.functional.cross_entropy. CPU
-tensors in the simulator (the bad inputs' errors: test_torch.py)."""
+tensors in the simulator, CUDA tensors on a GPU (the bad inputs' errors: test_torch.py)."""
 import contextlib
 import re
 from typing import NamedTuple
@@ -19,7 +19,7 @@ from numba_ce.portable import SIMULATOR
 from helpers import DTYPES, TOLERANCES, assert_close
 from torch_helpers import from_torch, to_torch
 
-pytestmark = pytest.mark.skipif(not SIMULATOR, reason="CPU tensors run in the simulator only")
+DEVICE = "cpu" if SIMULATOR else "cuda"
 
 N_CLASSES = 7
 IGNORED = 3  # the ignore_index of the cases that ignore: a class index, so rows of it exist
@@ -96,15 +96,15 @@ def random_input(rng, call):
     """(leaf input, target, weight) of ``call``: normal logits (scale 3) rounded to its dtype,
     class indices of its dtype, weights in [0.5, 1.5) of the input's dtype."""
     values = (rng.standard_normal(call.shape) * 3).astype(NUMPY_DTYPES[call.dtype])
-    x = to_torch(values)
+    x = to_torch(values, DEVICE)
     if call.channels_last:
         x = x.to(memory_format=torch.channels_last)
     element_shape = call.shape[:1] + call.shape[2:] if len(call.shape) > 1 else ()
     target = rng.integers(0, N_CLASSES, element_shape)
     if call.ignored:
         target[rng.random(element_shape) < 0.25] = IGNORED
-    weight = to_torch((rng.random(N_CLASSES) + 0.5).astype(NUMPY_DTYPES[call.dtype]))
-    return x.requires_grad_(), to_torch(target, dtype=call.target_dtype), weight
+    weight = to_torch((rng.random(N_CLASSES) + 0.5).astype(NUMPY_DTYPES[call.dtype]), DEVICE)
+    return x.requires_grad_(), to_torch(target, DEVICE, call.target_dtype), weight
 
 
 def arguments(call, weight):
@@ -255,19 +255,19 @@ def test_module_legacy_arguments_set_its_reduction_as_torch(args, reduction):
 OPINFO_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def opinfo_samples(dtype):
-    """PyTorch's own sample inputs for nn.functional.cross_entropy in ``dtype`` (its OpInfo in
-    torch.testing._internal.common_methods_invocations, which needs expecttest), drawn from
-    torch's generator."""
+def opinfo_samples(dtype, device=DEVICE):
+    """PyTorch's own sample inputs for nn.functional.cross_entropy in ``dtype`` on ``device``
+    (its OpInfo in torch.testing._internal.common_methods_invocations, which needs expecttest),
+    drawn from torch's generator."""
     from torch.testing._internal.common_methods_invocations import op_db
 
     (op,) = [op for op in op_db if op.name == "nn.functional.cross_entropy"]
-    return list(op.sample_inputs("cpu", dtype, requires_grad=True))
+    return list(op.sample_inputs(device, dtype, requires_grad=True))
 
 
-# Which samples there are (drawn again in each test, from the test's seed): simulator only
+# Which samples there are (drawn again in each test, from the test's seed)
 SAMPLES = [(name, index) for name, dtype in OPINFO_DTYPES.items()
-           for index in range(len(opinfo_samples(dtype)) if SIMULATOR else 0)]
+           for index in range(len(opinfo_samples(dtype, "cpu")))]
 
 
 @pytest.mark.parametrize("dtype,index", SAMPLES, ids=[f"{d}-{i}" for d, i in SAMPLES])
