@@ -23,8 +23,9 @@ for reduction="none"),
 
 so numba_ce.torch.cross_entropy runs a kernel op on ``input.detach()`` (outside autograd), with
 the gradient as an output, or written into the logits by the in-place op, and hands it to
-attach_gradient, whose autograd formula saves it and whose backward scales it in place with
-numba_ce.scale_kernel (one launch; its blocks return at once when g is 1). Why two ops and not one
+attach_gradient, whose autograd formula saves it and whose backward scales it (as torch ops,
+which Inductor fuses; eagerly, in place by numba_ce.scale_kernel: one launch, whose blocks
+return at once when g is 1). Why two ops and not one
 with a formula: torch.library takes no autograd formula for an op that mutates its inputs, and
 an op whose backward mutated one of its own outputs breaks AOTAutograd when that output leaves
 the compiled graph (its partitioner fails; torch.library.opcheck shows it), whereas a backward
