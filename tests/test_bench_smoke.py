@@ -92,3 +92,23 @@ def test_hf_step_smoke_trains_each_patch_to_the_same_loss(tmp_path):
     assert float(rows["numba_ce-patch"]["loss_rel_err"]) < 1e-5  # float32 in the smoke run
     assert "LOSS OFF" not in proc.stdout
     assert (committed.read_bytes() if committed.exists() else None) == before
+
+
+def test_compiled_step_smoke_runs_each_loss_eager_and_compiled(tmp_path):
+    """python -m bench.compiled_step --smoke: torch's and numba_ce's loss in an LM head's
+    training step and alone, eager and under torch.compile (aot_eager on the CPU), all at the
+    same first loss; numba_ce's kernels alone beside them; the committed results untouched."""
+    committed = ROOT / "bench" / "results" / "compiled_step.csv"
+    before = committed.read_bytes() if committed.exists() else None
+    proc = subprocess.run([sys.executable, "-m", "bench.compiled_step", "--smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "bench" / "compiled_step.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    found = {(r["what"], r["provider"], r["mode"]) for r in rows}
+    assert found == {(what, provider, mode) for what in ("step", "loss")
+                     for provider in ("torch", "numba_ce") for mode in ("eager", "compile")
+                     } | {("loss", "numba_ce", "kernels")}
+    assert len({r["loss"] for r in rows}) == 1, rows  # float32: every provider's first loss
+    assert (committed.read_bytes() if committed.exists() else None) == before

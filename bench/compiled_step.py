@@ -1,0 +1,245 @@
+"""Cross-entropy inside compiled training steps (issue 19): numba_ce, Liger-Kernel and torch's own
+F.cross_entropy, each eager, under torch.compile and under torch.compile(mode="reduce-overhead")
+(CUDA graphs), side by side in one run.
+
+    python -m bench.compiled_step [--tokens 4096 --vocab 32000 --hidden 512] [--out DIR]
+    python -m bench.compiled_step --smoke     # CPU: a tiny head in the CUDA simulator
+
+Two measurements, both bf16 on the GPU:
+
+- ``step``: a small LM head's training step, embedding (V, H) -> linear (H, V) -> loss on N
+  tokens (a tenth of the labels -100), forward + backward + a fused AdamW step. What changes
+  between providers is the loss only; every provider trains its own copy of one model. Its
+  first call's wall time (``first_ms``) is the compile time, with and without numba_ce in the
+  compiled graph.
+- ``loss``: the loss alone, forward + backward on N x V logits (a leaf), compiled with
+  reduce-overhead: what a compiled CUDA-graph step pays for the loss, against ``kernels``, the
+  same loss and gradient through numba_ce's array API (the kernels' own GPU time, no torch).
+  Issue 19's target: loss <= 1.15 x kernels at 4096 x 32000.
+
+ms are CUDA-event medians (harness.measure_side_by_side: p20 / p50 / p80). Rows are appended to
+bench/results/compiled_step.csv (and OUT/bench/).
+"""
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import harness, results
+
+MEASUREMENT = ("what", "provider", "mode", "tokens", "vocab", "hidden", "reps", "ms_p20",
+               "ms_p50", "ms_p80", "first_ms", "loss")
+COLUMNS = results.ENVIRONMENT + MEASUREMENT
+COMMITTED = results.COMMITTED.parent / "compiled_step.csv"
+SMOKE_SHAPE = dict(tokens=12, vocab=40, hidden=8)
+IGNORE_INDEX = -100
+LOSS_TOLERANCE = 2e-2  # between providers' first losses (bf16 logits round them to 2^-9)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.compiled_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU only: a tiny float32 head in the CUDA simulator, torch.compile "
+                             "with the aot_eager backend, wall-clock timing")
+    parser.add_argument("--out", type=Path, help="also write compiled_step.csv and .log here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE_SHAPE)
+    return args
+
+
+def losses(torch):
+    """{provider: loss(logits, labels)}; Liger's only where it imports."""
+    import torch.nn.functional as F
+
+    import numba_ce.torch as nce
+    found = {"torch": lambda x, t: F.cross_entropy(x, t, ignore_index=IGNORE_INDEX),
+             "numba_ce": lambda x, t: nce.cross_entropy(x, t, ignore_index=IGNORE_INDEX)}
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+        found["liger"] = lambda x, t: liger_cross_entropy(x, t, ignore_index=IGNORE_INDEX)
+    except Exception as exc:
+        found["liger"] = exc
+    return found
+
+
+def compiler(torch, smoke):
+    """{mode: function -> its compiled form}: eager, torch.compile, and (GPU) reduce-overhead."""
+    backend = "aot_eager" if smoke else "inductor"
+    modes = {"eager": lambda fn: fn,
+             "compile": lambda fn: torch.compile(fn, backend=backend, fullgraph=True)}
+    if not smoke:
+        modes["reduce-overhead"] = lambda fn: torch.compile(fn, mode="reduce-overhead",
+                                                            fullgraph=True)
+    return modes
+
+
+def lm_head(torch, args, dtype, device):
+    """Embedding (V, H) then a linear head (H, V), seed 0."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(args.vocab, args.hidden),
+                               torch.nn.Linear(args.hidden, args.vocab, bias=False)
+                               ).to(device=device, dtype=dtype)
+
+
+def tokens(torch, args, device):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.tokens,), generator=generator)
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.1] = IGNORE_INDEX
+    return ids.to(device), labels.to(device)
+
+
+def replayed(torch, mode, run):
+    """``run`` for a harness Step: under reduce-overhead each call begins a new CUDA-graph step
+    and returns a copy of the loss, as the graph's next replay overwrites its outputs."""
+    if mode != "reduce-overhead":
+        return run
+
+    def step():
+        torch.compiler.cudagraph_mark_step_begin()
+        return run().clone()
+    return step
+
+
+def training_step(torch, model, loss_fn, mode, compile_mode, ids, labels, smoke):
+    def forward(ids, labels):
+        return loss_fn(model(ids), labels)
+    compiled = compile_mode(forward)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not smoke)
+
+    def run():
+        loss = compiled(ids, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return harness.Step(replayed(torch, mode, run))
+
+
+def loss_step(torch, logits, loss_fn, mode, compile_mode, labels):
+    x = logits.detach().requires_grad_()
+    compiled = compile_mode(loss_fn)
+
+    def run():
+        loss = compiled(x, labels)
+        loss.backward()
+        return loss.detach()
+
+    def reset():
+        x.grad = None
+    return harness.Step(replayed(torch, mode, run), reset)
+
+
+def kernels_step(logits, labels, smoke):
+    """numba_ce.cross_entropy_with_grad on array views of the tensors, on torch's stream."""
+    import numpy as np
+
+    import numba_ce
+    from bench.providers import array_view
+    xp = np if smoke else __import__("cupy")
+    x, t = array_view(xp, logits), array_view(xp, labels)
+
+    def call():
+        return numba_ce.cross_entropy_with_grad(x, t, ignore_index=IGNORE_INDEX,
+                                                validate=False).loss
+    if smoke:
+        return harness.Step(call)
+    from numba_ce.torch.tensors import cupy_stream
+    stream = cupy_stream(logits.device)
+
+    def run():
+        with stream:
+            return call()
+    return harness.Step(run)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before anything imports numba
+    import torch
+
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-compiled-")) if args.smoke else None)
+    log_lines = []
+
+    def say(text):
+        print(text, flush=True)
+        log_lines.append(text)
+
+    gpu = "CPU (CUDA simulator)" if args.smoke else torch.cuda.get_device_name()
+    env = results.environment(gpu, "" if args.smoke else results.nvidia_driver())
+    for key, value in env.items():
+        say(f"{key}: {value}")
+    say(f"{args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}, {dtype}")
+    loss_fns, modes = losses(torch), compiler(torch, args.smoke)
+    ids, labels = tokens(torch, args, device)
+    base = lm_head(torch, args, dtype, device)
+    with torch.no_grad():
+        logits = base(ids)
+
+    timer = harness.WallTimer() if args.smoke else harness.CudaTimer(torch)
+    repetitions = harness.SMOKE if args.smoke else harness.FULL
+    rows, failed = [], False
+    for what in ("step", "loss"):
+        steps, problems = {}, {}
+        for provider, loss_fn in loss_fns.items():
+            for mode, compile_mode in modes.items():
+                key = (provider, mode)
+                if isinstance(loss_fn, Exception):
+                    problems[key] = loss_fn
+                elif what == "step":
+                    steps[key] = training_step(torch, copy.deepcopy(base), loss_fn, mode,
+                                               compile_mode, ids, labels, args.smoke)
+                else:
+                    steps[key] = loss_step(torch, logits, loss_fn, mode, compile_mode, labels)
+        if what == "loss":
+            steps[("numba_ce", "kernels")] = kernels_step(logits, labels, args.smoke)
+        timings = {**harness.measure_side_by_side(steps, timer, repetitions), **problems}
+        reference = timings.get(("torch", "eager"))
+        say(f"--- {what}: ms p50 (p20, p80), first call ms, loss")
+        for (provider, mode), timing in timings.items():
+            if isinstance(timing, Exception):
+                say(f"{provider:>9} {mode:>15}: skipped ({type(timing).__name__}: "
+                    f"{str(timing).splitlines()[0][:200]})")
+                failed |= provider != "liger"
+                continue
+            off = isinstance(reference, harness.Timing) and (
+                abs(timing.loss - reference.loss) > LOSS_TOLERANCE * abs(reference.loss))
+            failed |= off
+            rows.append(dict(env, what=what, provider=provider, mode=mode, tokens=args.tokens,
+                             vocab=args.vocab, hidden=args.hidden, reps=timing.reps,
+                             ms_p20=f"{timing.ms[0]:.4f}", ms_p50=f"{timing.ms[1]:.4f}",
+                             ms_p80=f"{timing.ms[2]:.4f}", first_ms=f"{timing.first_ms:.1f}",
+                             loss=f"{timing.loss:.6f}"))
+            say(f"{provider:>9} {mode:>15}: {timing.ms[1]:8.4f} ({timing.ms[0]:.4f}, "
+                f"{timing.ms[2]:.4f}); first {timing.first_ms:9.1f}; loss {timing.loss:.5f}"
+                f"{'  LOSS OFF' if off else ''}")
+        for step in steps.values():
+            if step.reset:
+                step.reset()
+        torch._dynamo.reset()
+    if not args.smoke:
+        results.append(COMMITTED, rows, COLUMNS)
+    if out:
+        out_dir = out / "bench"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results.append(out_dir / "compiled_step.csv", rows, COLUMNS)
+        (out_dir / "compiled_step.log").write_text("\n".join(log_lines) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    code = main()
+    print(f"bench.compiled_step: {time.perf_counter() - started:.1f} s")
+    sys.exit(code)
