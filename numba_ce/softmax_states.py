@@ -61,6 +61,9 @@ class States(NamedTuple):
     size: Any           # (..., 1)
 
 
+ROW_FIELDS = States._fields[:FIELDS]
+
+
 class RowStatistics(NamedTuple):
     """What the gradient pass needs of a merged state, as the row kernel's call has it."""
     row_lse: Any     # (N,) float32: lse, 0 for ignored rows, NaN for targets outside [0, V)

@@ -152,15 +152,19 @@ def slice_cross_entropy_with_grad(local_logits: Array, target: Array, merged_sta
 
 def state_into(inputs, vocab_start, options, out, device=None):
     """Pass 1 into ``out`` (5N + 3,) float32 for checked ``inputs`` (a RowInputs of the slice's
-    logits, its class weights or None; no grad_output): the kernel's rows, then the tail (S_w,
-    o, V_s)."""
+    logits, its class weights or None; no grad_output): the kernel's rows, then the tail."""
     n_rows, n_columns = inputs.logits.shape
     state = softmax_states.unpack(out)
     if n_rows:
         execution.EXECUTOR.launch(plan_slice_states(
             inputs, vocab_start, options, state, device or device_properties.current()))
-    state.weight_total[...] = (n_columns if inputs.weight is None
-                               else inputs.weight.astype(np.float64).sum())
+    state_tail(state, inputs.weight, vocab_start, n_columns)
+
+
+def state_tail(state, weight, vocab_start, n_columns):
+    """A state's tail (softmax_states.States): S_w of the slice's class ``weight`` (float32
+    (V_s,) or None: V_s), its first class and its number of classes."""
+    state.weight_total[...] = n_columns if weight is None else weight.astype(np.float64).sum()
     state.start[...] = vocab_start
     state.size[...] = n_columns
 
