@@ -200,8 +200,8 @@ def check_targets(target, ignore_index, n_classes):
     read that waits for the device)."""
     row = softmax_states.first_bad_row(target, ignore_index, n_classes)
     if row is not None:
-        raise validation.target_out_of_range(row, int(softmax_states.to_host(target[row])),
-                                             n_classes, ignore_index)
+        value = int(softmax_states.to_host(target[row:row + 1])[0])
+        raise validation.target_out_of_range(row, value, n_classes, ignore_index)
 
 
 def check_smoothing_style(style):
