@@ -25,7 +25,9 @@ Label smoothing, ``label_smoothing_style``:
                 itself takes V and the mean of log p over each rank's own slice, so its loss
                 differs from rank to rank: NVIDIA/Megatron-LM issues 737 and 7464.)
 """
+import dataclasses
 import numbers
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -109,7 +111,7 @@ def slice_cross_entropy_with_grad(local_logits: Array, target: Array, merged_sta
     to their format, into them with ``inplace``.
     """
     check_smoothing_style(label_smoothing_style)
-    Options(ignore_index, reduction, label_smoothing, z_loss, softcap)  # checked before reading
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     validate = check_flag("validate", validate)
     inplace = check_flag("inplace", inplace)
     xp, on_host = api.array_kind(local_logits=local_logits, target=target,
@@ -126,20 +128,14 @@ def slice_cross_entropy_with_grad(local_logits: Array, target: Array, merged_sta
     caller_logits = local_logits
     local_logits, target, merged_state, weight, grad_output = api.on_device(
         on_host, local_logits, target, merged_state, weight, grad_output)
-    n_classes = merged_classes(merged_state, n_rows)
-    options = Options(ignore_index, reduction,
-                      loss_smoothing(label_smoothing, label_smoothing_style, n_classes),
-                      z_loss, softcap)
-    if validate:
-        check_targets(target, options.ignore_index, n_classes)
-    outputs = buffers.allocate(xp, n_rows, options)
-    statistics = softmax_states.row_losses(merged_state, target, options, n_classes, outputs)
+    done = merged_loss(xp, merged_state, target, options, label_smoothing_style,
+                       merged_classes(merged_state, n_rows), validate)
     grad = local_logits if inplace else xp.empty(local_logits.shape, local_logits.dtype)
     inputs = RowInputs(local_logits, fmt, target, api.class_weights(xp, weight),
                        api.upstream(xp, grad_output, go_shape))
-    gradient_into(inputs, vocab_start, n_classes, options, statistics, grad)
-    loss, z_part, _, _ = results.returned(outputs, options)
-    row_lse = outputs.row_lse
+    gradient_into(inputs, vocab_start, done.n_classes, done.options, done.statistics, grad)
+    loss, z_part, _, _ = results.returned(done.outputs, done.options)
+    row_lse = done.outputs.row_lse
     if on_host:
         loss, z_part, row_lse = (devices.cupy.asnumpy(a) for a in (loss, z_part, row_lse))
         if inplace:
@@ -148,6 +144,28 @@ def slice_cross_entropy_with_grad(local_logits: Array, target: Array, merged_sta
         else:
             grad = devices.cupy.asnumpy(grad)
     return CrossEntropyResult(loss, grad, z_part, row_lse)
+
+
+class MergedLoss(NamedTuple):
+    """The loss of all V classes from a merged state, and what the gradient pass needs."""
+    options: Options  # the call's, its label_smoothing the eps of torch's formula that it uses
+    n_classes: int    # V
+    outputs: Any      # buffers.RowOutputs: the rows' and the reduced loss, z part and lse
+    statistics: Any   # softmax_states.RowStatistics
+
+
+def merged_loss(alloc, merged_state, target, options, smoothing_style, n_classes, validate):
+    """The :class:`MergedLoss` of ``target`` from ``merged_state``, the state of all
+    ``n_classes`` classes, with ``options`` (label smoothing as given, of ``smoothing_style``);
+    ``alloc.empty`` makes the outputs. ``validate``: ValueError for a target outside [0, V)
+    first (a read that waits for the device)."""
+    options = dataclasses.replace(options, label_smoothing=loss_smoothing(
+        options.label_smoothing, smoothing_style, n_classes))
+    if validate:
+        check_targets(target, options.ignore_index, n_classes)
+    outputs = buffers.allocate(alloc, target.shape[0], options)
+    statistics = softmax_states.row_losses(merged_state, target, options, n_classes, outputs)
+    return MergedLoss(options, n_classes, outputs, statistics)
 
 
 def state_into(inputs, vocab_start, options, out, device=None):

@@ -17,16 +17,16 @@ import functools
 
 import numpy as np
 
-from . import (api, buffers, device_properties, devices, execution, linear, results,
-               softmax_states, validation)
+from . import (api, device_properties, devices, execution, linear, results, softmax_states,
+               validation)
 from .buffers import RowOutputs
 from .linear_lean import gradients as lean_gradients, lean_chunks, loss_pass
 from .linear_work import Columns, LinearWork, logits_into
 from .options import Options, check_flag
 from .planning import RowInputs, plan_slice_states
 from .results import Array, LinearCrossEntropyResult
-from .vocab_parallel import (check_smoothing_style, check_targets, check_vocab_start,
-                             loss_smoothing, merged_classes, state_tail)
+from .vocab_parallel import (check_smoothing_style, check_vocab_start, merged_classes,
+                             merged_loss, state_tail)
 
 NOT_NEEDED = (False, False, False)  # pass 1 computes no gradient
 
@@ -75,7 +75,7 @@ def linear_slice_cross_entropy_with_grad(input: Array, local_weight: Array, targ
     head's gradients (the bias's None without a bias).
     """
     check_smoothing_style(label_smoothing_style)
-    Options(ignore_index, reduction, label_smoothing, z_loss, softcap)  # checked before reading
+    options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     validate = check_flag("validate", validate)
     xp, on_host = api.array_kind(input=input, local_weight=local_weight, target=target,
                                  merged_state=merged_state, linear_bias=linear_bias,
@@ -86,20 +86,14 @@ def linear_slice_cross_entropy_with_grad(input: Array, local_weight: Array, targ
     go_shape = validation.check_grad_output(grad_output, reduction, n_rows)
     input, local_weight, target, linear_bias, weight, merged_state, grad_output = api.on_device(
         on_host, input, local_weight, target, linear_bias, weight, merged_state, grad_output)
-    n_classes = merged_classes(merged_state, n_rows)
-    options = Options(ignore_index, reduction,
-                      loss_smoothing(label_smoothing, label_smoothing_style, n_classes),
-                      z_loss, softcap)
-    if validate:
-        check_targets(target, options.ignore_index, n_classes)
-    outputs = buffers.allocate(xp, n_rows, options)
-    statistics = softmax_states.row_losses(merged_state, target, options, n_classes, outputs)
+    done = merged_loss(xp, merged_state, target, options, label_smoothing_style,
+                       merged_classes(merged_state, n_rows), validate)
     inputs = _inputs(xp, input, local_weight, target, linear_bias, weight,
                      api.upstream(xp, grad_output, go_shape), fmt)
     needed = (True, True, linear_bias is not None)
-    grads = gradients(xp, inputs, options, needed, statistics, vocab_start, n_classes,
-                      chunk_size)
-    loss, z_part, _, _ = results.returned(outputs, options)
+    grads = gradients(xp, inputs, done.options, needed, done.statistics, vocab_start,
+                      done.n_classes, chunk_size)
+    loss, z_part, _, _ = results.returned(done.outputs, done.options)
     result = LinearCrossEntropyResult(loss, *grads, z_part)
     if on_host:
         result = LinearCrossEntropyResult(*(None if a is None else devices.cupy.asnumpy(a)

@@ -5,15 +5,11 @@ same merged state, loss and statistics; one all-gather of O(N) floats a forward,
 backward. With ``vocab_start=None`` a call exchanges its slice's size first (two integers a rank)
 and takes the slices in the group's rank order.
 """
-import dataclasses
-from typing import Any, NamedTuple
-
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import buffers, softmax_states, vocab_parallel
-from ..options import Options
+from .. import softmax_states, vocab_parallel
 from . import tensors
 
 # torch 2.13 names the all-gather into one tensor all_gather_single (older: the deprecated
@@ -48,29 +44,15 @@ def gathered_states(state, group):
     return out.view(world, -1)
 
 
-class Merged(NamedTuple):
-    """A call's loss and statistics from the merged state of every rank's slice."""
-    options: Options  # the call's, label smoothing as the loss uses it
-    n_classes: int    # V, the sum of the slices' sizes
-    outputs: Any      # buffers.RowOutputs of the loss (arrays of ``arrays``)
-    statistics: Any   # softmax_states.RowStatistics for the gradient pass
-
-
 def merged(arrays, state, target, group, options, smoothing_style, validate):
     """Gather every rank's ``state`` (an array ``arrays`` made) over ``group``, merge them (the
-    slices must tile [0, V)), and compute the loss of all V classes for ``target`` (an array)
-    with ``options`` (its label_smoothing turned into the loss's by ``smoothing_style``); with
-    ``validate``, ValueError for a target outside [0, V). Runs on torch's current stream."""
+    slices must tile [0, V)), and compute the loss of all V classes for ``target`` (an array):
+    numba_ce.vocab_parallel.merged_loss's MergedLoss. Runs on torch's current stream."""
     stacked = gathered_states(arrays.tensor(state), group)
     merged_state = arrays.empty(state.shape, np.float32)
     start, n_classes = softmax_states.merge(tensors.as_array(stacked), merged_state)
     if start != 0:
         raise ValueError(f"the ranks' slices must cover the classes from 0 on (got [{start}, "
                          f"{start + n_classes}))")
-    options = dataclasses.replace(options, label_smoothing=vocab_parallel.loss_smoothing(
-        options.label_smoothing, smoothing_style, n_classes))
-    if validate:
-        vocab_parallel.check_targets(target, options.ignore_index, n_classes)
-    outputs = buffers.allocate(arrays, target.shape[0], options)
-    statistics = softmax_states.row_losses(merged_state, target, options, n_classes, outputs)
-    return Merged(options, n_classes, outputs, statistics)
+    return vocab_parallel.merged_loss(arrays, merged_state, target, options, smoothing_style,
+                                      n_classes, validate)

@@ -255,7 +255,8 @@ def _check_rows(inputs):
 
 
 def _loss_tensors(arrays, done, shape):
-    """(loss, z part) tensors of a collectives.Merged, per element in ``shape`` for "none"."""
+    """(loss, z part) tensors of a vocab_parallel.MergedLoss, per element in ``shape`` for
+    "none"."""
     loss, z_part, _, _ = returned(done.outputs, done.options)
     loss, z_part = arrays.tensor(loss), arrays.tensor(z_part)
     if not done.options.reduced:
