@@ -7,7 +7,10 @@ single-process numba_ce call on them. The GPU part: a world of one through NCCL.
 """
 import datetime
 import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -220,6 +223,22 @@ def spawn_world(world, tmp_path, rng, backend="gloo"):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_gloo_world(world, tmp_path, rng):
     spawn_world(world, tmp_path, rng)
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="gloo ranks of CPU tensors: the simulator's")
+def test_the_readme_example_runs_under_torchrun(tmp_path):
+    """The README's vocab-parallel block, saved as a file and run by torchrun on two ranks."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if "vocab_parallel_cross_entropy" in b]
+    script = tmp_path / "head.py"
+    script.write_text(block)
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 @pytest.mark.gpu
