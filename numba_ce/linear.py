@@ -181,8 +181,22 @@ def compute(alloc, inputs, options, needed, *, memory="low", chunk_size=None, va
         if validate:
             execution.check_targets(start_read(bad_row), inputs.target, n_classes,
                                     options.ignore_index)
+    work = prepared_work(alloc, inputs, options, needed, stats, outputs, device)
+    grads = DESIGNS[memory].gradients(work, chunk_size)
+    if n_rows:
+        execution.reduce(outputs, stats, options, device)
+    else:
+        execution.fill_no_rows(options, outputs)
+    loss, z_part, accuracy, predicted = results.returned(outputs, options)
+    return LinearCrossEntropyResult(loss, *grads, z_part, accuracy, predicted)
+
+
+def prepared_work(alloc, inputs, options, needed, stats, outputs, device, columns=None):
+    """The LinearWork a design takes for a call (``columns``: a head of a slice of the
+    vocabulary, linear_work.Columns), its upstream gradient the one the kernels read."""
     unscale = ones(alloc, (1,), np.dtype(np.float32))
-    work = LinearWork(alloc, inputs, options, tuple(needed), stats, outputs, unscale, device)
+    work = LinearWork(alloc, inputs, options, tuple(needed), stats, outputs, unscale, device,
+                      columns)
     # fp16 only: its smallest subnormal is 6e-8 and its largest value 65504, so the entries
     # g * p_j / S_w of a "mean" gradient (S_w = the batch's sum of w_y, g the scalar upstream)
     # would flush to zero for a large batch, or overflow for a loss-scaled g. The kernels form
@@ -192,13 +206,7 @@ def compute(alloc, inputs, options, needed, *, memory="low", chunk_size=None, va
     if work.rescaled:
         upstream = _undo_mean(alloc, inputs.grad_output, stats, unscale)
         work = work._replace(inputs=inputs._replace(grad_output=upstream))
-    grads = DESIGNS[memory].gradients(work, chunk_size)
-    if n_rows:
-        execution.reduce(outputs, stats, options, device)
-    else:
-        execution.fill_no_rows(options, outputs)
-    loss, z_part, accuracy, predicted = results.returned(outputs, options)
-    return LinearCrossEntropyResult(loss, *grads, z_part, accuracy, predicted)
+    return work
 
 
 def _undo_mean(alloc, grad_output, stats, unscale):

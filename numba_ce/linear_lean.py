@@ -88,10 +88,10 @@ def lean_chunks(n_rows, n_features, n_classes, itemsize, needed, chunk_size=None
                       bool(need_weight and rows <= n_features))
 
 
-def gradients(work, chunk_size):
-    """Row losses and lse into work.outputs (pass A) and the gradients named by work.needed
-    (pass B): (grad_input, grad_linear_weight, grad_linear_bias), each None where not
-    needed."""
+def gradients(work, chunk_size, with_loss=True):
+    """Row losses and lse into work.outputs (pass A; without ``with_loss``, work.outputs.row_lse
+    holds them already) and the gradients named by work.needed (pass B): (grad_input,
+    grad_linear_weight, grad_linear_bias), each None where not needed."""
     inputs = work.inputs
     n_rows, n_features = inputs.input.shape
     dtype = inputs.input.dtype
@@ -100,8 +100,9 @@ def gradients(work, chunk_size):
     chunks = lean_chunks(n_rows, n_features, n_classes, dtype.itemsize, work.needed, chunk_size)
     workspace = work.alloc.empty(chunks.logits_bytes + chunks.sum_bytes, np.uint8)
     grad_weight = work.alloc.empty((n_classes, n_features), dtype) if need_weight else None
-    _loss_pass(work, chunks.rows, grad_weight.reshape(-1) if chunks.loss_in_weight_gradient
-               else workspace.view(dtype))
+    if with_loss:
+        loss_pass(work, chunks.rows, grad_weight.reshape(-1) if chunks.loss_in_weight_gradient
+                  else workspace.view(dtype))
     if not any(work.needed):
         return None, None, None
     if chunks.sum_bytes:
@@ -113,15 +114,17 @@ def gradients(work, chunk_size):
     return (None if input_sum is None else rounded(work, input_sum)), grad_weight, grad_bias
 
 
-def _loss_pass(work, chunk, memory):
+def loss_pass(work, chunk, memory, each=row_chunk):
     """Pass A: row losses and lse (and the argmax outputs) of every row, chunk by chunk of
-    ``chunk`` rows, their logits in ``memory`` (1-D, of the input's format)."""
+    ``chunk`` rows, their logits in ``memory`` (1-D, of the input's format): ``each(work, rows,
+    z)`` computes a chunk's logits into z and reads them (linear_work.row_chunk: the row
+    kernel)."""
     n_rows = work.inputs.input.shape[0]
     n_classes = work.inputs.linear_weight.shape[0]
     for start in range(0, n_rows, chunk):
         rows = slice(start, min(start + chunk, n_rows))
         count = rows.stop - start
-        row_chunk(work, rows, memory[:count * n_classes].reshape(count, n_classes), False)
+        each(work, rows, memory[:count * n_classes].reshape(count, n_classes))
 
 
 def _gradient_pass(work, width, memory, input_sum, grad_weight):
@@ -129,7 +132,7 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
     input's format): the float32 input-gradient sum into ``input_sum`` and the weight gradient
     into ``grad_weight`` (each None where not needed); returns grad_linear_bias (None where not
     needed)."""
-    alloc, inputs, options = work.alloc, work.inputs, work.options
+    alloc, inputs = work.alloc, work.inputs
     x, linear_weight, linear_bias = inputs.input, inputs.linear_weight, inputs.linear_bias
     n_rows, n_features = x.shape
     n_classes = linear_weight.shape[0]
@@ -150,11 +153,7 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
         logits_into(x, linear_weight[classes],
                     None if linear_bias is None else linear_bias[classes], z)
         if n_rows:
-            slice_inputs = RowInputs(z, inputs.fmt, inputs.target, inputs.weight,
-                                     inputs.grad_output)
-            execution.EXECUTOR.launch(plan_slice_gradient(
-                slice_inputs, start, n_classes, options, work.stats, work.outputs.row_lse,
-                work.device))
+            execution.EXECUTOR.launch(_slice_plan(work, z, classes))
         if input_sum is not None:
             matmul(z, linear_weight[classes], input_sum, accumulate=start > 0)
         if need_weight:
@@ -163,6 +162,23 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
             _rounded_product(work, z.T, unit_column, grad_bias[classes].reshape(-1, 1),
                              bias_sums)
     return grad_bias
+
+
+def _slice_plan(work, z, classes):
+    """The slice gradient's plan for the logits ``z`` of the head's classes ``classes`` (a
+    slice), in place: of all the head's classes, or (work.columns) of a slice of a vocabulary
+    whose rows' w_y are given."""
+    inputs, columns = work.inputs, work.columns
+    weight = inputs.weight
+    if columns is None:
+        offset, n_classes, row_weight = 0, inputs.linear_weight.shape[0], None
+    else:
+        offset, n_classes, row_weight = columns
+        weight = None if weight is None else weight[classes]
+    slice_inputs = RowInputs(z, inputs.fmt, inputs.target, weight, inputs.grad_output)
+    return plan_slice_gradient(slice_inputs, offset + classes.start, n_classes, work.options,
+                               work.stats, work.outputs.row_lse, work.device,
+                               row_weight=row_weight)
 
 
 def _rounded_product(work, a, b, out, sums):

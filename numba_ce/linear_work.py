@@ -17,7 +17,8 @@ class LinearWork(NamedTuple):
     (S_w for fp16 "mean", see ``unscale``); ``needed`` = (input, weight, bias) gradients;
     ``stats`` the batch's target statistics (None without rows); ``outputs`` the call's
     buffers.RowOutputs; ``unscale`` (1,) float32: what the float32 sums are multiplied by as
-    they are rounded (g / S_w for fp16 "mean", else 1)."""
+    they are rounded (g / S_w for fp16 "mean", else 1); ``columns`` where the head's classes
+    sit in the vocabulary (None: the head is all of it)."""
     alloc: Any
     inputs: Any
     options: Any
@@ -26,12 +27,22 @@ class LinearWork(NamedTuple):
     outputs: Any
     unscale: Any
     device: Any
+    columns: Any = None
 
     @property
     def rescaled(self):
         """Whether the kernels' gradients leave out g / S_w (fp16 "mean"), for ``unscale``."""
         return self.inputs.fmt == "float16" and self.options.reduction == "mean" and any(
             self.needed) and self.stats is not None
+
+
+class Columns(NamedTuple):
+    """A head of a slice of the vocabulary (a vocabulary-parallel rank's): its classes are
+    [offset, offset + V_s) of ``n_classes``; ``inputs.weight`` holds the slice's class weights
+    and ``row_weight`` (N,) float32 each row's w_y (numba_ce.softmax_states.RowStatistics)."""
+    offset: int
+    n_classes: int
+    row_weight: Any
 
 
 def logits_into(x, linear_weight, linear_bias, out):
@@ -42,7 +53,7 @@ def logits_into(x, linear_weight, linear_bias, out):
     matmul(x, linear_weight.T, out, accumulate=linear_bias is not None)
 
 
-def row_chunk(work, rows, z, with_grad):
+def row_chunk(work, rows, z, with_grad=False):
     """The logits of the rows ``rows`` (a slice) into ``z``, then the row kernel on them: row
     losses and lse into work.outputs and, ``with_grad``, the gradient in place of z."""
     inputs = work.inputs

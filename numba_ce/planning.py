@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import kernels, rounding, scale_kernel, slice_gradient
+from . import kernels, rounding, scale_kernel, slice_gradient, slice_states
 from .limits import MAX_THREADS
 from .words import UNROLL
 from .devices import data_pointer
@@ -68,9 +68,16 @@ RowArguments.__doc__ = "kernels.row_kernel's kernel's parameters."
 
 SliceArguments = NamedTuple("SliceArguments", [
     (name, Any) for name in ("logits", "grad", "target", "weight", "slice_weight", "row_lse",
-                             "stats", "grad_output")] + [("column_offset", np.int64)]
-    + OPTION_SCALARS)
+                             "stats", "grad_output")]
+    + [("column_offset", np.int64), ("weight_by_row", np.int32)] + OPTION_SCALARS)
 SliceArguments.__doc__ = "slice_gradient.slice_gradient_kernel's kernel's parameters."
+
+StatesArguments = NamedTuple("StatesArguments", [
+    (name, Any) for name in ("logits", "target", "weight", "row_max", "row_sum", "target_logit",
+                             "target_weight", "weighted_sum")]
+    + [("column_offset", np.int64), ("ignore_index", np.int64), ("softcap", np.float32),
+       ("has_weight", np.int32)])
+StatesArguments.__doc__ = "slice_states.slice_states_kernel's kernel's parameters."
 
 
 class ReduceArguments(NamedTuple):
@@ -241,26 +248,57 @@ def _row_scalars(inputs, options, n_classes):
             np.int32(inputs.grad_output.shape[0] > 1))
 
 
-def plan_slice_gradient(inputs, column_offset, n_classes, options, stats, row_lse, device):
+def plan_slice_gradient(inputs, column_offset, n_classes, options, stats, row_lse, device,
+                        grad=None, row_weight=None):
     """slice_gradient's kernel: the gradient of ``inputs.logits`` (N, V_s), the classes
-    [column_offset, column_offset + V_s) of ``n_classes``, in place, from each row's lse over
-    all of them (``row_lse``, (N,) float32) and the batch's ``stats``; ``inputs.weight`` are
-    the class weights of all ``n_classes`` (or None). A block a row (a few, striding, in the
-    simulator), no shared memory."""
+    [column_offset, column_offset + V_s) of ``n_classes``, from each row's lse over all of them
+    (``row_lse``, (N,) float32) and the batch's ``stats``, into ``grad`` (None: in place).
+    ``inputs.weight`` are the class weights of all ``n_classes`` (or None); with ``row_weight``
+    ((N,) float32: each row's w_y) they are the slice's own (V_s,) instead, as a
+    vocabulary-parallel rank holds them. A block a row (a few, striding, in the simulator), no
+    shared memory."""
     logits, fmt = inputs.logits, inputs.fmt
     n_rows, n_columns = logits.shape
     pack, word_dtype = word_layout(logits, fmt)
+    if grad is not None and word_layout(grad, fmt)[0] != pack:
+        pack, word_dtype = 1, _element_word(fmt)
     words = logits.view(word_dtype)
     weighted = inputs.weight is not None
     spec = row_kernel_spec(options, fmt, pack, True, weighted)
-    weight = inputs.weight if weighted else stats
+    by_row = weighted and row_weight is not None
+    if not weighted:
+        weight = slice_weight = stats
+    elif by_row:
+        weight, slice_weight = row_weight, inputs.weight
+    else:
+        weight = inputs.weight
+        slice_weight = weight[column_offset:column_offset + n_columns]
     arguments = SliceArguments(
-        words, words, inputs.target, weight,
-        weight[column_offset:column_offset + n_columns] if weighted else stats, row_lse, stats,
-        inputs.grad_output, np.int64(column_offset), *_row_scalars(inputs, options, n_classes))
+        words, words if grad is None else grad.view(word_dtype), inputs.target, weight,
+        slice_weight, row_lse, stats, inputs.grad_output, np.int64(column_offset),
+        np.int32(by_row), *_row_scalars(inputs, options, n_classes))
     kernel = slice_gradient.slice_gradient_kernel(fmt, pack, spec.capped, spec.smoothing)
     return Launch(kernel, row_blocks(n_rows, device), threads_per_row(words.shape[1], device),
                   arguments)
+
+
+def plan_slice_states(inputs, column_offset, options, states, device):
+    """slice_states' kernel: each row's partial softmax state over ``inputs.logits`` (N, V_s),
+    the classes [column_offset, column_offset + V_s), into ``states`` (a softmax_states.States
+    of (N,) float32 arrays); ``inputs.weight`` the slice's class weights (V_s,) or None. A block
+    a row, as the slice gradient's."""
+    logits, fmt = inputs.logits, inputs.fmt
+    pack, word_dtype = word_layout(logits, fmt)
+    words = logits.view(word_dtype)
+    spec = row_kernel_spec(options, fmt, pack, False, inputs.weight is not None)
+    arguments = StatesArguments(
+        words, inputs.target, states.row_max if inputs.weight is None else inputs.weight,
+        states.row_max, states.row_sum, states.target_logit, states.target_weight,
+        states.weighted_sum, np.int64(column_offset), np.int64(options.ignore_index),
+        np.float32(options.softcap or 0.0), np.int32(inputs.weight is not None))
+    kernel = slice_states.slice_states_kernel(fmt, pack, spec.capped, spec.smoothing)
+    return Launch(kernel, row_blocks(logits.shape[0], device),
+                  threads_per_row(words.shape[1], device), arguments)
 
 
 def plan_reduce(outputs, stats, options, device):

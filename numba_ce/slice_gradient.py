@@ -13,6 +13,10 @@ all V classes (numba_ce.kernels' notation; x after softcap where set):
              are of the full V
     softcap: dL/dr_j = dL/dx_j * (1 - tanh(r_j / c)**2)
 
+w_y is read from the class weights of all V at the target, or (``weight_by_row``) from each
+row's w_y given: a vocabulary-parallel rank holds only its slice's weights and gets w_y from the
+merged states (numba_ce.softmax_states).
+
 The target's class is in the slice for at most one slice of a row: [j == y] tests the local
 index against y - o, which is negative or past the slice's end elsewhere. Rows whose target is
 ignore_index get 0 and rows whose target is outside [0, V) NaN, as in the row kernel. Each
@@ -55,18 +59,23 @@ def slice_gradient_kernel(fmt, pack, capped=False, smoothing=NO_SMOOTHING):
 
     @cuda.jit
     def kernel(logits, grad, target, weight, slice_weight, row_lse, stats, grad_output,
-               column_offset, n_classes, ignore_index, one_minus_eps, eps_over_v, z_loss,
-               softcap, has_weight, reduction, go_per_row):
+               column_offset, weight_by_row, n_classes, ignore_index, one_minus_eps, eps_over_v,
+               z_loss, softcap, has_weight, reduction, go_per_row):
         """
         logits        # (N, V_s / pack) words of the slice's logits, rows may be strided
         grad          # (N, V_s / pack) words: the slice's gradient (may be `logits`: in place)
         target        # (N,) int32/int64: classes of the full V
-        weight        # (V,) float32 class weights, or (1,) unused when has_weight == 0
-        slice_weight  # (V_s,) float32: weight[o:o + V_s] (read with weighted smoothing only)
+        weight        # (V,) float32 class weights, read at each row's target; with
+                      #   weight_by_row (N,): each row's w_y itself (a vocabulary-parallel
+                      #   call, whose rank holds only its slice's weights); (1,) unused when
+                      #   has_weight == 0
+        slice_weight  # (V_s,) float32: the slice's class weights, w[o:o + V_s] (read with
+                      #   weighted smoothing only)
         row_lse       # (N,) float32: each row's lse over the full V
         stats         # (3,) float32 from target_stats
         grad_output   # (N,) float32 when go_per_row else (1,)
         column_offset # o, the slice's first class
+        weight_by_row # 1: ``weight`` holds each row's w_y, 0: the class weights
         n_classes     # V, the full vocabulary
         """
         cap = Softcap(softcap, ONE / softcap if capped else ZERO)
@@ -81,7 +90,7 @@ def slice_gradient_kernel(fmt, pack, capped=False, smoothing=NO_SMOOTHING):
                 fill_row(grad[row], n_words, 0 if label == ignore_index else nan_word)
                 continue
             lse = row_lse[row]
-            label_weight = weight[label] if has_weight else ONE
+            label_weight = (weight[row] if weight_by_row else weight[label]) if has_weight else ONE
             upstream = grad_output[row] if go_per_row else grad_output[0]
             coef_p, coef_w, coef_y = coefficients(upstream, reduction, stats, all_weights,
                                                   one_minus_eps * label_weight, eps_over_v,

@@ -95,11 +95,17 @@ def test_the_torch_adapters_public_api_is_annotated():
     nce = pytest.importorskip("numba_ce.torch")
     for function in (nce.cross_entropy, nce.linear_cross_entropy, nce.CrossEntropyLoss.__init__,
                      nce.CrossEntropyLoss.forward, nce.LinearCrossEntropyLoss.__init__,
-                     nce.LinearCrossEntropyLoss.forward):
+                     nce.LinearCrossEntropyLoss.forward, nce.vocab_parallel_cross_entropy,
+                     nce.vocab_parallel_linear_cross_entropy,
+                     nce.VocabParallelCrossEntropyLoss.__init__,
+                     nce.VocabParallelCrossEntropyLoss.forward):
         assert_annotated(function)
 
 
 def test_the_array_api_is_annotated():
     for function in (numba_ce.cross_entropy, numba_ce.cross_entropy_with_grad,
-                     numba_ce.linear_cross_entropy, numba_ce.linear_cross_entropy_with_grad):
+                     numba_ce.linear_cross_entropy, numba_ce.linear_cross_entropy_with_grad,
+                     numba_ce.softmax_state, numba_ce.merge_softmax_states,
+                     numba_ce.slice_cross_entropy_with_grad, numba_ce.linear_softmax_state,
+                     numba_ce.linear_slice_cross_entropy_with_grad):
         assert_annotated(function)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from numba_ce import (buffers, device_properties, kernels, planning, rounding, scale_kernel,
-                      slice_gradient)
+                      slice_gradient, slice_states)
 from numba_ce.options import Options
 from numba_ce.planning import RowInputs
 
@@ -20,6 +20,9 @@ ARGUMENTS = [
     (slice_gradient.slice_gradient_kernel("bfloat16", 4), planning.SliceArguments),
     (slice_gradient.slice_gradient_kernel("float32", 1, True, kernels.WEIGHTED_SMOOTHING),
      planning.SliceArguments),
+    (slice_states.slice_states_kernel("bfloat16", 4), planning.StatesArguments),
+    (slice_states.slice_states_kernel("float32", 1, True, kernels.WEIGHTED_SMOOTHING),
+     planning.StatesArguments),
     (scale_kernel.scale_kernel("float16", 4), planning.ScaleArguments),
     (rounding.round_kernel("bfloat16"), planning.RoundArguments),
 ]

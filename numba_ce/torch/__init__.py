@@ -7,6 +7,7 @@
     # (N, C, H, W), (N, H, W) -> (N, H, W); torch's positional order, numba_ce's options by name
     crit = nce.CrossEntropyLoss(ignore_index=-100, softcap=30.0)
     loss = nce.linear_cross_entropy(hidden, head.weight, target)  # (N, H), (V, H): no N x V logits
+    loss = nce.vocab_parallel_cross_entropy(local_logits, target, group=tp_group)  # (N, V / p)
 
 CUDA tensors on a GPU (kernels on torch's current stream, memory from torch's allocator), or CPU
 tensors in the CUDA simulator (NUMBA_ENABLE_CUDASIM=1). See :func:`cross_entropy`. The kernels
@@ -23,6 +24,9 @@ except ModuleNotFoundError as missing:
 
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
-from .module import CrossEntropyLoss, LinearCrossEntropyLoss
+from .module import CrossEntropyLoss, LinearCrossEntropyLoss, VocabParallelCrossEntropyLoss
+from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss",
+           "vocab_parallel_cross_entropy", "VocabParallelCrossEntropyLoss",
+           "vocab_parallel_linear_cross_entropy"]

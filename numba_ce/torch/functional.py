@@ -146,7 +146,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                                     validate=validate)[:4]
     else:
         if inplace_backward:
-            _check_overwritable(logits)
+            check_overwritable(logits)
             gradient = logits.detach()  # the op writes it outside autograd: attach_gradient
             outputs = run.cross_entropy_(  # links the loss to the logits
                 gradient, target, weight, options, validate=validate)
@@ -162,7 +162,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return (loss, z_part) if return_z_loss else loss
 
 
-def _check_overwritable(logits):
+def check_overwritable(logits):
     """inplace_backward=True overwrites the logits with their gradient: refused, as torch refuses
     an in-place op, for a leaf that requires grad (a parameter used as logits would become its
     own gradient) or a view of one."""

@@ -1,5 +1,6 @@
-"""The module forms: ``CrossEntropyLoss`` of :func:`numba_ce.torch.cross_entropy`, and
-``LinearCrossEntropyLoss`` of :func:`numba_ce.torch.linear_cross_entropy`."""
+"""The module forms: ``CrossEntropyLoss`` of :func:`numba_ce.torch.cross_entropy`,
+``LinearCrossEntropyLoss`` of :func:`numba_ce.torch.linear_cross_entropy` and
+``VocabParallelCrossEntropyLoss`` of :func:`numba_ce.torch.vocab_parallel_cross_entropy`."""
 from dataclasses import fields
 
 import torch
@@ -7,10 +8,12 @@ import torch
 from .. import validation
 from ..linear import check_memory
 from ..options import Options, check_flag
+from ..vocab_parallel import check_smoothing_style, check_vocab_start
 from ..results import CrossEntropyOutput
 from . import forms, linear_forms
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
+from .vocab_parallel import vocab_parallel_cross_entropy
 
 OPTION_NAMES = tuple(field.name for field in fields(Options))
 
@@ -114,3 +117,44 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
     def extra_repr(self):
         return (f"{self._describe()}, chunk_size={self.chunk_size}, memory={self.memory!r}"
                 + ("" if self.options is None else f", options={self.options!r}"))
+
+
+class VocabParallelCrossEntropyLoss(torch.nn.Module):
+    """:func:`numba_ce.torch.vocab_parallel_cross_entropy` as a module: ``crit(local_logits,
+    target)`` with the options given here (checked here: bad options fail where they were
+    written). ``weight``, this rank's slice of the class weights, is a buffer, as
+    CrossEntropyLoss's."""
+
+    weight: torch.Tensor | None  # a buffer
+
+    def __init__(self, group: torch.distributed.ProcessGroup | None = None,
+                 vocab_start: int | None = None, weight: torch.Tensor | None = None,
+                 ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, label_smoothing_style: str = "torch",
+                 z_loss: float = 0.0, softcap: float | None = None,
+                 inplace_backward: bool = False, return_z_loss: bool = False,
+                 validate: bool = True) -> None:
+        super().__init__()
+        options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+        check_smoothing_style(label_smoothing_style)
+        if vocab_start is not None:
+            check_vocab_start(vocab_start, 0)
+        self.group, self.vocab_start = group, vocab_start
+        self.options = {"ignore_index": options.ignore_index, "reduction": options.reduction,
+                        "label_smoothing": options.label_smoothing,
+                        "label_smoothing_style": label_smoothing_style,
+                        "z_loss": options.z_loss, "softcap": options.softcap,
+                        "inplace_backward": check_flag("inplace_backward", inplace_backward),
+                        "return_z_loss": check_flag("return_z_loss", return_z_loss),
+                        "validate": check_flag("validate", validate)}
+        self.register_buffer("weight", weight)
+
+    def forward(self, local_logits: torch.Tensor, target: torch.Tensor
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return vocab_parallel_cross_entropy(local_logits, target, group=self.group,
+                                            vocab_start=self.vocab_start, weight=self.weight,
+                                            **self.options)
+
+    def extra_repr(self):
+        return f"vocab_start={self.vocab_start}, " + ", ".join(
+            f"{name}={value!r}" for name, value in self.options.items())
