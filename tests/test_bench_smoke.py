@@ -112,3 +112,21 @@ def test_compiled_step_smoke_runs_each_loss_eager_and_compiled(tmp_path):
                      } | {("loss", "numba_ce", "kernels")}
     assert len({r["loss"] for r in rows}) == 1, rows  # float32: every provider's first loss
     assert (committed.read_bytes() if committed.exists() else None) == before
+
+
+def test_vocab_parallel_smoke_times_every_pass_at_the_fused_loss(tmp_path):
+    """python -m bench.vocab_parallel --smoke: the fused kernel, the loss-only kernel and the
+    vocab-parallel passes of a world of one, in the simulator, their losses equal (it exits 1
+    when one is off); the committed results untouched."""
+    committed = ROOT / "bench" / "results" / "vocab_parallel.csv"
+    before = committed.read_bytes() if committed.exists() else None
+    proc = subprocess.run([sys.executable, "-m", "bench.vocab_parallel", "--smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "bench" / "vocab_parallel.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["pass"] for r in rows] == ["fused", "loss", "states", "slice-gradient",
+                                         "two-pass"]
+    assert float(rows[0]["vs_fused"]) == 1.0
+    assert (committed.read_bytes() if committed.exists() else None) == before
