@@ -255,7 +255,8 @@ def plan_slice_gradient(inputs, column_offset, n_classes, options, stats, row_ls
     (``row_lse``, (N,) float32) and the batch's ``stats``, into ``grad`` (None: in place).
     ``inputs.weight`` are the class weights of all ``n_classes`` (or None); with ``row_weight``
     ((N,) float32: each row's w_y) they are the slice's own (V_s,) instead, as a
-    vocabulary-parallel rank holds them. A block a row (a few, striding, in the simulator), no
+    vocabulary-parallel rank holds them, or None where other slices have weights and this one
+    has none (its classes weigh 1). A block a row (a few, striding, in the simulator), no
     shared memory."""
     logits, fmt = inputs.logits, inputs.fmt
     n_rows, n_columns = logits.shape
@@ -265,11 +266,11 @@ def plan_slice_gradient(inputs, column_offset, n_classes, options, stats, row_ls
     words = logits.view(word_dtype)
     weighted = inputs.weight is not None
     spec = row_kernel_spec(options, fmt, pack, True, weighted)
-    by_row = weighted and row_weight is not None
-    if not weighted:
+    by_row = row_weight is not None  # w_y of the merged states, whatever this slice holds
+    if by_row:
+        weight, slice_weight = row_weight, inputs.weight if weighted else stats
+    elif not weighted:
         weight = slice_weight = stats
-    elif by_row:
-        weight, slice_weight = row_weight, inputs.weight
     else:
         weight = inputs.weight
         slice_weight = weight[column_offset:column_offset + n_columns]
@@ -277,6 +278,8 @@ def plan_slice_gradient(inputs, column_offset, n_classes, options, stats, row_ls
         words, words if grad is None else grad.view(word_dtype), inputs.target, weight,
         slice_weight, row_lse, stats, inputs.grad_output, np.int64(column_offset),
         np.int32(by_row), *_row_scalars(inputs, options, n_classes))
+    if by_row:  # w_y read from row_weight, also on a slice without weights (another has them)
+        arguments = arguments._replace(has_weight=np.int32(1))
     kernel = slice_gradient.slice_gradient_kernel(fmt, pack, spec.capped, spec.smoothing)
     return Launch(kernel, row_blocks(n_rows, device), threads_per_row(words.shape[1], device),
                   arguments)

@@ -129,7 +129,8 @@ def slice_cross_entropy_with_grad(local_logits: Array, target: Array, merged_sta
     local_logits, target, merged_state, weight, grad_output = api.on_device(
         on_host, local_logits, target, merged_state, weight, grad_output)
     done = merged_loss(xp, merged_state, target, options, label_smoothing_style,
-                       merged_classes(merged_state, n_rows), validate)
+                       merged_classes(merged_state, n_rows, vocab_start,
+                                      local_logits.shape[1]), validate)
     grad = local_logits if inplace else xp.empty(local_logits.shape, local_logits.dtype)
     inputs = RowInputs(local_logits, fmt, target, api.class_weights(xp, weight),
                        api.upstream(xp, grad_output, go_shape))
@@ -197,9 +198,10 @@ def gradient_into(inputs, vocab_start, n_classes, options, statistics, grad, dev
             device or device_properties.current(), grad=grad, row_weight=statistics.row_weight))
 
 
-def merged_classes(merged_state, n_rows):
+def merged_classes(merged_state, n_rows, vocab_start, n_columns):
     """V of a merged state of the whole vocabulary (a read to the host); ValueError unless it
-    is a state of ``n_rows`` rows whose classes start at 0."""
+    is a state of ``n_rows`` rows whose classes start at 0 and hold this slice's, the classes
+    [vocab_start, vocab_start + n_columns)."""
     if merged_state.dtype != np.float32 or merged_state.shape != (
             softmax_states.packed_size(n_rows),):
         raise ValueError(f"merged_state must be a float32 state of the target's {n_rows} rows, "
@@ -210,6 +212,10 @@ def merged_classes(merged_state, n_rows):
     if start != 0:
         raise ValueError(f"merged_state must cover the whole vocabulary, classes [0, V) (got "
                          f"classes [{start}, {start + size}): merge every slice's state)")
+    if vocab_start + n_columns > size:
+        raise ValueError(f"this slice's classes [{vocab_start}, {vocab_start + n_columns}) must "
+                         f"lie within merged_state's [0, {size}): vocab_start and the slice's "
+                         f"size must be those its state was made with")
     return size
 
 

@@ -87,7 +87,8 @@ def linear_slice_cross_entropy_with_grad(input: Array, local_weight: Array, targ
     input, local_weight, target, linear_bias, weight, merged_state, grad_output = api.on_device(
         on_host, input, local_weight, target, linear_bias, weight, merged_state, grad_output)
     done = merged_loss(xp, merged_state, target, options, label_smoothing_style,
-                       merged_classes(merged_state, n_rows), validate)
+                       merged_classes(merged_state, n_rows, vocab_start,
+                                      local_weight.shape[0]), validate)
     inputs = _inputs(xp, input, local_weight, target, linear_bias, weight,
                      api.upstream(xp, grad_output, go_shape), fmt)
     needed = (True, True, linear_bias is not None)

@@ -36,7 +36,7 @@ CASES = [
          inplace=True),
     dict(reduction="mean", ignored=0.3, weighted=True, smoothing=0.1, style="megatron",
          z_loss=1e-3, given_start=True),
-    dict(reduction="none", softcap=5.0, inplace=True, batch_shape=(2, 3)),
+    dict(reduction="none", softcap=5.0, inplace=True, batch_shape=(2, 3), upstream="given"),
     dict(reduction="mean", weighted=True, softcap=5.0, module=True),
 ]
 LINEAR_CASES = [

@@ -247,6 +247,51 @@ def test_slices_that_do_not_tile_the_vocabulary_are_refused(rng):
         slice_cross_entropy_with_grad(logits[:, 10:], target, part, vocab_start=10)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_slices_without_weights_beside_weighted_ones_weigh_their_classes_1(rng, reduction,
+                                                                           smoothing):
+    """Class weights on some slices and None on others: the None slices' classes weigh 1, in
+    the loss and in every slice's gradient (each row's w_y comes from the merged state, also on
+    a slice without weights)."""
+    logits = random_logits(rng, N_ROWS, N_CLASSES)
+    target = random_target(rng, N_ROWS, N_CLASSES, IGNORE, 0.2)
+    bounds = BOUNDS[2]
+    weight = random_weight(rng, N_CLASSES, True)
+    weight[bounds[1]:bounds[2]] = 1.0  # the middle slice passes None
+    weights = [w if k != 1 else None for k, w in enumerate(split(weight, bounds))]
+    parts = split(logits, bounds)
+    states = [softmax_state(part, target, vocab_start=start, weight=w, ignore_index=IGNORE,
+                            label_smoothing=smoothing)
+              for part, start, w in zip(parts, bounds, weights)]
+    merged = merge_softmax_states(np.stack(states))
+    results = [slice_cross_entropy_with_grad(part, target, merged, vocab_start=start, weight=w,
+                                             ignore_index=IGNORE, reduction=reduction,
+                                             label_smoothing=smoothing)
+               for part, start, w in zip(parts, bounds, weights)]
+    expected = reference.cross_entropy_with_grad(logits, target, weight=weight,
+                                                 ignore_index=IGNORE, reduction=reduction,
+                                                 label_smoothing=smoothing)
+    assert_close(results[1].loss, expected.loss, 2e-6, 1e-6, "loss")
+    grad = np.concatenate([res.grad for res in results], axis=1)
+    assert_close(grad, expected.grad, 2e-5, 1e-6 * np.abs(expected.grad).max(), "grad")
+
+
+def test_a_slice_outside_the_merged_vocabulary_is_refused(rng):
+    logits = random_logits(rng, N_ROWS, 10)
+    target = random_target(rng, N_ROWS, 10)
+    merged = merge_softmax_states(softmax_state(logits, target, vocab_start=0)[None])
+    with pytest.raises(ValueError, match=re.escape(
+            "this slice's classes [30, 36) must lie within merged_state's [0, 10): vocab_start "
+            "and the slice's size must be those its state was made with")):
+        slice_cross_entropy_with_grad(logits[:, :6], target, merged, vocab_start=30)
+    head = np.ascontiguousarray(rng.standard_normal((6, 4)).astype(np.float32))
+    hidden = np.ascontiguousarray(rng.standard_normal((N_ROWS, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match=re.escape(
+            "this slice's classes [8, 14) must lie within merged_state's [0, 10)")):
+        linear_slice_cross_entropy_with_grad(hidden, head, target, merged, vocab_start=8)
+
+
 def test_bad_arguments_are_refused(rng):
     logits = random_logits(rng, N_ROWS, N_CLASSES)
     target = random_target(rng, N_ROWS, N_CLASSES)

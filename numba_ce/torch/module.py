@@ -10,7 +10,7 @@ from ..linear import check_memory
 from ..options import Options, check_flag
 from ..vocab_parallel import check_smoothing_style, check_vocab_start
 from ..results import CrossEntropyOutput
-from . import forms, linear_forms
+from . import collectives, forms, linear_forms
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
 from .vocab_parallel import vocab_parallel_cross_entropy
@@ -148,12 +148,24 @@ class VocabParallelCrossEntropyLoss(torch.nn.Module):
                         "return_z_loss": check_flag("return_z_loss", return_z_loss),
                         "validate": check_flag("validate", validate)}
         self.register_buffer("weight", weight)
+        self._found_starts: dict[int, int] = {}  # {slice size: its first class}
 
     def forward(self, local_logits: torch.Tensor, target: torch.Tensor
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return vocab_parallel_cross_entropy(local_logits, target, group=self.group,
-                                            vocab_start=self.vocab_start, weight=self.weight,
-                                            **self.options)
+                                            vocab_start=self._start(local_logits, target),
+                                            weight=self.weight, **self.options)
+
+    def _start(self, local_logits, target):
+        """vocab_start as given, or found by the first call with this slice size (the slices'
+        sizes exchanged once, not every call)."""
+        n_columns = local_logits.shape[-1]
+        if self.vocab_start is not None:
+            return self.vocab_start
+        if n_columns not in self._found_starts:
+            self._found_starts[n_columns] = collectives.slice_start(
+                self.group, n_columns, target.numel(), None, local_logits.device)
+        return self._found_starts[n_columns]
 
     def extra_repr(self):
         return f"vocab_start={self.vocab_start}, " + ", ".join(

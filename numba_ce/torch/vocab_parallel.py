@@ -106,7 +106,9 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tenso
     else:
         if flags["inplace_backward"]:
             torch.autograd.graph.increment_version(logits)  # as an in-place op would
-        loss = ops.EagerAttachGradient.apply(loss, logits, grad)
+        # attached to the rows' (M,) losses: the backward scales row by row only a 1-D loss
+        rows_loss = loss if done.options.reduced else loss.reshape(-1)
+        loss = ops.EagerAttachGradient.apply(rows_loss, logits, grad).reshape(loss.shape)
     return (loss, z_part) if flags["return_z_loss"] else loss
 
 
