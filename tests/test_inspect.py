@@ -190,11 +190,12 @@ def test_sass_of_a_kernel():
 
 def test_kernel_names_and_sources():
     assert inspection.kernel_names() == ["fused", "loss", "target_stats", "reduce_rows",
-                                         "scale", "slice", "round"]
+                                         "scale", "slice", "states", "round"]
     assert "def row_kernel(" in inspection.source("fused")
     assert "def kernel(" in inspection.source("loss")
     assert "def scale_kernel(" in inspection.source("scale")
     assert "def slice_gradient_kernel(" in inspection.source("slice")
+    assert "def slice_states_kernel(" in inspection.source("states")
     assert "def round_kernel(" in inspection.source("round")
     source = inspection.source("target_stats")
     assert source.startswith("# ") and "kernels.py:" in source and "def target_stats(" in source

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from .. import (abi, buffers, device_properties, kernels, planning, rounding, scale_kernel,
-                slice_gradient)
+                slice_gradient, slice_states, softmax_states)
 from ..floatbits import FORMATS
 from ..options import Options
 from ..portable import SIMULATOR
@@ -31,7 +31,8 @@ class KernelSpec(NamedTuple):
     function: str    # its name there (row_kernel, scale_kernel, round_kernel: factories)
     call: str        # what launches it: "with_grad", "loss" (a call with or without a
     #                  gradient), "backward" (scale_rows), "round" (round_into), "slice"
-    #                  (a slice of the classes in the lean linear cross-entropy's pass B)
+    #                  (a slice of the classes in the lean linear cross-entropy's pass B),
+    #                  "states" (a vocab-parallel slice's partial softmax states)
     per_dtype: bool  # whether the logits' dtype changes the compiled code
     packed: bool     # whether it reads the logits (or gradient) as words of packed elements
     rounds: bool     # whether it rounds float32 results to the logits' format
@@ -57,6 +58,9 @@ KERNELS = {
     "slice": KernelSpec(slice_gradient, "slice_gradient_kernel", "slice", True, True, True,
                         "one block a row: the gradient of a slice of the classes in place, "
                         "from each row's lse given (the lean linear cross-entropy's pass B)"),
+    "states": KernelSpec(slice_states, "slice_states_kernel", "states", True, True, False,
+                         "one block a row: a slice of the classes' partial softmax states, "
+                         "read once (the vocab-parallel loss's first pass)"),
     "round": KernelSpec(rounding, "round_kernel", "round", True, False, True,
                         "grid-stride: the linear cross-entropy's float32 weight gradient "
                         "rounded to the logits' format (fp16 and bf16 only)",
@@ -142,7 +146,7 @@ def planned_launch(name, dtype, shape, variant=PLAIN):
     """The :class:`Launch` of kernel ``name`` in a call on ``shape`` (N, V) logits of ``dtype``
     with int64 targets, reduction "mean" and the options of ``variant`` (a :class:`Variant`), as
     the launching code plans it for a GPU (for "round": a weight gradient of N x V elements; for
-    "slice": the first V classes of a vocabulary of V, as one slice)."""
+    "slice" and "states": the first V classes of a vocabulary of V, as one slice)."""
     spec = check_kernel_dtype(name, dtype)
     if SIMULATOR:
         raise RuntimeError(
@@ -186,6 +190,9 @@ def _plans(call, dtype, n_rows, n_classes, variant):
     if call == "slice":
         return [planning.plan_slice_gradient(inputs, 0, n_classes, options, stats,
                                              np.zeros(n_rows, np.float32), device)]
+    if call == "states":
+        states = softmax_states.unpack(np.zeros(softmax_states.packed_size(n_rows), np.float32))
+        return [planning.plan_slice_states(inputs, 0, options, states, device)]
     grad = np.broadcast_to(one_row.copy(), (n_rows, n_classes)) if call == "with_grad" else None
     outputs = buffers.allocate(np, n_rows, options)
     bad_row = np.zeros(1, np.int64)
