@@ -98,6 +98,7 @@ def test_compiled_step_smoke_runs_each_loss_eager_and_compiled(tmp_path):
     """python -m bench.compiled_step --smoke: torch's and numba_ce's loss in an LM head's
     training step and alone, eager and under torch.compile (aot_eager on the CPU), all at the
     same first loss; numba_ce's kernels alone beside them; the committed results untouched."""
+    pytest.importorskip("torch")
     committed = ROOT / "bench" / "results" / "compiled_step.csv"
     before = committed.read_bytes() if committed.exists() else None
     proc = subprocess.run([sys.executable, "-m", "bench.compiled_step", "--smoke", "--out",
@@ -118,6 +119,7 @@ def test_vocab_parallel_smoke_times_every_pass_at_the_fused_loss(tmp_path):
     """python -m bench.vocab_parallel --smoke: the fused kernel, the loss-only kernel and the
     vocab-parallel passes of a world of one, in the simulator, their losses equal (it exits 1
     when one is off); the committed results untouched."""
+    pytest.importorskip("torch")
     committed = ROOT / "bench" / "results" / "vocab_parallel.csv"
     before = committed.read_bytes() if committed.exists() else None
     proc = subprocess.run([sys.executable, "-m", "bench.vocab_parallel", "--smoke", "--out",
