@@ -48,6 +48,22 @@ def test_cross_entropy(reduction, options):
     opcheck(ops.cross_entropy_, (logits.detach().clone(), target, weight), arguments)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_with_class_probabilities(reduction):
+    """The op's target may be class probabilities (N, V) of the logits' dtype: the same schema
+    (a Tensor), the same outputs."""
+    logits, _, weight = row_inputs()
+    target = torch.softmax(torch.randn(N_ROWS, N_CLASSES), dim=1)
+    arguments = dict(EVERY_OPTION, ignore_index=-100, return_token_accuracy=False,
+                     reduction=reduction, validate=True)
+    opcheck(ops.cross_entropy, (logits, target, weight, None), dict(arguments, with_grad=True))
+    opcheck(ops.cross_entropy, (logits, target, None, upstream(reduction)),
+            dict(arguments, with_grad=True))
+    opcheck(ops.cross_entropy, (logits.detach(), target, weight, None),
+            dict(arguments, with_grad=False))
+    opcheck(ops.cross_entropy_, (logits.detach().clone(), target, weight), arguments)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_attach_gradient(reduction):
     logits, _, _ = row_inputs()
@@ -83,5 +99,20 @@ def test_cross_entropy_op_differentiates_by_a_second_pass(reduction):
     public = nce.cross_entropy(logits.clone(), target, weight, reduction=reduction,
                                **{k: v for k, v in EVERY_OPTION.items() if k != "ignore_index"},
                                ignore_index=3)[0]
+    (expected,) = torch.autograd.grad(public, logits, g)
+    torch.testing.assert_close(direct, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_pass_with_class_probabilities(reduction):
+    """The op's own autograd formula with class probabilities: the public function's gradient."""
+    logits, _, weight = row_inputs()
+    target = torch.softmax(torch.randn(N_ROWS, N_CLASSES), dim=1)
+    options = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    loss = ops.cross_entropy(logits, target, weight, None, **dict(
+        PLAIN, **options, reduction=reduction, with_grad=False, validate=True))[0]
+    g = upstream(reduction).reshape(loss.shape)
+    (direct,) = torch.autograd.grad(loss, logits, g)
+    public = nce.cross_entropy(logits.clone(), target, weight, reduction=reduction, **options)
     (expected,) = torch.autograd.grad(public, logits, g)
     torch.testing.assert_close(direct, expected, rtol=1e-6, atol=1e-7)
