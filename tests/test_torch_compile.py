@@ -25,7 +25,7 @@ pytestmark = [
 
 N_FEATURES, N_CLASSES = 8, 40
 # Every option in at least one case, for each entry point (the linear ones take no
-# inplace_backward nor return_z_loss, the others no memory); each case is one compilation.
+# inplace_backward, the others no memory); each case is one compilation.
 CASES = {
     "mean": dict(reduction="mean", weighted=True, ignore_index=3, label_smoothing=0.1,
                  z_loss=1e-3, softcap=5.0, return_token_accuracy=True,
@@ -33,7 +33,7 @@ CASES = {
     "sum": dict(reduction="sum", inplace_backward=True, return_z_loss=True, validate=False,
                 chunk_size=4, memory="fast"),
     "none": dict(reduction="none", weighted=True, z_loss=1e-3, softcap=5.0, inplace_backward=True,
-                 return_token_accuracy=True, chunk_size=2),
+                 return_token_accuracy=True, return_z_loss=True, chunk_size=2),
 }
 ENTRIES = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -45,7 +45,7 @@ def loss_function(entry, case):
     if options.pop("weighted", False):
         options["weight"] = torch.rand(N_CLASSES) + 0.5
     linear = entry.lower().startswith("linear")
-    for option in ("inplace_backward", "return_z_loss") if linear else ("chunk_size", "memory"):
+    for option in ("inplace_backward",) if linear else ("chunk_size", "memory"):
         options.pop(option, None)
     if entry == "LinearCrossEntropyLoss":
         crit = nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, bias=True, **options)
