@@ -105,6 +105,19 @@ def assert_close(actual, expected, rtol, atol, what):
             f"(error {error[worst]:.3g}, allowed {allowed[worst]:.3g})")
 
 
+def assert_like_reference(res, expected, logits, dtype, grad_scale):
+    """A call's CrossEntropyResult against the reference's, within TOLERANCES of ``dtype`` (the
+    gradient's atol relative to ``grad_scale``); float32 loss and lse, the gradient of the
+    logits' shape and dtype."""
+    loss_tol, grad_tol = TOLERANCES[dtype]["loss"], TOLERANCES[dtype]["grad"]
+    assert_close(res.loss, expected.loss, *loss_tol, "loss")
+    assert_close(res.z_loss, expected.z_loss, *loss_tol, "z_loss")
+    assert_close(res.lse, expected.lse, *loss_tol, "lse")
+    assert_close(res.grad, expected.grad, grad_tol[0], grad_tol[1] * grad_scale, "grad")
+    assert to_numpy(res.loss).dtype == np.float32 and to_numpy(res.lse).dtype == np.float32
+    assert res.grad.dtype == logits.dtype and res.grad.shape == logits.shape
+
+
 def torch_loss_and_grad(logits, target, *, grad_output=None, **options):
     """PyTorch's cross_entropy in float64 (CPU), plus z-loss and softcap written out, and its
     autograd gradient: an implementation independent of ours."""

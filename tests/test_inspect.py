@@ -178,12 +178,16 @@ def test_inspect_compiles_the_option_specialisations():
     assert set(table_rows(capped["resources: sm_90"])) == {"fused", "loss"}
 
 
-def test_sass_of_a_kernel():
+def require_disassembler():
     require_ptxas()
     try:
         tools.find_disassembler()
     except tools.ToolMissing as missing:
         pytest.skip(f"no SASS disassembler on this machine: {missing}")
+
+
+def test_sass_of_a_kernel():
+    require_disassembler()
     sass = inspect_command(("reduce_rows",), "bfloat16", "--sass")[
         "SASS: reduce_rows sm_90"]
     assert "EXIT" in sass and "SHFL.BFLY" in sass, sass[:2000]
@@ -466,11 +470,7 @@ def word_loop_spills(sass):
 
 
 def test_probability_kernels_have_no_f64_and_no_spills_in_their_word_loops():
-    require_ptxas()
-    try:
-        tools.find_disassembler()
-    except tools.ToolMissing as missing:
-        pytest.skip(f"no SASS disassembler on this machine: {missing}")
+    require_disassembler()
     script = PROBABILITY_SCRIPT.format(variants=PROBABILITY_VARIANTS)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,

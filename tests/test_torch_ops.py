@@ -15,6 +15,8 @@ pytestmark = pytest.mark.usefixtures("torch_device")  # CPU tensors in the simul
 N_ROWS, N_FEATURES, N_CLASSES = 5, 4, 11
 EVERY_OPTION = dict(ignore_index=3, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
                     return_token_accuracy=True, return_predicted_tokens=True)
+# every option class probabilities take (no ignore_index >= 0, no token accuracy)
+EVERY_PROBABILITY_OPTION = dict(EVERY_OPTION, ignore_index=-100, return_token_accuracy=False)
 PLAIN = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
              return_token_accuracy=False, return_predicted_tokens=False)
 
@@ -36,26 +38,15 @@ def opcheck(op, args, kwargs):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", [EVERY_OPTION, PLAIN], ids=["every option", "plain"])
+@pytest.mark.parametrize("options", [EVERY_OPTION, PLAIN, EVERY_PROBABILITY_OPTION],
+                         ids=["every option", "plain", "class probabilities"])
 def test_cross_entropy(reduction, options):
+    """Class indices, and class probabilities (N, V) of the logits' dtype: the same schema (a
+    Tensor target), the same outputs."""
     logits, target, weight = row_inputs()
+    if options is EVERY_PROBABILITY_OPTION:
+        target = torch.softmax(torch.randn(N_ROWS, N_CLASSES), dim=1)
     arguments = dict(options, reduction=reduction, validate=True)
-    opcheck(ops.cross_entropy, (logits, target, weight, None), dict(arguments, with_grad=True))
-    opcheck(ops.cross_entropy, (logits, target, None, upstream(reduction)),
-            dict(arguments, with_grad=True))
-    opcheck(ops.cross_entropy, (logits.detach(), target, weight, None),
-            dict(arguments, with_grad=False))
-    opcheck(ops.cross_entropy_, (logits.detach().clone(), target, weight), arguments)
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cross_entropy_with_class_probabilities(reduction):
-    """The op's target may be class probabilities (N, V) of the logits' dtype: the same schema
-    (a Tensor), the same outputs."""
-    logits, _, weight = row_inputs()
-    target = torch.softmax(torch.randn(N_ROWS, N_CLASSES), dim=1)
-    arguments = dict(EVERY_OPTION, ignore_index=-100, return_token_accuracy=False,
-                     reduction=reduction, validate=True)
     opcheck(ops.cross_entropy, (logits, target, weight, None), dict(arguments, with_grad=True))
     opcheck(ops.cross_entropy, (logits, target, None, upstream(reduction)),
             dict(arguments, with_grad=True))
