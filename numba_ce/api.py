@@ -15,23 +15,29 @@ def cross_entropy(logits: Array, target: Array, *, weight: Array | None = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                   validate: bool = True) -> Array:
-    """Cross-entropy loss of ``logits`` (N, V) against class indices ``target`` (N,).
+    """Cross-entropy loss of ``logits`` (N, V) against class indices ``target`` (N,), or against
+    class probabilities ``target`` (N, V), as PyTorch defines both.
 
     Parameters
     ----------
     logits : float32, float16 or bfloat16 array (N, V), rows contiguous (a row stride > V is fine).
-    target : int32 or int64 array (N,). Rows equal to ``ignore_index`` contribute nothing.
+    target : int32 or int64 array (N,) of class indices; rows equal to ``ignore_index``
+        contribute nothing. Or an array (N, V) of class probabilities q of the logits' dtype,
+        rows contiguous: each row's loss is -sum_j w_j q'_j log p_j with q' = (1 - eps) q +
+        eps / V, whatever q sums to (PyTorch's formula); every row counts.
     weight : float array (V,), optional. Class weights, as in PyTorch.
-    reduction : 'mean' (weighted by w_y, as PyTorch), 'sum' or 'none'.
+    reduction : 'mean' (class indices: weighted by w_y, as PyTorch; class probabilities: over
+        the N rows, as PyTorch), 'sum' or 'none'.
     label_smoothing : float in [0, 1]. z_loss : float >= 0, adds z_loss * lse**2 per row.
     softcap : float > 0, optional. Replaces x by softcap * tanh(x / softcap) first.
     validate : bool. Raise ValueError for a target outside [0, V) (one 8-byte device read);
-        with False the call never synchronises and such rows give NaN.
+        with False the call never synchronises and such rows give NaN. Class probabilities
+        have nothing to check: no read either way.
 
     Returns
     -------
-    float32 array: 0-d for 'mean' and 'sum', (N,) for 'none'. Reads the logits once and writes
-    nothing of size N x V.
+    float32 array: 0-d for 'mean' and 'sum', (N,) for 'none'. Reads the logits (and class
+    probabilities) once and writes nothing of size N x V.
     """
     options = Options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     return compute(logits, target, options, weight=weight, validate=validate).loss
@@ -48,13 +54,16 @@ def cross_entropy_with_grad(logits: Array, target: Array, *, weight: Array | Non
     """Loss and gradient in one fused kernel; options as in :func:`cross_entropy`.
 
     grad_output : None (ones), a scalar, or an (N,) array for reduction='none': the upstream
-        gradient, so that ``grad`` = d(sum(loss * grad_output)) / d(logits).
+        gradient, so that ``grad`` = d(sum(loss * grad_output)) / d(logits). With class
+        probabilities q: g * (p_j * sum_k w_k q'_k - w_j q'_j), one fused kernel that reads the
+        logits and q twice (the gradient pass needs each row's lse first), no gradient for q.
     inplace : write the gradient into the logits buffer (``res.grad is logits``); otherwise the
         logits are never modified.
     return_token_accuracy, return_predicted_tokens : also fill ``res.token_accuracy`` (the share
         of counted rows whose argmax is their target, reduced as the loss) and
         ``res.predicted_tokens`` (each row's argmax, int64, -1 for ignored rows), found in the
-        kernel's first pass over the logits.
+        kernel's first pass over the logits. Class probabilities: the predicted tokens only
+        (there is no target class to compare with).
 
     Returns
     -------
@@ -81,7 +90,7 @@ def compute(logits, target, options, *, weight=None, grad_output=None, with_grad
                              grad_output=grad_output)
     fmt = validation.check_logits(logits)
     n_rows, n_classes = logits.shape
-    validation.check_target(target, n_rows)
+    validation.check_row_target(target, logits, options)
     if weight is not None:
         validation.check_weight(weight, n_classes)
     go_shape = (validation.check_grad_output(grad_output, options.reduction, n_rows)

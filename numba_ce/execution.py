@@ -1,6 +1,7 @@
 """Running a call's plans (numba_ce.planning) on the current stream, in order.
 
     target_stats   the batch's reduction denominators; its first bad row, read back when checked
+                   (probability_stats for class-probability targets: nothing to check or read)
     row kernel     lse, row losses and (fused) the gradient
     reduce_rows    for "sum" and "mean"
 
@@ -57,7 +58,9 @@ def run(call, alloc, device=None, executor=EXECUTOR):
     device = device or device_properties.current()
     stats, bad_row = target_statistics(alloc, inputs.target, inputs.weight, options, n_classes,
                                        device, executor)
-    first_bad = executor.start_read(bad_row) if call.validate else None
+    # (class probabilities have no index to check: no read, no synchronisation)
+    checked = call.validate and not inputs.probabilities
+    first_bad = executor.start_read(bad_row) if checked else None
     in_place = call.grad is not None and data_pointer(call.grad) == data_pointer(inputs.logits)
     if first_bad is not None and in_place:
         check_targets(first_bad, inputs.target, n_classes, options.ignore_index, executor)

@@ -2,7 +2,8 @@
 
 An :class:`Options` is made at the entry point (or when a module is built) and travels down to the
 launch plans; the compile-time part of the row kernel (softcap or not, label smoothing and how) is
-derived from it by :func:`numba_ce.planning.row_kernel_spec`.
+derived from it by :func:`numba_ce.planning.row_kernel_spec`, with what the call's arrays decide
+(class weights or not; class indices or class probabilities as targets).
 """
 import math
 import numbers

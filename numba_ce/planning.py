@@ -12,7 +12,8 @@ first words of each row in shared memory (kernels.row_kernel): their blocks stay
 many as fit at once) and stride over the rows, and a multiprocessor holds the first count of
 CACHED_BLOCKS_PER_SM whose blocks' uncached words, which pass 2 reads again, fit in L2 together
 (else the last): each block gets its share of the multiprocessor's shared memory, no more than
-its row needs.
+its row needs. Class-probability targets are read again by pass 2 too, none of them from shared
+memory: a row of them counts whole among the uncached bytes.
 """
 from typing import Any, NamedTuple
 
@@ -50,6 +51,13 @@ class StatsArguments(NamedTuple):
     has_weight: np.int32
     ignore_index: np.int64
     n_classes: np.int64
+    stats: Any
+    bad_row: Any
+
+
+class ProbabilityStatsArguments(NamedTuple):
+    """kernels.probability_stats's parameters."""
+    n_rows: np.int64
     stats: Any
     bad_row: Any
 
@@ -112,24 +120,34 @@ class RowKernelSpec(NamedTuple):
     capped: bool
     smoothing: int
     argmax: bool
+    targets: int = kernels.CLASS_INDICES
 
 
 class RowInputs(NamedTuple):
-    """The arrays a row kernel reads: logits (N, V) of format ``fmt``, target (N,), float32
-    class weights (V,) or None, float32 grad_output (1,) or (N,)."""
+    """The arrays a row kernel reads: logits (N, V) of format ``fmt``; target (N,) class indices
+    or (N, V) class probabilities of the logits' format (:attr:`probabilities`); float32 class
+    weights (V,) or None; float32 grad_output (1,) or (N,)."""
     logits: Any
     fmt: str
     target: Any
     weight: Any
     grad_output: Any
 
+    @property
+    def probabilities(self):
+        """Whether the targets are rows of class probabilities (N, V), not class indices."""
+        return self.target.ndim == 2
 
-def row_kernel_spec(options, fmt, pack, with_grad, weighted):
-    """The compile-time part of a row kernel for these options."""
+
+def row_kernel_spec(options, fmt, pack, with_grad, weighted, probabilities=False):
+    """The compile-time part of a row kernel for these options, with class weights or not
+    (``weighted``), for class indices or class probabilities."""
     smoothing = (kernels.NO_SMOOTHING if options.label_smoothing == 0 else
                  kernels.WEIGHTED_SMOOTHING if weighted else kernels.SMOOTHING)
+    targets = (kernels.CLASS_INDICES if not probabilities else
+               kernels.WEIGHTED_PROBABILITIES if weighted else kernels.PROBABILITIES)
     return RowKernelSpec(fmt, pack, with_grad, options.softcap is not None, smoothing,
-                         options.argmax)
+                         options.argmax, targets)
 
 
 def word_layout(array, fmt):
@@ -185,12 +203,14 @@ def cache_bytes(n_words, word_bytes, blocks_per_sm, device):
     return min(budget - budget % word_bytes, n_words * word_bytes)
 
 
-def cache_plan(n_words, word_bytes, device):
+def cache_plan(n_words, word_bytes, device, reread_bytes=0):
     """(blocks a multiprocessor, cache bytes a block) for the cached gradient kernel on rows of
-    ``n_words`` words (see the module docstring)."""
+    ``n_words`` words, whose pass 2 also reads ``reread_bytes`` a row again from global memory
+    (a row of class-probability targets; see the module docstring)."""
     for blocks in CACHED_BLOCKS_PER_SM:
         shared = cache_bytes(n_words, word_bytes, blocks, device)
-        uncached = blocks * device.multiprocessors * (n_words * word_bytes - shared)
+        uncached = blocks * device.multiprocessors * (n_words * word_bytes - shared
+                                                      + reread_bytes)
         if uncached <= device.l2_bytes:
             break
     return blocks, shared
@@ -203,8 +223,12 @@ def resident_row_blocks(n_rows, blocks_per_sm, device):
 
 def plan_target_stats(target, weight, options, n_classes, stats, bad_row, device):
     """kernels.target_stats: the batch's reduction denominators into ``stats`` (3,) float32 and
-    its first bad row into ``bad_row`` (1,) int64."""
+    its first bad row into ``bad_row`` (1,) int64; for class-probability targets (N, V),
+    kernels.probability_stats (N and N; no row is bad)."""
     has_weight = weight is not None
+    if target.ndim == 2:
+        arguments = ProbabilityStatsArguments(np.int64(target.shape[0]), stats, bad_row)
+        return Launch(kernels.probability_stats, 1, 1, arguments)
     arguments = StatsArguments(target, weight if has_weight else stats, np.int32(has_weight),
                                np.int64(options.ignore_index), np.int64(n_classes), stats,
                                bad_row)
@@ -213,27 +237,34 @@ def plan_target_stats(target, weight, options, n_classes, stats, bad_row, device
 
 def plan_rows(inputs, options, stats, grad, outputs, device):
     """The row kernel over ``inputs.logits`` with the batch's ``stats``: row losses, z parts,
-    lse (``outputs``, a buffers.RowOutputs) and, unless ``grad`` is None, the gradient."""
+    lse (``outputs``, a buffers.RowOutputs) and, unless ``grad`` is None, the gradient. Class
+    probabilities are read in words as the logits are."""
     logits, fmt = inputs.logits, inputs.fmt
     n_rows, n_classes = logits.shape
+    probabilities = inputs.probabilities
     pack, word_dtype = word_layout(logits, fmt)
-    if grad is not None and word_layout(grad, fmt)[0] != pack:
+    others = [a for a in (grad, inputs.target if probabilities else None) if a is not None]
+    if any(word_layout(a, fmt)[0] != pack for a in others):
         pack, word_dtype = 1, _element_word(fmt)  # e.g. a misaligned view, an aligned gradient
     words = logits.view(word_dtype)
-    spec = row_kernel_spec(options, fmt, pack, grad is not None, inputs.weight is not None)
+    target = inputs.target.view(word_dtype) if probabilities else inputs.target
+    spec = row_kernel_spec(options, fmt, pack, grad is not None, inputs.weight is not None,
+                           probabilities)
     n_words = words.shape[1]
     if grad is not None and pack > 1:  # the cached kernel
-        per_sm, shared = cache_plan(n_words, words.itemsize, device)
+        reread = n_words * words.itemsize if probabilities else 0  # a row of targets
+        per_sm, shared = cache_plan(n_words, words.itemsize, device, reread)
         blocks = resident_row_blocks(n_rows, per_sm, device)
         threads = threads_per_row(n_words, device, MAX_THREADS // per_sm)
     else:
         blocks, shared, threads = row_blocks(n_rows, device), 0, threads_per_row(n_words, device)
+    unused_int = outputs.row_loss if probabilities else inputs.target  # (no int array there)
     arguments = RowArguments(
-        words, inputs.target, stats if inputs.weight is None else inputs.weight,
+        words, target, stats if inputs.weight is None else inputs.weight,
         words[:1, :1] if grad is None else grad.view(word_dtype),
         outputs.row_loss, outputs.row_z, outputs.row_lse,
         outputs.row_loss if outputs.row_correct is None else outputs.row_correct,
-        inputs.target if outputs.predicted is None else outputs.predicted, stats,
+        unused_int if outputs.predicted is None else outputs.predicted, stats,
         inputs.grad_output, *_row_scalars(inputs, options, n_classes))
     return Launch(kernels.row_kernel(*spec), blocks, threads, arguments, shared)
 

@@ -2,11 +2,13 @@
 gradient of pass 2, in the notation of numba_ce.kernels.
 
 Every option that changes the per-element work (the format, elements a word, softcap, label
-smoothing) is fixed when :func:`row_math` builds the functions, so each kernel compiles only
-what it uses and the loops over a word's elements unroll. Values that travel together are one
-argument: the softcap pair (:class:`Softcap`) and a row's gradient coefficients
-(:class:`RowGradient`); the functions are inlined, so the tuples cost no instruction (the PTX is
-the same as with separate arguments).
+smoothing, class weights, class-probability targets) is fixed when :func:`row_math` builds the
+functions, so each kernel compiles only what it uses and the loops over a word's elements
+unroll. The class-probability kernels read a word of targets q (the logits' format) beside each
+word of logits. Values that travel together are one argument: the softcap pair
+(:class:`Softcap`), a row's gradient coefficients (:class:`RowGradient`) and label smoothing's
+mix of class probabilities (:class:`TargetMix`); the functions are inlined, so the tuples cost
+no instruction (the PTX is the same as with separate arguments).
 """
 import functools
 from collections import namedtuple
@@ -19,13 +21,16 @@ from .reductions import LOG2E, ZERO
 from .words import word_format
 
 ONE = np.float32(1.0)
+NO_TARGET_WORD = 0  # the word of targets of the class-index math, which never reads it
 INDEX = np.int32  # an element's index in its row, as the argmax kernels keep it
 
 # c and 1 / c of softcap, c * tanh(x / c); unused (0, 0) by the kernels without softcap
 Softcap = namedtuple("Softcap", "value inverse")
 # What pass 2 needs of its row: m, log2(s) and the coefficients P, Q, T of
-# dL/dx_j = P * p_j - Q * w_j - T * [j == y]
+# dL/dx_j = P * p_j - Q * w_j - T * [j == y]  (class probabilities: T * w_j q_j for the last)
 RowGradient = namedtuple("RowGradient", "row_max log2_s coef_p coef_w coef_y")
+# Label smoothing of class probabilities in pass 1, q' = keep * q + share: (1 - eps, eps / V)
+TargetMix = namedtuple("TargetMix", "keep share")
 
 
 class RowMath(NamedTuple):
@@ -38,12 +43,20 @@ class RowMath(NamedTuple):
     below_max: object      # (label_value, row_max, cap) -> m - x_y
     gradient_word: object  # (word, k, at, gradient, weight, cap) -> the word of dL/dx
     first_of: object       # (word, k, value, later) -> index of its first element == value
+    # the class-probability kernels' (their words of targets q beside the words of logits):
+    target_terms: object   # (word, target_word, k, m, weight, cap, mix) -> pass 1's sums,
+    #                        (sum_i exp(x_j - m), sum_i w_j q'_j, sum_i w_j q'_j (x_j - m))
+    target_gradient_word: object  # (word, target_word, k, gradient, weight, cap) -> the word of
+    #                               dL/dx with class probabilities q from target_word
 
 
 @functools.lru_cache(maxsize=None)
-def row_math(fmt, pack, capped, smoothed, weighted):
+def row_math(fmt, pack, capped, smoothed, weighted, probabilities=False):
     """The :class:`RowMath` of words of ``pack`` elements of ``fmt``, with or without softcap
-    (``capped``) and label smoothing (``smoothed``; class ``weighted`` or not)."""
+    (``capped``) and label smoothing (``smoothed``); ``weighted``: the per-element math reads the
+    class weights (class-index kernels: label smoothing's sum_j w_j x_j; class-probability
+    kernels: their w_j q_j too); ``probabilities``: the targets are words of class
+    probabilities, not a class index."""
     element, placed, _, paired_word = word_format(fmt, pack)
 
     @device_function
@@ -60,17 +73,23 @@ def row_math(fmt, pack, capped, smoothed, weighted):
         return softcapped(element(word, i), cap)
 
     @device_function
-    def exponent(word, i, row_max, offset, cap):
-        """((x_i - m) * log2(e) - offset, t_i): exp(x_i - m) / 2**offset as a power of two and, in
-        the capped kernel, t = tanh(r / c) with x - m = c * t - m in one fma. x - m comes first:
-        exact near the maximum, where the terms that count are, at any |x| (offset 0 adds
-        nothing: x - 0 is x). Folding m * log2(e) into the fma of t would save an instruction
-        but round it to half an ulp first: a confident row's loss then comes out below 0 and
-        its p_y above 1 (bench/NOTES.md)."""
+    def from_max(word, i, row_max, cap):
+        """(x_i - m, t_i): element i's distance from m and, in the capped kernel, t = tanh(r / c),
+        with x - m = c * t - m in one fma. x - m comes first: exact near the maximum, where the
+        terms that count are, at any |x|."""
         if capped:
             t = fast_tanh(element(word, i), cap.inverse)
-            return fma(cap.value, t, -row_max) * LOG2E - offset, t
-        return (element(word, i) - row_max) * LOG2E - offset, ZERO
+            return fma(cap.value, t, -row_max), t
+        return element(word, i) - row_max, ZERO
+
+    @device_function
+    def exponent(word, i, row_max, offset, cap):
+        """((x_i - m) * log2(e) - offset, t_i): exp(x_i - m) / 2**offset as a power of two, and t_i
+        (:func:`from_max`; offset 0 adds nothing: x - 0 is x). Folding m * log2(e) into the fma
+        of t would save an instruction but round it to half an ulp first: a confident row's
+        loss then comes out below 0 and its p_y above 1 (bench/NOTES.md)."""
+        below, t = from_max(word, i, row_max, cap)
+        return below * LOG2E - offset, t
 
     @device_function
     def label_logit(word, i, cap):
@@ -119,15 +138,44 @@ def row_math(fmt, pack, capped, smoothed, weighted):
         return total
 
     @device_function
-    def element_gradient(word, k, i, at, gradient, weight, cap):
+    def weighted_target(q, k, i, weight):
+        """w_j q for j = k * pack + i, where weighted; else q."""
+        return q * weight[k * pack + i] if weighted else q
+
+    @device_function
+    def target_terms(word, target_word, k, row_max, weight, cap, mix):
+        """(sum_i exp(x_j - m), sum_i w_j q'_j, sum_i w_j q'_j (x_j - m)) over the word's elements
+        j = k * pack + i, q_j those of ``target_word`` (label smoothed by ``mix``): one x - m for
+        the exponent and the target's term. A q'_j of 0 at an x_j of -inf makes the last NaN
+        (0 * -inf), as torch's -sum_j q'_j log p_j is."""
+        exp_sum = ZERO
+        mass = ZERO
+        gap = ZERO
+        for i in range(pack):
+            below = from_max(word, i, row_max, cap)[0]
+            exp_sum += exp2(below * LOG2E)
+            q = element(target_word, i)
+            if smoothed:  # q' = (1 - eps) q + eps / V
+                q = fma(q, mix.keep, mix.share)
+            target = weighted_target(q, k, i, weight)
+            mass += target
+            gap += target * below
+        return exp_sum, mass, gap
+
+    @device_function
+    def element_gradient(word, target_word, k, i, at, gradient, weight, cap):
         """dL/dx_j = P * p_j - Q * w_j - T * [j == y] for j = k * pack + i (``at`` = y - k * pack,
-        the label's place in the word, or ``pack`` when the word does not hold it), times the
-        softcap derivative; float32. p_j = 2 ** ((x_j - m) * log2(e) - log2(s))."""
+        the label's place in the word, or ``pack`` when the word does not hold it); with
+        class-probability targets - T * w_j q_j in place of the label's term, q_j from
+        ``target_word`` (unused otherwise); times the softcap derivative; float32.
+        p_j = 2 ** ((x_j - m) * log2(e) - log2(s))."""
         log2_p, t = exponent(word, i, gradient.row_max, gradient.log2_s, cap)
         d = gradient.coef_p * exp2(log2_p)
         if smoothed:
             d -= gradient.coef_w * weight[k * pack + i] if weighted else gradient.coef_w
-        if i == at:
+        if probabilities:  # (label smoothing's part of q'_j is Q * w_j's)
+            d -= gradient.coef_y * weighted_target(element(target_word, i), k, i, weight)
+        elif i == at:
             d -= gradient.coef_y
         if capped:  # x = c * t with t = tanh(r / c): dx/dr = 1 - t**2
             d *= fma(-t, t, ONE)
@@ -135,21 +183,34 @@ def row_math(fmt, pack, capped, smoothed, weighted):
 
     if pack == 4:  # four 16-bit elements: two rounded pairs
         @device_function
-        def gradient_word(word, k, at, gradient, weight, cap):
+        def word_gradient(word, target_word, k, at, gradient, weight, cap):
             """The word of the gradient of word k, each element rounded once."""
-            d0 = element_gradient(word, k, 0, at, gradient, weight, cap)
-            d1 = element_gradient(word, k, 1, at, gradient, weight, cap)
-            d2 = element_gradient(word, k, 2, at, gradient, weight, cap)
-            d3 = element_gradient(word, k, 3, at, gradient, weight, cap)
+            d0 = element_gradient(word, target_word, k, 0, at, gradient, weight, cap)
+            d1 = element_gradient(word, target_word, k, 1, at, gradient, weight, cap)
+            d2 = element_gradient(word, target_word, k, 2, at, gradient, weight, cap)
+            d3 = element_gradient(word, target_word, k, 3, at, gradient, weight, cap)
             return paired_word(d0, d1, d2, d3)
     else:  # two float32 elements, or one element of any format
         @device_function
-        def gradient_word(word, k, at, gradient, weight, cap):
+        def word_gradient(word, target_word, k, at, gradient, weight, cap):
             """The word of the gradient of word k, each element rounded once."""
             out = 0
             for i in range(pack):
-                out |= placed(element_gradient(word, k, i, at, gradient, weight, cap), i)
+                out |= placed(element_gradient(word, target_word, k, i, at, gradient, weight,
+                                               cap), i)
             return out
+
+    @device_function
+    def gradient_word(word, k, at, gradient, weight, cap):
+        """The word of the gradient of word k against a class index (``at``: as in
+        element_gradient)."""
+        return word_gradient(word, NO_TARGET_WORD, k, at, gradient, weight, cap)
+
+    @device_function
+    def target_gradient_word(word, target_word, k, gradient, weight, cap):
+        """The word of the gradient of word k against the class probabilities of
+        ``target_word`` (class-probability kernels)."""
+        return word_gradient(word, target_word, k, pack, gradient, weight, cap)
 
     @device_function
     def first_of(word, k, value, later):
@@ -162,4 +223,4 @@ def row_math(fmt, pack, capped, smoothed, weighted):
         return at
 
     return RowMath(word_max, rescaled, word_exp_sum, weighted_sum, label_logit, below_max,
-                   gradient_word, first_of)
+                   gradient_word, first_of, target_terms, target_gradient_word)

@@ -13,11 +13,17 @@ Pass 1 absorbs a group into the thread's online-softmax state with one rescale (
 has the formulas); pass 2 stores the gradient of each word of a group. A group's words are held
 in a local array of UNROLL words: the loops over it have compile-time bounds and unroll, which
 leaves the array in registers.
+
+The class-probability kernels read a word of targets (the same position in the row of class
+probabilities q) beside each word of logits, a group of them into a second such array; their
+pass 1 keeps the state (m, s, A, B), A = sum_j w_j q'_j and B = sum_j w_j q'_j (x_j - m)
+(numba_ce.kernels), and pass 2 forms the gradient from both words.
 """
 import functools
 from typing import NamedTuple
 
 from .portable import copy_word, device_function, load_word, load_word_hinted, store_word
+from .reductions import ZERO
 from .row_math import row_math
 from .words import UNROLL
 
@@ -37,6 +43,12 @@ class RowPasses(NamedTuple):
     store_group: object     # (grad, row, group, k, step, label, gradient, weight, cap)
     track_group: object     # (best, best_at, group, k, step) -> the first largest raw element
     track_word: object      # (best, best_at, word, k) -> the same after word k (the tail)
+    # the class-probability kernels' (targets: a group of target words; mix: row_math.TargetMix)
+    absorb_targets_group: object  # (m, s, a, b, group, targets, k, step, weight, cap, mix)
+    #                               -> (m, s, a, b) after them
+    absorb_targets_word: object   # (m, s, a, b, word, target_word, k, weight, cap, mix) -> same
+    store_targets_gradient: object  # (grad, row, word, target_word, k, gradient, weight, cap)
+    store_targets_group: object     # (grad, row, group, targets, k, step, gradient, weight, cap)
 
 
 @device_function
@@ -61,13 +73,14 @@ def prefetch_group(cache, logits, row, k, step):
 
 
 @functools.lru_cache(maxsize=None)
-def row_passes(fmt, pack, capped, smoothed, weighted, hint_l2):
+def row_passes(fmt, pack, capped, smoothed, weighted, hint_l2, probabilities=False):
     """The :class:`RowPasses` of words of ``pack`` elements of ``fmt`` (options as
     numba_ce.row_math.row_math); ``hint_l2``: global reads carry an L2 cache policy."""
-    math = row_math(fmt, pack, capped, smoothed, weighted)
+    math = row_math(fmt, pack, capped, smoothed, weighted, probabilities)
     word_max, rescaled, word_exp_sum, weighted_sum = (math.word_max, math.rescaled,
                                                       math.word_exp_sum, math.weighted_sum)
     gradient_word, first_of = math.gradient_word, math.first_of
+    target_terms, target_gradient_word = math.target_terms, math.target_gradient_word
 
     @device_function
     def read(logits, row, k, policy):
@@ -149,5 +162,54 @@ def row_passes(fmt, pack, capped, smoothed, weighted, hint_l2):
             return top, first_of(word, k, top, best_at)
         return best, best_at
 
+    @device_function
+    def moved(gap, mass, shift):
+        """B = sum_j w_j q'_j (x_j - m) moved to a new maximum m' = m - shift: B + A * shift;
+        only where A is not 0: a thread that has seen no element has m = kernels.LOWEST, and
+        LOWEST - m' overflows to -inf for an m' above 2e31 (0 * -inf would be NaN)."""
+        return gap + mass * shift if mass != ZERO else gap
+
+    @device_function
+    def absorb_targets_group(row_max, row_sum, mass, gap, group, targets, k, step, weight, cap,
+                             mix):
+        """The class-probability state (m, s, A, B) after the group's words, targets[u] the word
+        of targets of group[u]:
+            m', s' as absorb_group's,  A' = A + sum_i w_i q'_i,
+            B' = B + A (m - m') + sum_i w_i q'_i (x_i - m')
+        (written out for four words, as absorb_group)."""
+        w0, w1, w2, w3 = group[0], group[1], group[2], group[3]
+        top = max(max(word_max(w0), word_max(w1)), max(word_max(w2), word_max(w3)))
+        new_max, row_sum = rescaled(row_max, row_sum, top, cap)
+        gap = moved(gap, mass, row_max - new_max)
+        e0, a0, b0 = target_terms(w0, targets[0], k, new_max, weight, cap, mix)
+        e1, a1, b1 = target_terms(w1, targets[1], k + step, new_max, weight, cap, mix)
+        e2, a2, b2 = target_terms(w2, targets[2], k + 2 * step, new_max, weight, cap, mix)
+        e3, a3, b3 = target_terms(w3, targets[3], k + 3 * step, new_max, weight, cap, mix)
+        return (new_max, row_sum + ((e0 + e1) + (e2 + e3)), mass + ((a0 + a1) + (a2 + a3)),
+                gap + ((b0 + b1) + (b2 + b3)))
+
+    @device_function
+    def absorb_targets_word(row_max, row_sum, mass, gap, word, target_word, k, weight, cap, mix):
+        """The class-probability state (m, s, A, B) after word k (the tail of a row)."""
+        new_max, row_sum = rescaled(row_max, row_sum, word_max(word), cap)
+        exp_sum, word_mass, word_gap = target_terms(word, target_word, k, new_max, weight, cap,
+                                                    mix)
+        return (new_max, row_sum + exp_sum, mass + word_mass,
+                moved(gap, mass, row_max - new_max) + word_gap)
+
+    @device_function
+    def store_targets_gradient(grad, row, word, target_word, k, gradient, weight, cap):
+        """grad[row, k] = the gradient of word k against its word of class probabilities."""
+        store_word(grad, row, k, target_gradient_word(word, target_word, k, gradient, weight,
+                                                      cap))
+
+    @device_function
+    def store_targets_group(grad, row, group, targets, k, step, gradient, weight, cap):
+        """The gradient of the group's words against their words of class probabilities."""
+        for u in range(UNROLL):
+            store_targets_gradient(grad, row, group[u], targets[u], k + u * step, gradient,
+                                   weight, cap)
+
     return RowPasses(read, read_group, absorb_group, absorb_word, store_gradient, store_group,
-                     track_group, track_word)
+                     track_group, track_word, absorb_targets_group, absorb_targets_word,
+                     store_targets_gradient, store_targets_group)

@@ -57,36 +57,44 @@ def check_logits(logits):
     n_rows, n_classes = shape
     if n_classes < 1:
         raise ValueError(f"logits must have at least one class (got shape {tuple(shape)})")
-    itemsize = logits.dtype.itemsize
-    row_stride = logits.strides[0]
+    _check_readable_rows("logits", logits)
+    return logits.dtype.name
+
+
+def _check_readable_rows(name, array):
+    """Raise ValueError unless the kernels can read the rows of ``array`` (N, V) in place, as
+    they read the logits: rows contiguous, not overlapping, elements aligned."""
+    n_rows = array.shape[0]
+    itemsize = array.dtype.itemsize
+    row_stride = array.strides[0]
     if n_rows == 0:  # nothing is read; empty arrays may report any strides
-        return logits.dtype.name
-    problem = row_layout_problem(shape, logits.strides, itemsize)
+        return
+    problem = row_layout_problem(array.shape, array.strides, itemsize, name)
     if problem:
         raise ValueError(problem)
     # The kernels read whole elements (or 8-byte words of them) at byte offsets built from the
     # data address and the row stride: a misaligned element is a fault on a GPU.
-    address = data_pointer(logits)
+    address = data_pointer(array)
     if address % itemsize or (n_rows > 1 and row_stride % itemsize):
+        whose = "their" if name == "logits" else "its"
         raise ValueError(
-            f"logits must be aligned to their {itemsize}-byte elements (got data address "
+            f"{name} must be aligned to {whose} {itemsize}-byte elements (got data address "
             f"{address:#x} and row stride {row_stride} bytes)")
-    return logits.dtype.name
 
 
-def row_layout_problem(shape, strides, itemsize):
-    """What stops the kernels reading (N, V) logits with these byte strides in place, or None:
-    rows must be unit-stride over the classes and must neither overlap nor run backwards.
-    (numba_ce.torch asks this to decide when to copy.)"""
+def row_layout_problem(shape, strides, itemsize, name="logits"):
+    """What stops the kernels reading (N, V) logits (or class probabilities: ``name``) with
+    these byte strides in place, or None: rows must be unit-stride over the classes and must
+    neither overlap nor run backwards. (numba_ce.torch asks this to decide when to copy.)"""
     n_rows, n_classes = shape
     row_stride, col_stride = strides
     if n_rows == 0:  # nothing is read; empty arrays may report any strides
         return None
     if n_classes > 1 and col_stride != itemsize:
-        return (f"logits rows must be contiguous (class stride {itemsize} bytes; got "
+        return (f"{name} rows must be contiguous (class stride {itemsize} bytes; got "
                 f"{col_stride}); pass a contiguous copy")
     if n_rows > 1 and row_stride < n_classes * itemsize:
-        return (f"logits rows must not overlap or run backwards (row stride >= "
+        return (f"{name} rows must not overlap or run backwards (row stride >= "
                 f"{n_classes * itemsize} bytes; got {row_stride})")
     return None
 
@@ -158,12 +166,54 @@ def check_chunk_size(chunk_size):
 
 
 def check_target(target, n_rows, rows_of="logits"):
+    """Class indices: int32 or int64 (N,)."""
     shape = getattr(target, "shape", None)
     if shape is None or tuple(shape) != (n_rows,):
         got = "no shape" if shape is None else f"shape {tuple(shape)}"
         raise ValueError(f"target must have shape ({n_rows},) to match {rows_of} (got {got})")
     if target.dtype not in (np.int32, np.int64):
         raise TypeError(f"target dtype must be int32 or int64 (got {target.dtype.name})")
+
+
+def check_row_target(target, logits, options):
+    """The target of a cross-entropy call on ``logits`` (N, V), checked: class indices, int32 or
+    int64 (N,), or class probabilities (N, V) of the logits' dtype, whose rows the kernels read
+    as they read the logits'. Returns whether they are probabilities. Class probabilities take
+    no ignore_index >= 0 (torch refuses one too) and have no target class for a token accuracy
+    (``options``: an Options)."""
+    n_rows, n_classes = logits.shape
+    shape = getattr(target, "shape", None)
+    shape = None if shape is None else tuple(shape)
+    if shape != (n_rows, n_classes):
+        if shape is None or shape != (n_rows,):
+            got = "no shape" if shape is None else f"shape {shape}"
+            raise ValueError(f"target must have shape ({n_rows},) (class indices) or "
+                             f"({n_rows}, {n_classes}) (class probabilities) to match logits "
+                             f"(got {got})")
+        if target.dtype not in (np.int32, np.int64):
+            hint = (f"; class probabilities have the logits' shape ({n_rows}, {n_classes})"
+                    if target.dtype.kind == "f" or target.dtype.name in FORMATS else "")
+            raise TypeError(f"target dtype must be int32 or int64 (got {target.dtype.name})"
+                            f"{hint}")
+        return False
+    if target.dtype != logits.dtype:
+        if target.dtype.kind == "f" or target.dtype.name in FORMATS:
+            raise TypeError(f"target (class probabilities) must have the logits' dtype "
+                            f"{logits.dtype.name} (got {target.dtype.name}); pass "
+                            "target.astype(logits.dtype)")
+        raise TypeError(f"target of the logits' shape ({n_rows}, {n_classes}) holds class "
+                        f"probabilities: a float array of the logits' dtype {logits.dtype.name} "
+                        f"(got {target.dtype.name}); class indices have shape ({n_rows},)")
+    _check_readable_rows("target", target)
+    if options.ignore_index >= 0:
+        raise ValueError(f"ignore_index does not apply to class-probability targets, where every "
+                         f"row counts (got {options.ignore_index}; torch refuses one >= 0 too); "
+                         "leave it negative, as the default -100")
+    if options.return_token_accuracy:
+        raise ValueError("return_token_accuracy needs class-index targets (the share of rows "
+                         "whose argmax is their target class); these targets are class "
+                         "probabilities")
+    return True
 
 
 def check_weight(weight, n_classes):

@@ -105,6 +105,19 @@ def assert_close(actual, expected, rtol, atol, what):
             f"(error {error[worst]:.3g}, allowed {allowed[worst]:.3g})")
 
 
+def assert_like_reference(res, expected, logits, dtype, grad_scale):
+    """A call's CrossEntropyResult against the reference's, within TOLERANCES of ``dtype`` (the
+    gradient's atol relative to ``grad_scale``); float32 loss and lse, the gradient of the
+    logits' shape and dtype."""
+    loss_tol, grad_tol = TOLERANCES[dtype]["loss"], TOLERANCES[dtype]["grad"]
+    assert_close(res.loss, expected.loss, *loss_tol, "loss")
+    assert_close(res.z_loss, expected.z_loss, *loss_tol, "z_loss")
+    assert_close(res.lse, expected.lse, *loss_tol, "lse")
+    assert_close(res.grad, expected.grad, grad_tol[0], grad_tol[1] * grad_scale, "grad")
+    assert to_numpy(res.loss).dtype == np.float32 and to_numpy(res.lse).dtype == np.float32
+    assert res.grad.dtype == logits.dtype and res.grad.shape == logits.shape
+
+
 def torch_loss_and_grad(logits, target, *, grad_output=None, **options):
     """PyTorch's cross_entropy in float64 (CPU), plus z-loss and softcap written out, and its
     autograd gradient: an implementation independent of ours."""
@@ -189,18 +202,22 @@ def assert_rounded_close(actual, expected, magnitudes, dtype, what, roundings=1)
 
 def torch_total_loss(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
                      label_smoothing=0.0, z_loss=0.0, softcap=None):
-    """F.cross_entropy of float64 ``logits`` (a tensor), plus z-loss and softcap written out."""
+    """F.cross_entropy of float64 ``logits`` (a tensor), plus z-loss and softcap written out;
+    ``target``: class indices (N,), or class probabilities (N, V) (taken in float64)."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
 
-    t = torch.tensor(np.asarray(target), dtype=torch.int64)
+    target = np.asarray(target)
+    probabilities = target.ndim == 2
+    t = (torch.tensor(target.astype(np.float64)) if probabilities
+         else torch.tensor(target, dtype=torch.int64))
     w = None if weight is None else torch.tensor(np.asarray(weight, dtype=np.float64))
     capped = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(capped, t, weight=w, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
     if not z_loss:  # torch's own graph: an infinite upstream then meets no 0 * inf
         return loss
-    valid = t != ignore_index
+    valid = torch.ones(len(t), dtype=torch.bool) if probabilities else t != ignore_index
     z_rows = z_loss * torch.logsumexp(capped, dim=1) ** 2 * valid
     # "mean" over no counted rows: the z part is 0 (its sum is), so that the total keeps
     # F.cross_entropy's NaN loss and 0 gradient instead of a 0 / 0 gradient

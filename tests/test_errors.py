@@ -13,7 +13,7 @@ from numba_ce.execution import RowCall
 from numba_ce.options import Options
 from numba_ce.planning import RowInputs
 from numba_ce.portable import SIMULATOR
-from helpers import TOLERANCES, assert_close, random_logits, random_target, to_numpy
+from helpers import DTYPES, TOLERANCES, assert_close, random_logits, random_target, to_numpy
 
 ENTRY_POINTS = {"cross_entropy": numba_ce.cross_entropy,
                 "cross_entropy_with_grad": numba_ce.cross_entropy_with_grad}
@@ -146,6 +146,15 @@ def test_target_check_costs_one_small_read_and_none_when_off(rng, with_grad):
     assert not [e for e in events if e[0] == "read"]
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_probabilities_are_not_checked_and_read_nothing_back(rng, inplace):
+    """Class probabilities have no index to check: validate=True reads nothing back (nothing
+    synchronises with the host), and probability_stats stands for target_stats."""
+    logits, _ = inputs(rng)
+    events = recorded_run(logits, probabilities(rng), inplace=inplace)
+    assert events == ["probability_stats", "row_kernel", "reduce_rows"]
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("with_grad", [True, False])
 def test_target_check_waits_after_the_launches(rng, entry, reduction, with_grad):
@@ -205,24 +214,113 @@ def test_logits_of_unsupported_dtype(rng, entry, dtype):
         entry(logits, random_target(rng, N_ROWS, N_CLASSES))
 
 
+def shape_message(got, n_rows=N_ROWS, n_classes=N_CLASSES):
+    return (f"target must have shape ({n_rows},) (class indices) or ({n_rows}, {n_classes}) "
+            f"(class probabilities) to match logits (got shape {got})")
+
+
 def test_target_rows_differ_from_logits_rows(rng, entry):
     logits, _ = inputs(rng)
-    with raises(ValueError, "target must have shape (4,) to match logits (got shape (5,))"):
+    with raises(ValueError, shape_message((5,))):
         entry(logits, random_target(rng, 5, N_CLASSES))
 
 
-def test_target_of_wrong_rank(rng, entry):
-    logits, target = inputs(rng)
-    with raises(ValueError, "target must have shape (4,) to match logits (got shape (4, 1))"):
-        entry(logits, target[:, None])
+@pytest.mark.parametrize("shape", [(N_ROWS, 1), (N_ROWS, N_CLASSES + 1), (N_ROWS + 1, N_CLASSES),
+                                   (N_ROWS, N_CLASSES, 1), ()])
+def test_target_of_wrong_shape(rng, entry, shape):
+    """Neither class indices (N,) nor class probabilities of the logits' shape (N, V)."""
+    logits, _ = inputs(rng)
+    with raises(ValueError, shape_message(shape)):
+        entry(logits, np.zeros(shape, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint64, np.bool_])
 def test_target_of_non_index_dtype(rng, entry, dtype):
-    """Float targets (class probabilities, or indices that went through a float) are refused."""
+    """(N,) targets hold class indices: float ones (indices that went through a float) are
+    refused, with a word on where class probabilities go."""
     logits, target = inputs(rng)
-    with raises(TypeError, f"target dtype must be int32 or int64 (got {np.dtype(dtype).name})"):
+    hint = ("; class probabilities have the logits' shape (4, 7)"
+            if np.dtype(dtype).kind == "f" else "")
+    with raises(TypeError,
+                f"target dtype must be int32 or int64 (got {np.dtype(dtype).name}){hint}"):
         entry(logits, target.astype(dtype))
+
+
+# --- class-probability targets ----------------------------------------------------------------
+
+def probabilities(rng, dtype="float32", n_rows=N_ROWS, n_classes=N_CLASSES):
+    q = rng.random((n_rows, n_classes))
+    return (q / q.sum(axis=1, keepdims=True)).astype(DTYPES[dtype])
+
+
+@pytest.mark.parametrize("logits_dtype,target_dtype", [
+    ("float32", np.float64), ("bfloat16", np.float32), ("float16", ml_dtypes.bfloat16),
+    ("float32", np.float16)])
+def test_probabilities_of_another_dtype_than_the_logits(rng, entry, logits_dtype, target_dtype):
+    """Class probabilities are read as the logits are: in their format (torch would promote)."""
+    logits = random_logits(rng, N_ROWS, N_CLASSES, logits_dtype)
+    target = probabilities(rng).astype(target_dtype)
+    with raises(TypeError, f"target (class probabilities) must have the logits' dtype "
+                           f"{logits_dtype} (got {np.dtype(target_dtype).name}); pass "
+                           "target.astype(logits.dtype)"):
+        entry(logits, target)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_integer_target_of_the_logits_shape(rng, entry, dtype):
+    logits, _ = inputs(rng)
+    with raises(TypeError, f"target of the logits' shape (4, 7) holds class probabilities: a "
+                           f"float array of the logits' dtype float32 (got "
+                           f"{np.dtype(dtype).name}); class indices have shape (4,)"):
+        entry(logits, np.zeros((N_ROWS, N_CLASSES), dtype))
+
+
+def test_probabilities_take_no_ignore_index(rng, entry):
+    """As torch's: every row counts, and an ignore_index >= 0 is refused (negative ones, the
+    default -100 included, mean nothing here)."""
+    logits, _ = inputs(rng)
+    target = probabilities(rng)
+    with raises(ValueError, "ignore_index does not apply to class-probability targets, where "
+                            "every row counts (got 2; torch refuses one >= 0 too); leave it "
+                            "negative, as the default -100"):
+        entry(logits, target, ignore_index=2)
+    loss = numba_ce.cross_entropy(logits, target, ignore_index=-1, reduction="none")
+    assert np.isfinite(to_numpy(loss)).all()
+
+
+def test_probabilities_have_no_token_accuracy(rng):
+    logits, _ = inputs(rng)
+    with raises(ValueError, "return_token_accuracy needs class-index targets (the share of rows "
+                            "whose argmax is their target class); these targets are class "
+                            "probabilities"):
+        numba_ce.cross_entropy_with_grad(logits, probabilities(rng), return_token_accuracy=True)
+
+
+def test_probabilities_with_strided_classes(rng, entry):
+    logits, _ = inputs(rng)
+    target = np.asfortranarray(probabilities(rng))
+    with raises(ValueError, "target rows must be contiguous (class stride 4 bytes; got 16); "
+                            "pass a contiguous copy"):
+        entry(logits, target)
+
+
+def test_probabilities_whose_rows_overlap(rng, entry):
+    logits, _ = inputs(rng)
+    row = probabilities(rng, n_rows=1)[0]
+    target = np.lib.stride_tricks.as_strided(row, (N_ROWS, N_CLASSES), (4, 4))
+    with raises(ValueError, "target rows must not overlap or run backwards (row stride >= 28 "
+                            "bytes; got 4)"):
+        entry(logits, target)
+
+
+def test_misaligned_probabilities(rng, entry):
+    logits, _ = inputs(rng)
+    memory = np.zeros(N_ROWS * N_CLASSES * 4 + 1, np.uint8)
+    target = memory[1:].view(np.float32).reshape(N_ROWS, N_CLASSES)
+    target[...] = probabilities(rng)
+    with raises(ValueError, "target must be aligned to its 4-byte elements (got data address "
+                            f"{target.ctypes.data:#x} and row stride 28 bytes)"):
+        entry(logits, target)
 
 
 @pytest.mark.parametrize("length", [N_CLASSES - 1, N_CLASSES + 1])

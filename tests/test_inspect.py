@@ -5,6 +5,7 @@ without NUMBA_ENABLE_CUDASIM (it compiles offline for sm_90); the parts that nee
 (ptxas report parsing, occupancy, roofline, missing-tool hints, kernel sources) run here.
 """
 import functools
+import json
 import os
 import pathlib
 import re
@@ -177,20 +178,24 @@ def test_inspect_compiles_the_option_specialisations():
     assert set(table_rows(capped["resources: sm_90"])) == {"fused", "loss"}
 
 
-def test_sass_of_a_kernel():
+def require_disassembler():
     require_ptxas()
     try:
         tools.find_disassembler()
     except tools.ToolMissing as missing:
         pytest.skip(f"no SASS disassembler on this machine: {missing}")
+
+
+def test_sass_of_a_kernel():
+    require_disassembler()
     sass = inspect_command(("reduce_rows",), "bfloat16", "--sass")[
         "SASS: reduce_rows sm_90"]
     assert "EXIT" in sass and "SHFL.BFLY" in sass, sass[:2000]
 
 
 def test_kernel_names_and_sources():
-    assert inspection.kernel_names() == ["fused", "loss", "target_stats", "reduce_rows",
-                                         "scale", "slice", "states", "round"]
+    assert inspection.kernel_names() == ["fused", "loss", "target_stats", "probability_stats",
+                                         "reduce_rows", "scale", "slice", "states", "round"]
     assert "def row_kernel(" in inspection.source("fused")
     assert "def kernel(" in inspection.source("loss")
     assert "def scale_kernel(" in inspection.source("scale")
@@ -396,3 +401,110 @@ def test_argmax_kernels_have_no_f64_and_spill_as_little(dtype):
 
 
 MAX_ARGMAX_LOSS_SPILL = 8
+
+
+# The class-probability row kernels compiled offline for sm_90 (a process without the simulator):
+# for each dtype and option set, the PTX's float64 instructions and the spill loads and stores
+# (LDL/STL) that ptxas put inside the loops over a row's words (word_loop_spills): none, but for
+# fp16 with softcap, whose pass-1 loops of packed words spill a few values at 64 registers, and
+# more with class weights (CUDA 13.0's ptxas: 2-6 and 36-56 spill instructions in loops of
+# ~500-700; bench/NOTES.md, "Class-probability targets"). The bounds say what was measured.
+PROBABILITY_VARIANTS = {
+    "plain": {}, "class weights": dict(class_weights=True),
+    "weighted smoothing": dict(class_weights=True, label_smoothing=0.1),
+    "softcap": dict(softcap=30.0), "softcap, smoothing": dict(softcap=30.0, label_smoothing=0.1),
+    "softcap, class weights": dict(softcap=30.0, class_weights=True, label_smoothing=0.1),
+    "predicted tokens": dict(argmax_outputs=True)}
+MAX_WORD_LOOP_SPILLS = {("float16", "softcap"): 8, ("float16", "softcap, smoothing"): 8,
+                        ("float16", "softcap, class weights"): 64}
+PROBABILITY_SCRIPT = """
+import json, re
+from numba_ce.inspection import compiler
+from numba_ce.inspection.launches import Variant
+variants = {variants!r}
+found = {{}}
+for kernel in ("fused", "loss"):
+    for dtype in ("float32", "float16", "bfloat16"):
+        for n_classes in (128256, 128257):
+            for name, options in variants.items():
+                variant = Variant(probability_targets=True, **options)
+                built = compiler.compiled(kernel, dtype, "sm_90", (4096, n_classes), variant)
+                doubles = sum(".f64" in line for line in built.ptx.splitlines())
+                sass = compiler.sass(kernel, dtype, "sm_90", (4096, n_classes), variant)
+                found[f"{{kernel}} {{dtype}} V={{n_classes}} {{name}}"] = (doubles, sass)
+print(json.dumps({{key: value[0] for key, value in found.items()}}))
+print(json.dumps({{key: value[1] for key, value in found.items()}}))
+"""
+
+
+def word_loop_spills(sass):
+    """[(instructions, spill loads and stores)] of each loop over a row's words in a SASS
+    listing: the innermost loops (a backward branch and the code between its target and it,
+    enclosing no other) that read memory (LDG, LDS) and hold no shuffle or barrier (the block
+    reductions' code, whose divergence fallbacks branch backwards too)."""
+    label_at, items, pending = {}, [], []
+    for line in sass.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line.strip())
+        if label:
+            pending.append(label.group(1))
+            continue
+        instruction = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if instruction:
+            address = int(instruction.group(1), 16)
+            label_at.update((name, address) for name in pending)
+            pending = []
+            items.append((address, instruction.group(2)))
+    loops = []
+    for address, text in items:
+        branch = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        if branch and label_at.get(branch.group(1), address) < address:
+            loops.append((label_at[branch.group(1)], address))
+    innermost = [loop for loop in loops if not any(
+        other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in loops)]
+    found = []
+    for start, end in innermost:
+        body = [text for address, text in items if start <= address <= end]
+        reads = any("LDG" in text or "LDS" in text for text in body)
+        if reads and not any("SHFL" in text or "BAR" in text for text in body):
+            found.append((len(body), sum("LDL" in text or "STL" in text for text in body)))
+    return found
+
+
+def test_probability_kernels_have_no_f64_and_no_spills_in_their_word_loops():
+    require_disassembler()
+    script = PROBABILITY_SCRIPT.format(variants=PROBABILITY_VARIANTS)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    doubles_line, sass_line = done.stdout.strip().splitlines()[-2:]
+    doubles, listings = json.loads(doubles_line), json.loads(sass_line)
+    problems = [f"{key}: {count} float64 lines in its PTX" for key, count in doubles.items()
+                if count]
+    for key, sass in listings.items():
+        loops = word_loop_spills(sass)
+        if not loops:
+            problems.append(f"{key}: no loop over the words found in its SASS")
+        _, dtype, _, name = key.split(" ", 3)
+        bound = MAX_WORD_LOOP_SPILLS.get((dtype, name), 0)
+        if sum(spills for _, spills in loops) > bound:
+            problems.append(f"{key}: more than {bound} spill instructions in its word loops "
+                            f"(instructions, spills): {loops}")
+    assert not problems, "\n".join(problems)
+
+
+def test_word_loop_spills_finds_the_loops_and_their_spills():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDG.E.64 R2, [R4.64] ;
+        /*0020*/                   STL [R1], R2 ;
+        /*0030*/                   @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0040*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0050*/                   LDS R2, [R3] ;
+        /*0060*/                   LDL R2, [R1] ;
+        /*0070*/                   @P1 BRA `(.L_x_2) ;
+        /*0080*/                   EXIT ;
+"""
+    assert word_loop_spills(sass) == [(3, 1)]

@@ -25,7 +25,7 @@ def test_a_kernel_has_one_name_however_its_factory_is_asked():
     by_keyword = kernels.row_kernel(fmt="bfloat16", pack=4, with_grad=True, capped=False)
     assert by_position.cache_name == by_keyword.cache_name == (
         "numba_ce.kernels.row_kernel(fmt='bfloat16', pack=4, with_grad=True, capped=False, "
-        "smoothing=0, argmax=False)")
+        "smoothing=0, argmax=False, targets=0)")
     assert kernels.row_kernel("bfloat16", 4, True) is by_position  # made once
     names = {kernels.row_kernel("bfloat16", 4, True, argmax=True).cache_name,
              kernels.row_kernel("float16", 4, True).cache_name, by_position.cache_name,

@@ -13,10 +13,13 @@ from numba_ce.planning import RowInputs
 
 ARGUMENTS = [
     (kernels.target_stats, planning.StatsArguments),
+    (kernels.probability_stats, planning.ProbabilityStatsArguments),
     (kernels.reduce_rows, planning.ReduceArguments),
     (kernels.row_kernel("bfloat16", 4, True), planning.RowArguments),
     (kernels.row_kernel("float32", 1, False, True, kernels.WEIGHTED_SMOOTHING),
      planning.RowArguments),
+    (kernels.row_kernel("float16", 4, True, False, kernels.SMOOTHING, True,
+                        kernels.WEIGHTED_PROBABILITIES), planning.RowArguments),
     (slice_gradient.slice_gradient_kernel("bfloat16", 4), planning.SliceArguments),
     (slice_gradient.slice_gradient_kernel("float32", 1, True, kernels.WEIGHTED_SMOOTHING),
      planning.SliceArguments),
@@ -76,3 +79,23 @@ def test_row_arguments_carry_the_options_by_name():
     assert arguments.eps_over_v == np.float32(0.25 / 64)
     assert (arguments.z_loss, arguments.softcap) == (np.float32(1e-3), np.float32(30.0))
     assert arguments.reduction == kernels.SUM and arguments.go_per_row == 0
+
+
+def test_probability_targets_pick_their_kernels_and_stats():
+    """Class probabilities (N, V) of the logits' format: the spec's targets (weighted where
+    there are class weights), the target read in words as the logits, probability_stats."""
+    n_rows, n_classes = 4, 64
+    inputs, options, stats, grad, outputs = row_call(n_rows, n_classes, np.float16)
+    target = np.zeros((n_rows, n_classes), np.float16)
+    for weight, targets in [(None, kernels.PROBABILITIES),
+                            (np.ones(n_classes, np.float32), kernels.WEIGHTED_PROBABILITIES)]:
+        call = inputs._replace(target=target, weight=weight)
+        assert call.probabilities
+        plan = planning.plan_rows(call, options, stats, grad, outputs, device_properties.SM90)
+        assert plan.kernel is kernels.row_kernel("float16", 4, True, False, kernels.NO_SMOOTHING,
+                                                 False, targets)
+        assert plan.arguments.target.shape == (n_rows, n_classes // 4)
+        assert plan.arguments.target.dtype == np.int64
+    plan = planning.plan_target_stats(target, None, options, n_classes, stats,
+                                      np.zeros(1, np.int64), device_properties.SM90)
+    assert plan.kernel is kernels.probability_stats and plan.arguments.n_rows == n_rows

@@ -316,14 +316,41 @@ ERRORS = [
      "(got shape (5, 1))"),
     (dict(input=torch.zeros(67), target=torch.zeros(2, dtype=torch.int64)), ValueError,
      "target of an unbatched input (67,) must be one class index, shape () (got shape (2,))"),
-    (dict(target=torch.zeros(5)), TypeError,
-     "target must hold class indices of dtype int64 or uint8 (as torch's), or int32 (got "
-     "float32); class-probability (floating-point) targets are not supported"),
+    (dict(target=torch.zeros(5)), ValueError,
+     "target of floating-point dtype holds class probabilities and must have input's shape "
+     "(5, 67) (got shape (5,)); class indices (int64, uint8 or int32) have shape (5,)"),
+    (dict(input=torch.zeros(5, 67, 2), target=torch.zeros(5, 2)), ValueError,
+     "target of floating-point dtype holds class probabilities and must have input's shape "
+     "(5, 67, 2) (got shape (5, 2)); class indices (int64, uint8 or int32) have shape (5, 2)"),
+    (dict(input=torch.zeros(67), target=torch.zeros(1, 67)), ValueError,
+     "target of floating-point dtype holds class probabilities and must have input's shape "
+     "(67,) (got shape (1, 67)); class indices (int64, uint8 or int32) have shape ()"),
+    (dict(target=torch.zeros(5, 67, dtype=torch.float64)), TypeError,
+     "target (class probabilities) must have input's dtype float32 (got float64); pass "
+     "target.to(input.dtype)"),
+    (dict(input=torch.zeros(5, 67, dtype=torch.bfloat16), target=torch.zeros(5, 67)), TypeError,
+     "target (class probabilities) must have input's dtype bfloat16 (got float32); pass "
+     "target.to(input.dtype)"),
+    (dict(target=torch.zeros(5, 67, dtype=torch.int64)), ValueError,
+     "target must have shape (5,) to match input (5, 67), whose class dimension is dimension 1 "
+     "(got shape (5, 67)); a target of input's shape holds class probabilities, of input's "
+     "floating-point dtype"),
+    (dict(target=torch.full((5, 67), 1 / 67).requires_grad_()), RuntimeError,
+     "numba_ce.torch computes no gradient for class-probability targets, and target requires "
+     "grad (torch's cross_entropy would differentiate -sum w q log p in q too); pass "
+     "target.detach(), or compute this loss with torch's own cross_entropy"),
+    (dict(target=torch.full((5, 67), 1 / 67), ignore_index=3), ValueError,
+     "ignore_index does not apply to class-probability targets, where every row counts (got 3; "
+     "torch refuses one >= 0 too); leave it negative, as the default -100"),
+    (dict(target=torch.full((5, 67), 1 / 67), return_token_accuracy=True), ValueError,
+     "return_token_accuracy needs class-index targets (the share of rows whose argmax is their "
+     "target class); these targets are class probabilities"),
     (dict(target=torch.zeros(5, dtype=torch.int16)), TypeError,
-     "target must hold class indices of dtype int64 or uint8 (as torch's), or int32 (got "
-     "int16)"),
+     "target must hold class indices of dtype int64 or uint8 (as torch's), or int32, or class "
+     "probabilities of input's dtype (got int16)"),
     (dict(target=torch.zeros(5, dtype=torch.bool)), TypeError,
-     "target must hold class indices of dtype int64 or uint8 (as torch's), or int32 (got bool)"),
+     "target must hold class indices of dtype int64 or uint8 (as torch's), or int32, or class "
+     "probabilities of input's dtype (got bool)"),
     (dict(weight=torch.ones(3)), ValueError,
      "weight must have shape (67,), one per class (got shape (3,))"),
     (dict(weight=torch.ones(67, dtype=torch.int64)), TypeError,
@@ -419,3 +446,29 @@ def test_infinite_upstream_is_non_finite_where_torchs_is(rng, upstream):
     assert infinite.any() and (got[infinite] == expected[infinite]).all()
     assert not np.isfinite(got[np.isnan(expected)]).any()
     assert not got[1].any() and not expected[1].any()
+
+
+def test_class_probabilities_in_place_and_with_the_outputs(rng):
+    """Class probabilities with inplace_backward (the gradient in the logits' memory), the
+    z part and the predicted tokens; a target that requires grad is taken where no gradient is
+    asked for (torch.no_grad)."""
+    logits = random_logits(rng, 5, 33)
+    q = rng.random((5, 33)) ** 3
+    target = to_torch((q / q.sum(axis=1, keepdims=True)).astype(np.float32))
+    leaf = to_torch(logits).requires_grad_()
+    x = leaf * 1
+    out = nce.cross_entropy(x, target, label_smoothing=0.1, z_loss=1e-3, inplace_backward=True,
+                            return_z_loss=True, return_predicted_tokens=True)
+    out.loss.backward(torch.tensor(0.5))
+    expected_loss, expected_grad = torch_loss_and_grad(logits, target.numpy(), grad_output=0.5,
+                                                       label_smoothing=0.1, z_loss=1e-3)
+    assert_close(from_torch(out.loss), expected_loss, 2e-5, 1e-6, "loss")
+    assert_close(from_torch(leaf.grad), expected_grad, 2e-5, 1e-6 * np.abs(expected_grad).max(),
+                 "input gradient")
+    assert torch.equal(x.detach(), leaf.grad), "the gradient is not in the input's memory"
+    assert torch.equal(out.predicted_tokens, leaf.detach().argmax(dim=1))
+    assert out.z_loss.shape == () and out.token_accuracy is None
+    with torch.no_grad():
+        loss = nce.CrossEntropyLoss()(leaf, target.clone().requires_grad_())
+    assert_close(from_torch(loss), torch_loss_and_grad(logits, target.numpy())[0], 2e-5, 1e-6,
+                 "loss without grad mode")

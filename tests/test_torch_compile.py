@@ -25,7 +25,7 @@ pytestmark = [
 
 N_FEATURES, N_CLASSES = 8, 40
 # Every option in at least one case, for each entry point (the linear ones take no
-# inplace_backward nor return_z_loss, the others no memory); each case is one compilation.
+# inplace_backward, the others no memory); each case is one compilation.
 CASES = {
     "mean": dict(reduction="mean", weighted=True, ignore_index=3, label_smoothing=0.1,
                  z_loss=1e-3, softcap=5.0, return_token_accuracy=True,
@@ -33,7 +33,7 @@ CASES = {
     "sum": dict(reduction="sum", inplace_backward=True, return_z_loss=True, validate=False,
                 chunk_size=4, memory="fast"),
     "none": dict(reduction="none", weighted=True, z_loss=1e-3, softcap=5.0, inplace_backward=True,
-                 return_token_accuracy=True, chunk_size=2),
+                 return_token_accuracy=True, return_z_loss=True, chunk_size=2),
 }
 ENTRIES = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -45,7 +45,7 @@ def loss_function(entry, case):
     if options.pop("weighted", False):
         options["weight"] = torch.rand(N_CLASSES) + 0.5
     linear = entry.lower().startswith("linear")
-    for option in ("inplace_backward", "return_z_loss") if linear else ("chunk_size", "memory"):
+    for option in ("inplace_backward",) if linear else ("chunk_size", "memory"):
         options.pop(option, None)
     if entry == "LinearCrossEntropyLoss":
         crit = nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, bias=True, **options)
@@ -298,3 +298,42 @@ def test_eager_calls_skip_the_ops_and_graphs_hold_them(inplace_backward):
     compiled(*batch(6)).backward()
     forward, backward = graphs
     assert "numba_ce.cross_entropy" in forward and "numba_ce.attach_gradient" not in backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["every option, (N, C)", "inplace_backward, (N, C, d) none"])
+def test_probability_targets_trace_whole(case, dtype):
+    """Class-probability targets: the op takes them as its target tensor (moved and cast as the
+    input is, by torch ops in the graph), one graph for every batch size, without a break; loss,
+    z part and input gradient those of eager calls to the bit."""
+    torch._dynamo.reset()
+    k_dimensional = case.startswith("inplace")
+    options = (dict(reduction="none", inplace_backward=True, label_smoothing=0.1)
+               if k_dimensional else
+               dict(weight=torch.rand(N_CLASSES, dtype=dtype) + 0.5, label_smoothing=0.1,
+                    z_loss=1e-3, softcap=5.0, return_z_loss=True))
+
+    def function(x, target):
+        returned = nce.cross_entropy(x * 1, target, **options)
+        return returned if isinstance(returned, tuple) else (returned,)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(function, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    for n_rows in (3, 5):
+        shape = (n_rows, N_CLASSES, 4) if k_dimensional else (n_rows, N_CLASSES)
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        target = torch.softmax(torch.randn(shape, dtype=dtype), dim=1)
+        results = []
+        for f in (function, compiled):
+            x.grad = None
+            returned = f(x, target)
+            returned[0].backward(torch.rand_like(returned[0]).fill_(0.75))
+            results.append([t.detach() for t in returned] + [x.grad])
+        eager, traced = results
+        assert traced[0].dtype == dtype and traced[-1].dtype == dtype
+        assert all(torch.equal(a, b) for a, b in zip(eager, traced))
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0], f"compilations after each call: {frames}"
+    explanation = torch._dynamo.explain(function)(x, target)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0

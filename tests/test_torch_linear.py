@@ -232,3 +232,63 @@ def test_torch_options_numba_ce_cannot_honour_are_refused():
 def test_torch_options_chunking_as_torch_defines_it(fields, chunk_size):
     from numba_ce.torch.linear_forms import chunk_size_of
     assert chunk_size_of(torch_options(**fields), None, 8192, 4096, 128256) == chunk_size
+
+
+@pytest.mark.parametrize("entry", ["function", "module"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("memory", MEMORY)
+def test_return_z_loss(rng, memory, reduction, entry):
+    """return_z_loss=True: (loss, z_loss) as cross_entropy gives them, the z part (no gradient)
+    that of torch's float64 logits within float32 rounding (z * lse**2 per counted row, "mean"
+    over the counted rows), reduced as the loss; the loss and the gradients those of a call
+    without it, to the bit."""
+    x, w, b = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", True)
+    target = to_torch(random_target(rng, N_ROWS, N_CLASSES, ignored_share=0.3), DEVICE)
+    options = dict(reduction=reduction, z_loss=1e-2, label_smoothing=0.1, memory=memory,
+                   chunk_size=3)
+    results = []
+    for return_z_loss in (True, False):
+        leaves = [to_torch(a, DEVICE).requires_grad_() for a in (x, w, b)]
+        if entry == "module":
+            crit = nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, bias=True, device=DEVICE,
+                                              return_z_loss=return_z_loss, **options)
+            assert f"return_z_loss={return_z_loss}" in repr(crit)
+            with torch.no_grad():
+                crit.linear.weight.copy_(leaves[1])
+                crit.linear.bias.copy_(leaves[2])
+            leaves[1:] = [crit.linear.weight, crit.linear.bias]
+            returned = crit(leaves[0], target)
+        else:
+            returned = nce.linear_cross_entropy(leaves[0], leaves[1], target,
+                                                linear_bias=leaves[2],
+                                                return_z_loss=return_z_loss, **options)
+        loss = returned[0] if return_z_loss else returned
+        loss.backward(torch.full_like(loss, 0.75))
+        results.append((returned, [leaf.grad for leaf in leaves]))
+    ((loss, z_part), grads), (plain_loss, plain_grads) = results
+    assert not z_part.requires_grad and z_part.shape == loss.shape
+    assert z_part.dtype == torch.float32
+    assert torch.equal(loss.detach(), plain_loss.detach())
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    logits = torch.tensor(np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+                          + np.asarray(b, np.float64))
+    counted = torch.tensor(from_torch(target) != -100)
+    z_rows = 1e-2 * torch.logsumexp(logits, dim=1) ** 2 * counted
+    expected = {"none": z_rows, "sum": z_rows.sum(), "mean": z_rows.sum() / counted.sum()}
+    assert_close(from_torch(z_part), expected[reduction].numpy(), 2e-5, 1e-7, "z part")
+
+
+def test_return_z_loss_with_the_argmax_outputs(rng):
+    """With return_token_accuracy the z part goes into the CrossEntropyOutput, as
+    cross_entropy's."""
+    x, w, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
+    target = to_torch(random_target(rng, N_ROWS, N_CLASSES), DEVICE)
+    out = nce.linear_cross_entropy(to_torch(x, DEVICE), to_torch(w, DEVICE), target, z_loss=1e-2,
+                                   return_z_loss=True, return_token_accuracy=True)
+    loss, z_part = nce.linear_cross_entropy(to_torch(x, DEVICE), to_torch(w, DEVICE), target,
+                                            z_loss=1e-2, return_z_loss=True)
+    assert torch.equal(out.loss, loss) and torch.equal(out.z_loss, z_part)
+    assert out.token_accuracy is not None and out.predicted_tokens is None
+    with pytest.raises(TypeError, match=re.escape("return_z_loss must be True or False (got 1)")):
+        nce.linear_cross_entropy(to_torch(x, DEVICE), to_torch(w, DEVICE), target,
+                                 return_z_loss=1)

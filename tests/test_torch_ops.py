@@ -15,6 +15,8 @@ pytestmark = pytest.mark.usefixtures("torch_device")  # CPU tensors in the simul
 N_ROWS, N_FEATURES, N_CLASSES = 5, 4, 11
 EVERY_OPTION = dict(ignore_index=3, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
                     return_token_accuracy=True, return_predicted_tokens=True)
+# every option class probabilities take (no ignore_index >= 0, no token accuracy)
+EVERY_PROBABILITY_OPTION = dict(EVERY_OPTION, ignore_index=-100, return_token_accuracy=False)
 PLAIN = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
              return_token_accuracy=False, return_predicted_tokens=False)
 
@@ -36,9 +38,14 @@ def opcheck(op, args, kwargs):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", [EVERY_OPTION, PLAIN], ids=["every option", "plain"])
+@pytest.mark.parametrize("options", [EVERY_OPTION, PLAIN, EVERY_PROBABILITY_OPTION],
+                         ids=["every option", "plain", "class probabilities"])
 def test_cross_entropy(reduction, options):
+    """Class indices, and class probabilities (N, V) of the logits' dtype: the same schema (a
+    Tensor target), the same outputs."""
     logits, target, weight = row_inputs()
+    if options is EVERY_PROBABILITY_OPTION:
+        target = torch.softmax(torch.randn(N_ROWS, N_CLASSES), dim=1)
     arguments = dict(options, reduction=reduction, validate=True)
     opcheck(ops.cross_entropy, (logits, target, weight, None), dict(arguments, with_grad=True))
     opcheck(ops.cross_entropy, (logits, target, None, upstream(reduction)),
@@ -83,5 +90,20 @@ def test_cross_entropy_op_differentiates_by_a_second_pass(reduction):
     public = nce.cross_entropy(logits.clone(), target, weight, reduction=reduction,
                                **{k: v for k, v in EVERY_OPTION.items() if k != "ignore_index"},
                                ignore_index=3)[0]
+    (expected,) = torch.autograd.grad(public, logits, g)
+    torch.testing.assert_close(direct, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_pass_with_class_probabilities(reduction):
+    """The op's own autograd formula with class probabilities: the public function's gradient."""
+    logits, _, weight = row_inputs()
+    target = torch.softmax(torch.randn(N_ROWS, N_CLASSES), dim=1)
+    options = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    loss = ops.cross_entropy(logits, target, weight, None, **dict(
+        PLAIN, **options, reduction=reduction, with_grad=False, validate=True))[0]
+    g = upstream(reduction).reshape(loss.shape)
+    (direct,) = torch.autograd.grad(loss, logits, g)
+    public = nce.cross_entropy(logits.clone(), target, weight, reduction=reduction, **options)
     (expected,) = torch.autograd.grad(public, logits, g)
     torch.testing.assert_close(direct, expected, rtol=1e-6, atol=1e-7)

@@ -1,6 +1,7 @@
 """numba_ce.torch against torch.nn.functional.cross_entropy called the same way (issue 20): every
 form of torch's signature (positional, keywords, the legacy size_average and reduce), its input
-forms (K-dimensional, unbatched), uint8 and int32 targets and float64 logits, through the
+forms (K-dimensional, unbatched), uint8 and int32 targets, class-probability targets and float64
+logits, through the
 function and the module, on fresh random inputs, each compared with torch's float64 loss and
 input gradient; then PyTorch's own OpInfo sample inputs for nn.functional.cross_entropy. CPU
 tensors in the simulator, CUDA tensors on a GPU (the bad inputs' errors: test_torch.py)."""
@@ -40,7 +41,8 @@ class Call(NamedTuple):
     in the same order): the input's shape (classes in dimension 1; (C,) unbatched) and dtype,
     the target's dtype, the arguments after (input, target), whether a quarter of the target
     elements are set to IGNORED, whether the input is in channels-last memory, and the reduction
-    named by the deprecation warning that legacy arguments bring (None: no warning)."""
+    named by the deprecation warning that legacy arguments bring (None: no warning); with
+    ``probabilities``, the target holds class probabilities of the input's shape and dtype."""
     shape: tuple
     args: tuple = ()
     kwargs: dict = {}
@@ -49,6 +51,7 @@ class Call(NamedTuple):
     ignored: bool = False
     channels_last: bool = False
     legacy: str | None = None
+    probabilities: bool = False
 
 
 K_DIM = (3, N_CLASSES, 5)
@@ -89,21 +92,52 @@ CALLS = {
     "float64 (N, C, d1, d2)": Call((2, N_CLASSES, 3, 2), kwargs=dict(reduction="none"),
                                    dtype="float64"),
     "float64 unbatched": Call((N_CLASSES,), dtype="float64"),
+    **{f"probabilities {reduction}, every option": Call(
+        (6, N_CLASSES), (WEIGHT, None, -100, None, reduction, 0.1), probabilities=True)
+       for reduction in ("mean", "sum", "none")},
+    "probabilities, keywords": Call((6, N_CLASSES), kwargs=dict(weight=WEIGHT, reduction="sum"),
+                                    probabilities=True),
+    "probabilities (N, C, d1, d2) none": Call((2, N_CLASSES, 3, 4), (WEIGHT,),
+                                              dict(reduction="none", label_smoothing=0.2),
+                                              probabilities=True),
+    "probabilities (N, C, d) channels-last": Call((2, N_CLASSES, 3, 4), channels_last=True,
+                                                  probabilities=True),
+    "probabilities unbatched (C,)": Call((N_CLASSES,), (WEIGHT,), dict(reduction="none"),
+                                         probabilities=True),
+    "probabilities bfloat16": Call((6, N_CLASSES), (WEIGHT,), dict(label_smoothing=0.1),
+                                   dtype="bfloat16", probabilities=True),
+    "probabilities float16 (N, C, d)": Call(K_DIM, kwargs=dict(reduction="sum"), dtype="float16",
+                                            probabilities=True),
+    "probabilities float64 (N, C, d)": Call(K_DIM, (WEIGHT,), dict(reduction="none"),
+                                            dtype="float64", probabilities=True),
+    "probabilities, legacy reduce=False": Call((6, N_CLASSES), kwargs=dict(reduce=False),
+                                               legacy="none", probabilities=True),
+    "probabilities (0, C)": Call((0, N_CLASSES), kwargs=dict(reduction="sum"),
+                                 probabilities=True),
 }
 
 
 def random_input(rng, call):
     """(leaf input, target, weight) of ``call``: normal logits (scale 3) rounded to its dtype,
-    class indices of its dtype, weights in [0.5, 1.5) of the input's dtype."""
+    class indices of its dtype (or class probabilities, of the input's shape and dtype and in
+    its memory format), weights in [0.5, 1.5) of the input's dtype."""
     values = (rng.standard_normal(call.shape) * 3).astype(NUMPY_DTYPES[call.dtype])
     x = to_torch(values, DEVICE)
     if call.channels_last:
         x = x.to(memory_format=torch.channels_last)
+    weight = to_torch((rng.random(N_CLASSES) + 0.5).astype(NUMPY_DTYPES[call.dtype]), DEVICE)
+    if call.probabilities:
+        class_dim = 0 if len(call.shape) == 1 else 1
+        q = rng.random(call.shape) ** 3
+        q /= np.maximum(q.sum(axis=class_dim, keepdims=True), 1e-30)
+        target = to_torch(q.astype(NUMPY_DTYPES[call.dtype]), DEVICE)
+        if call.channels_last:
+            target = target.to(memory_format=torch.channels_last)
+        return x.requires_grad_(), target, weight
     element_shape = call.shape[:1] + call.shape[2:] if len(call.shape) > 1 else ()
     target = rng.integers(0, N_CLASSES, element_shape)
     if call.ignored:
         target[rng.random(element_shape) < 0.25] = IGNORED
-    weight = to_torch((rng.random(N_CLASSES) + 0.5).astype(NUMPY_DTYPES[call.dtype]), DEVICE)
     return x.requires_grad_(), to_torch(target, DEVICE, call.target_dtype), weight
 
 
@@ -133,8 +167,9 @@ def torch_float64(x, target, weight, call):
     a fresh upstream gradient (returned too)."""
     leaf = x.detach().double().requires_grad_()
     args, kwargs = arguments(call, weight.double())
+    target = target.double() if call.probabilities else target.long()
     with warns_legacy(call.legacy):
-        loss = F.cross_entropy(leaf, target.long(), *args, **kwargs)
+        loss = F.cross_entropy(leaf, target, *args, **kwargs)
     upstream = torch.rand_like(loss) + 0.5
     loss.backward(upstream)
     return loss.detach(), leaf.grad, upstream
@@ -273,17 +308,18 @@ SAMPLES = [(name, index) for name, dtype in OPINFO_DTYPES.items()
 @pytest.mark.parametrize("dtype,index", SAMPLES, ids=[f"{d}-{i}" for d, i in SAMPLES])
 def test_opinfo_sample_matches_torch(dtype, index):
     """Each OpInfo sample's loss and input gradient, within TOLERANCES (float64: float32's) of
-    torch's on the sample's values in float64; the loss in torch's shape."""
+    torch's on the sample's values in float64; the loss in torch's shape. Class-probability
+    targets (the samples' require grad) are passed detached: numba_ce.torch computes no gradient
+    for them and refuses one that requires it (test_torch.py)."""
     sample = opinfo_samples(OPINFO_DTYPES[dtype])[index]
     target, *args = sample.args
-    if target.is_floating_point():
-        pytest.skip("class-probability (floating-point) targets are not supported by "
-                    "numba_ce.torch yet")
+    target = target.detach()
     x = sample.input.detach().clone().requires_grad_()
     reference = x.detach().double().requires_grad_()
-    expected = F.cross_entropy(reference, target, *args, **{
-        name: value.double() if torch.is_tensor(value) else value
-        for name, value in sample.kwargs.items()})
+    expected = F.cross_entropy(reference, target.double() if target.is_floating_point()
+                               else target, *args, **{
+                                   name: value.double() if torch.is_tensor(value) else value
+                                   for name, value in sample.kwargs.items()})
     upstream = torch.rand_like(expected) + 0.5
     expected.backward(upstream)
     loss = nce.cross_entropy(x, target, *args, **sample.kwargs)

@@ -2,11 +2,12 @@
 roofline report. Compiles offline (no GPU needed) for sm_90 by default, or for the visible GPU.
 
     from numba_ce import inspection
-    inspection.kernel_names()  # ['fused', 'loss', 'target_stats', 'reduce_rows', 'scale',
-                               #  'slice', 'round']
+    inspection.kernel_names()  # ['fused', 'loss', 'target_stats', 'probability_stats',
+                               #  'reduce_rows', 'scale', 'slice', 'round']
     inspection.ptx("fused", "bfloat16")             # PTX for sm_90, as the GPU path compiles it
     inspection.resources("fused", "bfloat16")       # registers, shared/local memory, occupancy
     inspection.ptx("fused", variant=inspection.Variant(softcap=30.0))  # the softcap specialisation
+    inspection.ptx("fused", variant=inspection.Variant(probability_targets=True))  # soft labels
     print(inspection.format_table([inspection.resources(k) for k in inspection.kernel_names()]))
 
 The same from the shell: ``python -m numba_ce inspect --help`` and ``python -m numba_ce roofline

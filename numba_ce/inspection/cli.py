@@ -43,7 +43,8 @@ def add_commands(commands):
     inspect = commands.add_parser(
         "inspect", help="source, PTX, SASS and resource use of the kernels (no GPU needed)",
         description="Compile the kernels as a call on (N, V) logits would launch them (int64 "
-                    "targets, reduction 'mean', the options given) and print what is asked; "
+                    "targets or, with --probability-targets, class probabilities; reduction "
+                    "'mean'; the options given) and print what is asked; "
                     "without --source, --ptx or --sass, the resource table. Needs no GPU, a shell "
                     "without NUMBA_ENABLE_CUDASIM=1, and the CUDA tools that pip install "
                     "'numba_ce[inspect]' brings.")
@@ -66,7 +67,12 @@ def add_commands(commands):
                               "smoothing specialisation)")
     inspect.add_argument("--argmax-outputs", action="store_true",
                          help="a call with return_token_accuracy and return_predicted_tokens "
-                              "(the argmax specialisation of the row kernels)")
+                              "(the argmax specialisation of the row kernels; with "
+                              "--probability-targets, return_predicted_tokens)")
+    inspect.add_argument("--probability-targets", action="store_true",
+                         help="a call with class-probability targets (N, V) of the logits' "
+                              "dtype (the class-probability specialisation of the row kernels; "
+                              "with --class-weights, the weighted one)")
     for section, what in [("source", "the kernel's Python source"), ("ptx", "its PTX"),
                           ("sass", "its SASS (needs nvdisasm or cuobjdump)"),
                           ("resources", "the resource table (needs ptxas)")]:
@@ -114,10 +120,11 @@ def _inspect(args):
     capability = args.arch or compiler.default_arch()
     arch = compiler.arch_name(capability)
     shape = tuple(args.shape)
-    variant = Variant(args.softcap, args.label_smoothing, args.class_weights, args.argmax_outputs)
+    variant = Variant(args.softcap, args.label_smoothing, args.class_weights, args.argmax_outputs,
+                      args.probability_targets)
     plan = [(name, _dtypes_of(name, dtypes)) for name in names]  # raises before any output
     print(f"numba_ce kernels for {compiler.describe_arch(capability)}; "
-          f"logits {shape[0]} x {shape[1]}, int64 targets, reduction 'mean', "
+          f"logits {shape[0]} x {shape[1]}, {variant.targets()}, reduction 'mean', "
           f"{variant.describe()}")
     table = []
     for name, name_dtypes in plan:

@@ -38,6 +38,8 @@ class KernelSpec(NamedTuple):
     rounds: bool     # whether it rounds float32 results to the logits' format
     summary: str
     dtypes: tuple = DTYPES  # the logits dtypes it is compiled for
+    targets: str | None = None  # "indices" or "probabilities": the targets of the call that
+    #                             launches it whatever the variant (None: the variant's)
 
 
 KERNELS = {
@@ -48,7 +50,11 @@ KERNELS = {
     "loss": KernelSpec(kernels, "row_kernel", "loss", True, True, False,
                        "one block a row: lse and row losses, no gradient (cross_entropy)"),
     "target_stats": KernelSpec(kernels, "target_stats", "with_grad", False, False, False,
-                               "one block: the reduction denominators and S_w from the targets"),
+                               "one block: the reduction denominators and S_w from the targets",
+                               targets="indices"),
+    "probability_stats": KernelSpec(kernels, "probability_stats", "with_grad", False, False,
+                                    False, "one block: N, N and S_w for class-probability "
+                                    "targets", targets="probabilities"),
     "reduce_rows": KernelSpec(kernels, "reduce_rows", "with_grad", False, False, False,
                               "one block: the row losses summed for reduction 'sum' / 'mean'"),
     "scale": KernelSpec(scale_kernel, "scale_kernel", "backward", True, True, True,
@@ -57,10 +63,12 @@ KERNELS = {
                         "is 1)"),
     "slice": KernelSpec(slice_gradient, "slice_gradient_kernel", "slice", True, True, True,
                         "one block a row: the gradient of a slice of the classes in place, "
-                        "from each row's lse given (the lean linear cross-entropy's pass B)"),
+                        "from each row's lse given (the lean linear cross-entropy's pass B)",
+                        targets="indices"),
     "states": KernelSpec(slice_states, "slice_states_kernel", "states", True, True, False,
                          "one block a row: a slice of the classes' partial softmax states, "
-                         "read once (the vocab-parallel loss's first pass)"),
+                         "read once (the vocab-parallel loss's first pass)",
+                         targets="indices"),
     "round": KernelSpec(rounding, "round_kernel", "round", True, False, True,
                         "grid-stride: the linear cross-entropy's float32 weight gradient "
                         "rounded to the logits' format (fp16 and bf16 only)",
@@ -71,13 +79,15 @@ DEFAULT_SHAPE = (4096, 128256)  # 4096 tokens of Llama 3's vocabulary, as the de
 
 class Variant(NamedTuple):
     """The options that change a row kernel's code (each is compiled in only when used):
-    softcap, label smoothing, class weights with label smoothing, and the argmax outputs
-    (token accuracy, predicted tokens). z-loss, ignore_index and the reduction are run-time
-    values of every kernel."""
+    softcap, label smoothing, class weights (with label smoothing, or with class-probability
+    targets), the argmax outputs (token accuracy, predicted tokens; with class probabilities,
+    the predicted tokens) and class-probability targets (N, V) in place of class indices (N,).
+    z-loss, ignore_index and the reduction are run-time values of every kernel."""
     softcap: float | None = None
     label_smoothing: float = 0.0
     class_weights: bool = False
     argmax_outputs: bool = False
+    probability_targets: bool = False
 
     def describe(self):
         parts = ([f"softcap {self.softcap}"] if self.softcap is not None else []) + (
@@ -85,6 +95,10 @@ class Variant(NamedTuple):
             ["class weights"] if self.class_weights else []) + (
             ["argmax outputs"] if self.argmax_outputs else [])
         return ", ".join(parts) or "no softcap, label smoothing, class weights or argmax outputs"
+
+    def targets(self):
+        """What the call's targets are, as the inspect command's header says it."""
+        return "class-probability targets" if self.probability_targets else "int64 targets"
 
 
 PLAIN = Variant()
@@ -144,10 +158,14 @@ def check_kernel_dtype(name, dtype):
 
 def planned_launch(name, dtype, shape, variant=PLAIN):
     """The :class:`Launch` of kernel ``name`` in a call on ``shape`` (N, V) logits of ``dtype``
-    with int64 targets, reduction "mean" and the options of ``variant`` (a :class:`Variant`), as
-    the launching code plans it for a GPU (for "round": a weight gradient of N x V elements; for
-    "slice" and "states": the first V classes of a vocabulary of V, as one slice)."""
+    with int64 targets (or class probabilities of ``dtype``), reduction "mean" and the options
+    of ``variant`` (a :class:`Variant`), as the launching code plans it for a GPU (for "round":
+    a weight gradient of N x V elements; for "slice" and "states": the first V classes of a
+    vocabulary of V, as one slice). Kernels of one kind of targets (KernelSpec.targets) are
+    planned for it."""
     spec = check_kernel_dtype(name, dtype)
+    if spec.targets is not None:
+        variant = variant._replace(probability_targets=spec.targets == "probabilities")
     if SIMULATOR:
         raise RuntimeError(
             "planning a GPU launch needs a process without NUMBA_ENABLE_CUDASIM=1 (the kernels "
@@ -180,12 +198,13 @@ def _plans(call, dtype, n_rows, n_classes, variant):
         source = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (n,), (0,))
         out = np.lib.stride_tricks.as_strided(one_row, (n,), (0,))
         return [planning.plan_round(source, np.ones(1, np.float32), out, dtype, device)]
+    probabilities = variant.probability_targets
     options = Options(label_smoothing=variant.label_smoothing, softcap=variant.softcap,
-                      return_token_accuracy=variant.argmax_outputs,
+                      return_token_accuracy=variant.argmax_outputs and not probabilities,
                       return_predicted_tokens=variant.argmax_outputs)
     weight = np.ones(n_classes, np.float32) if variant.class_weights else None
-    inputs = planning.RowInputs(logits, dtype, np.zeros(n_rows, np.int64), weight,
-                                np.ones(1, np.float32))
+    target = logits if probabilities else np.zeros(n_rows, np.int64)  # (rows aliasing one too)
+    inputs = planning.RowInputs(logits, dtype, target, weight, np.ones(1, np.float32))
     stats = np.zeros(3, np.float32)
     if call == "slice":
         return [planning.plan_slice_gradient(inputs, 0, n_classes, options, stats,

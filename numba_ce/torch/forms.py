@@ -13,6 +13,10 @@ contiguously, and an (M,) target:
                                                    gives the input its float64 gradient
     uint8 target                                   an int64 copy (int64 and int32: as they are)
 
+or, with class probabilities (a floating-point target of input's shape and dtype, as torch
+tells them apart: by the shape), the same moves and casts of the target as of the input, into
+(M, C): its class dimension last, float64 as float32.
+
 A per-element output (the loss and its z part for reduction="none", the token accuracy, the
 predicted tokens) comes back in the target's shape: (N, d1, ..., dk), or 0-d unbatched.
 """
@@ -49,29 +53,41 @@ def reduction_of(size_average: bool | None, reduce: bool | None, reduction: str)
 class Rows(NamedTuple):
     """A call in the form the ops take."""
     logits: torch.Tensor  # (M, C), of input's dtype (float32 for float64 input)
-    target: torch.Tensor  # (M,), int64 or int32
+    target: torch.Tensor  # (M,), int64 or int32; class probabilities (M, C) of logits' dtype
     element_shape: torch.Size  # torch's shape of a per-element output: target's
     loss_dtype: torch.dtype  # of the loss torch returns: float32, or float64 for float64 input
 
 
 def as_rows(input: torch.Tensor, target: torch.Tensor) -> Rows:
-    """The call of ``input`` against class indices ``target`` in the ops' form (see the module's
-    docstring); raises TypeError for a dtype torch's cross_entropy does not take (int32 targets
-    excepted) and ValueError for shapes that do not match as torch matches them."""
+    """The call of ``input`` against class indices or class probabilities ``target`` in the
+    ops' form (see the module's docstring); raises TypeError for a dtype torch's cross_entropy
+    does not take (int32 targets excepted; class probabilities of another dtype than input's,
+    which torch would promote) and ValueError for shapes that do not match as torch matches
+    them."""
     _check_dtypes(input, target)
-    element_shape = _element_shape(input, target)
-    logits = input
-    if input.dim() > 2:
-        logits = logits.movedim(1, -1)
-    if input.dtype == torch.float64:
-        logits = logits.to(torch.float32, memory_format=torch.contiguous_format)
-    if input.dim() != 2:
-        n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-        logits, target = logits.reshape(target.numel(), n_classes), target.reshape(-1)
+    probabilities = target.is_floating_point()
+    element_shape = _probability_shape(input, target) if probabilities else _element_shape(
+        input, target)
+    shape = (element_shape.numel(), input.shape[0] if input.dim() == 1 else input.shape[1])
+    logits = _class_rows(input, shape)
+    if probabilities:
+        target = _class_rows(target, shape)
+    elif input.dim() != 2:
+        target = target.reshape(-1)
     if target.dtype == torch.uint8:
         target = target.long()
     loss_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     return Rows(logits, target, element_shape, loss_dtype)
+
+
+def _class_rows(tensor, shape):
+    """``tensor`` (input's shape) as ``shape`` (M, C), rows of classes: the class dimension moved
+    last (a view, copied by the reshape where the classes are not contiguous), float64 as
+    float32."""
+    rows = tensor.movedim(1, -1) if tensor.dim() > 2 else tensor
+    if tensor.dtype == torch.float64:
+        rows = rows.to(torch.float32, memory_format=torch.contiguous_format)
+    return rows if tensor.dim() == 2 else rows.reshape(shape)
 
 
 def in_torch_shapes(rows: Rows, options: Options, outputs: tuple) -> tuple:
@@ -96,11 +112,29 @@ def _check_dtypes(input, target):
     if input.dtype not in LOGITS_DTYPES:
         raise TypeError(f"input dtype must be float32, float16, bfloat16 or float64 (got "
                         f"{_name(input.dtype)})")
-    if target.dtype not in TARGET_DTYPES:
-        hint = ("; class-probability (floating-point) targets are not supported"
-                if target.is_floating_point() else "")
+    if target.is_floating_point():
+        if target.dtype != input.dtype:
+            raise TypeError(f"target (class probabilities) must have input's dtype "
+                            f"{_name(input.dtype)} (got {_name(target.dtype)}); pass "
+                            "target.to(input.dtype)")
+    elif target.dtype not in TARGET_DTYPES:
         raise TypeError(f"target must hold class indices of dtype int64 or uint8 (as torch's), "
-                        f"or int32 (got {_name(target.dtype)}){hint}")
+                        f"or int32, or class probabilities of input's dtype (got "
+                        f"{_name(target.dtype)})")
+
+
+def _probability_shape(input, target):
+    """The shape of a per-element output of class probabilities ``target``, which torch
+    requires to have input's shape: input's without the class dimension."""
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: (C,), (N, C) or (N, C, d1, ..., "
+                         "dk) (got a 0-d tensor)")
+    if target.shape != input.shape:
+        indices = (input.shape[:1] + input.shape[2:]) if input.dim() > 1 else torch.Size(())
+        raise ValueError(f"target of floating-point dtype holds class probabilities and must "
+                         f"have input's shape {_shape(input)} (got shape {_shape(target)}); "
+                         f"class indices (int64, uint8 or int32) have shape {_shape(indices)}")
+    return input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size(())
 
 
 def _element_shape(input, target):
@@ -116,9 +150,11 @@ def _element_shape(input, target):
         return torch.Size(())
     expected = input.shape[:1] + input.shape[2:]
     if target.shape != expected:
+        hint = ("; a target of input's shape holds class probabilities, of input's "
+                "floating-point dtype" if target.shape == input.shape else "")
         raise ValueError(f"target must have shape {_shape(expected)} to match input "
                          f"{_shape(input)}, whose class dimension is dimension 1 (got shape "
-                         f"{_shape(target)})")
+                         f"{_shape(target)}){hint}")
     return target.shape
 
 

@@ -74,7 +74,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                   return_z_loss: bool = False, return_token_accuracy: bool = False,
                   return_predicted_tokens: bool = False, validate: bool = True
                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
-    """Cross-entropy of ``input`` against class indices ``target``, as
+    """Cross-entropy of ``input`` against class indices or class probabilities ``target``, as
     :func:`torch.nn.functional.cross_entropy` (the same positional parameters, input forms and
     legacy arguments), plus z-loss and softcap; our own options are keyword-only.
 
@@ -87,7 +87,13 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         overlap) are copied first. float64 is computed in float32 (numerics below).
     target : int64 or uint8 tensor (int32 too) of input's shape without the class dimension:
         (N,), (N, d1, ..., dk), or () for a (C,) input. Elements equal to ``ignore_index``
-        contribute nothing.
+        contribute nothing. Or class probabilities: a tensor of input's shape and dtype (torch
+        would promote other dtypes; refused here), each element's loss -sum_c w_c q'_c log p_c
+        with q' = (1 - label_smoothing) q + label_smoothing / C, whatever q sums to, in the same
+        fused kernel (logits and targets read once for the loss, twice for its gradient). Every
+        element counts ("mean" divides by their number, as torch's); an ignore_index >= 0 and
+        return_token_accuracy are refused with them, and so is a target that requires grad
+        while grad mode is on (no gradient for q is computed: detach it).
     weight : float tensor (C,), optional. Class weights, as in PyTorch (read as float32).
     size_average, reduce : torch's deprecated arguments: when either is not None, they set the
         reduction by torch's rule (torch.nn._reduction.legacy_get_string, which warns as torch
@@ -139,7 +145,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     validate = check_flag("validate", validate)
     tensors.check_devices(input, target=target, weight=weight)
     rows = forms.as_rows(input, target)
-    logits, target = tensors.readable_rows(rows.logits), rows.target
+    logits, target = tensors.readable_rows(rows.logits), tensors.readable_rows(rows.target)
+    if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "numba_ce.torch computes no gradient for class-probability targets, and target "
+            "requires grad (torch's cross_entropy would differentiate -sum w q log p in q too); "
+            "pass target.detach(), or compute this loss with torch's own cross_entropy")
     run = ops.entry_points()
     if not (torch.is_grad_enabled() and logits.requires_grad):
         outputs = run.cross_entropy(logits, target, weight, None, options, with_grad=False,

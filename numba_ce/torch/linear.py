@@ -20,9 +20,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                          options: linear_forms.TorchOptions | None = None,
                          z_loss: float = 0.0, softcap: float | None = None,
                          memory: str = "low", chunk_size: int | None = None,
-                         return_token_accuracy: bool = False,
-                         return_predicted_tokens: bool = False,
-                         validate: bool = True) -> torch.Tensor | CrossEntropyOutput:
+                         return_z_loss: bool = False, return_token_accuracy: bool = False,
+                         return_predicted_tokens: bool = False, validate: bool = True
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias`` against ``target``,
     as :func:`torch.nn.functional.linear_cross_entropy` (same leading signature), plus z-loss and
     softcap, computed chunk by chunk so that no N x V logits are ever stored.
@@ -39,12 +39,14 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     memory, chunk_size : as :func:`numba_ce.linear_cross_entropy`: "low" (default) computes the
         gradients in a second pass over slices of the classes, with no V x H float32 sum;
         "fast" in one pass over chunks of rows, with a float32 V x H weight-gradient sum.
-    return_token_accuracy, return_predicted_tokens : as in :func:`numba_ce.torch.cross_entropy`.
+    return_z_loss, return_token_accuracy, return_predicted_tokens : as in
+        :func:`numba_ce.torch.cross_entropy`.
 
     Returns
     -------
-    float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none' (a CrossEntropyOutput with
-    return_token_accuracy or return_predicted_tokens, as cross_entropy's). Gradients reach input,
+    float32 loss: 0-d for 'mean' and 'sum', (N,) for 'none'; or (loss, z_loss) with
+    ``return_z_loss``; with return_token_accuracy or return_predicted_tokens a
+    CrossEntropyOutput, as cross_entropy's. Gradients reach input,
     linear_weight and linear_bias in their dtypes; the weight and bias gradients are summed over
     the rows in float32 and rounded once (a backward whose upstream gradient is not 1 rounds them
     once more as it scales them).
@@ -55,6 +57,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                       z_loss, softcap, return_token_accuracy, return_predicted_tokens)
     validation.check_chunk_size(chunk_size)
     linear.check_memory(memory)
+    return_z_loss = check_flag("return_z_loss", return_z_loss)
     validate = check_flag("validate", validate)
     tensors.check_devices(input, linear_weight=linear_weight, target=target,
                           linear_bias=linear_bias, weight=weight)
@@ -68,17 +71,17 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                      validate=validate, input_grad=asked[0], linear_weight_grad=asked[1],
                      linear_bias_grad=asked[2])
     if not (options.reduced and any(asked)):  # "none": the op's autograd formula, a second pass
-        loss, accuracy, predicted, *_ = linear_ops.linear_cross_entropy(
+        loss, z_part, accuracy, predicted, *_ = linear_ops.linear_cross_entropy(
             input, linear_weight, linear_bias, target, weight, None, **arguments)
     else:  # the gradients for an upstream of 1, computed now, scaled by attach_gradient's backward
-        loss, accuracy, predicted, *grads = linear_ops.linear_cross_entropy(
+        loss, z_part, accuracy, predicted, *grads = linear_ops.linear_cross_entropy(
             *(None if t is None else t.detach() for t in linear_inputs), target, weight, None,
             **arguments)
         for tensor, grad, needed in zip(linear_inputs, grads, asked):
             if needed:
                 loss = ops.entry_points().attach_gradient(loss, tensor, grad)
     if options.argmax:
-        return CrossEntropyOutput(loss, None,
+        return CrossEntropyOutput(loss, z_part if return_z_loss else None,
                                   accuracy if options.return_token_accuracy else None,
                                   predicted if options.return_predicted_tokens else None)
-    return loss
+    return (loss, z_part) if return_z_loss else loss

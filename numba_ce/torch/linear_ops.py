@@ -4,7 +4,7 @@ has the cross-entropy's, and says why custom ops):
     numba_ce::linear_cross_entropy
         (input, linear_weight, linear_bias?, target, weight?, grad_output?, *, options...,
          memory, chunk_size, validate, input_grad, linear_weight_grad, linear_bias_grad)
-        -> (loss, token accuracy, predicted tokens, grad_input, grad_linear_weight,
+        -> (loss, z part, token accuracy, predicted tokens, grad_input, grad_linear_weight,
             grad_linear_bias)
 
 numba_ce.linear.compute in the design ``memory`` names: the loss, and the gradients asked for by
@@ -34,12 +34,13 @@ GRADIENT_FLAGS = "bool input_grad, bool linear_weight_grad, bool linear_bias_gra
     schema="(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
            f"Tensor? weight, Tensor? grad_output, *, {OPTIONS_SCHEMA}, str memory, "
            f"int? chunk_size, bool validate, {GRADIENT_FLAGS}) "
-           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def linear_cross_entropy(input, linear_weight, linear_bias, target, weight, grad_output, *,
                          memory, chunk_size, validate, input_grad, linear_weight_grad,
                          linear_bias_grad, **options):
-    """(loss, token accuracy, predicted tokens, grad_input, grad_linear_weight,
-    grad_linear_bias); outputs not asked for or not computed are empty (0,)."""
+    """(loss, z part, token accuracy, predicted tokens, grad_input, grad_linear_weight,
+    grad_linear_bias): the z part as numba_ce::cross_entropy's (no gradient); outputs not asked
+    for or not computed are empty (0,)."""
     options = Options(**options)
     needed = _computed(options, grad_output, linear_bias,
                        (input_grad, linear_weight_grad, linear_bias_grad))
@@ -61,9 +62,10 @@ def linear_cross_entropy(input, linear_weight, linear_bias, target, weight, grad
     def tensor(array, dtype):
         return input.new_empty(0, dtype=dtype) if array is None else xp.tensor(array)
 
-    # The loss and the token accuracy are views of one allocation (buffers.allocate), and an
-    # op's outputs may not share memory: copies (one value each, or N).
+    # The loss, its z part and the token accuracy are views of one allocation
+    # (buffers.allocate), and an op's outputs may not share memory: copies (one value each, or N).
     return (tensor(result.loss, torch.float32).clone(),
+            tensor(result.z_loss, torch.float32).clone(),
             tensor(result.token_accuracy, torch.float32).clone(),
             tensor(result.predicted_tokens, torch.int64),
             *(tensor(array, input.dtype) for array in result[1:4]))
@@ -75,8 +77,7 @@ def _(input, linear_weight, linear_bias, target, weight, grad_output, *, memory,
     options = Options(**options)
     needed = _computed(options, grad_output, linear_bias,
                        (input_grad, linear_weight_grad, linear_bias_grad))
-    loss, _, accuracy, predicted = empty_outputs(input, options)  # (no z part here)
-    return (loss, accuracy, predicted,
+    return (*empty_outputs(input, options),
             *(input.new_empty(t.shape if computed else (0,))
               for t, computed in zip((input, linear_weight, linear_bias), needed)))
 
@@ -105,7 +106,7 @@ def _second_pass(ctx, grad_loss, *not_differentiable):
     refuse_create_graph()
     upstream = grad_loss.float().reshape(-1).contiguous()  # (1,), or (N,) for "none"
     flags = dict(zip(("input_grad", "linear_weight_grad", "linear_bias_grad"), needed))
-    grads = linear_cross_entropy(*ctx.saved_tensors, upstream, **{**ctx.options, **flags})[3:]
+    grads = linear_cross_entropy(*ctx.saved_tensors, upstream, **{**ctx.options, **flags})[4:]
     return (*(grad if asked else None for grad, asked in zip(grads, needed)), None, None, None)
 
 

@@ -77,8 +77,9 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
     (an nn.Linear from ``in_features`` to ``num_classes``) and returns the cross-entropy of its
     logits, ``crit(input, target)``, through :func:`numba_ce.torch.linear_cross_entropy`; plus
     z-loss, softcap, chunk_size, memory (the design), the target check and the outputs of that
-    function. torch's ignore_index=None, options and out_features=() are taken as that function
-    and numba_ce.torch.linear_forms take them."""
+    function (``return_z_loss``: (loss, z_loss), as CrossEntropyLoss). torch's
+    ignore_index=None, options and out_features=() are taken as that function and
+    numba_ce.torch.linear_forms take them."""
 
     weight: torch.Tensor | None  # a buffer
 
@@ -90,8 +91,8 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
                  options: linear_forms.TorchOptions | None = None,
                  z_loss: float = 0.0, softcap: float | None = None,
                  chunk_size: int | None = None, memory: str = "low",
-                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
-                 validate: bool = True) -> None:
+                 return_z_loss: bool = False, return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False, validate: bool = True) -> None:
         super().__init__()
         linear_forms.check_out_features(out_features)
         self._keep(Options(linear_forms.ignore_index_of(ignore_index), reduction,
@@ -102,20 +103,22 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
             linear_forms.check_options(options, chunk_size)
         check_memory(memory)
         self.chunk_size, self.memory, self.options = chunk_size, memory, options
+        self.return_z_loss = check_flag("return_z_loss", return_z_loss)
         self.validate = check_flag("validate", validate)
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
                                       dtype=dtype)
         self.register_buffer("weight", weight)
 
-    def forward(self, input: torch.Tensor,
-                target: torch.Tensor) -> torch.Tensor | CrossEntropyOutput:
+    def forward(self, input: torch.Tensor, target: torch.Tensor
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
             **self._options(), options=self.options, chunk_size=self.chunk_size,
-            memory=self.memory, validate=self.validate)
+            memory=self.memory, return_z_loss=self.return_z_loss, validate=self.validate)
 
     def extra_repr(self):
-        return (f"{self._describe()}, chunk_size={self.chunk_size}, memory={self.memory!r}"
+        return (f"{self._describe()}, chunk_size={self.chunk_size}, memory={self.memory!r}, "
+                f"return_z_loss={self.return_z_loss}"
                 + ("" if self.options is None else f", options={self.options!r}"))
 
 

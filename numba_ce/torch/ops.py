@@ -111,7 +111,7 @@ def run(input, target, weight, grad_output, options, *, with_grad, validate, in_
     fmt = validation.check_logits(logits)
     n_rows, n_classes = logits.shape
     target_array = view(target)
-    validation.check_target(target_array, n_rows)
+    validation.check_row_target(target_array, logits, options)
     weight_array = tensors.class_weights(weight, view)
     if weight_array is not None:
         validation.check_weight(weight_array, n_classes)
