@@ -18,24 +18,21 @@ Two measurements, both bf16 on the GPU:
   Issue 19's target: loss <= 1.15 x kernels at 4096 x 32000.
 
 ms are CUDA-event medians (harness.measure_side_by_side: p20 / p50 / p80). Rows are appended to
-bench/results/compiled_step.csv (and OUT/bench/).
+bench/results/compiled_step.csv (and OUT/bench/: bench.report).
 """
 import argparse
 import copy
 import os
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from . import harness, results
+from .cases import IGNORE_INDEX, OPTIONS
+from .report import Report, run_timed
 
 MEASUREMENT = ("what", "provider", "mode", "tokens", "vocab", "hidden", "reps", "ms_p20",
                "ms_p50", "ms_p80", "first_ms", "loss")
 COLUMNS = results.ENVIRONMENT + MEASUREMENT
-COMMITTED = results.COMMITTED.parent / "compiled_step.csv"
 SMOKE_SHAPE = dict(tokens=12, vocab=40, hidden=8)
-IGNORE_INDEX = -100
 LOSS_TOLERANCE = 2e-2  # between providers' first losses (bf16 logits round them to 2^-9)
 
 
@@ -139,26 +136,13 @@ def loss_step(torch, logits, loss_fn, mode, compile_mode, labels):
 
 
 def kernels_step(logits, labels, smoke):
-    """numba_ce.cross_entropy_with_grad on array views of the tensors, on torch's stream."""
-    import numpy as np
+    """numba_ce.cross_entropy_with_grad on array views of the tensors, on torch's stream:
+    bench.run's numba_ce-cupy provider (NumPy views in the simulator), validate=False."""
+    from types import SimpleNamespace
 
-    import numba_ce
-    from bench.providers import array_view
-    xp = np if smoke else __import__("cupy")
-    x, t = array_view(xp, logits), array_view(xp, labels)
-
-    def call():
-        return numba_ce.cross_entropy_with_grad(x, t, ignore_index=IGNORE_INDEX,
-                                                validate=False).loss
-    if smoke:
-        return harness.Step(call)
-    from numba_ce.torch.tensors import cupy_stream
-    stream = cupy_stream(logits.device)
-
-    def run():
-        with stream:
-            return call()
-    return harness.Step(run)
+    from .providers import NumbaArrays
+    provider = NumbaArrays(simulator=smoke, validate=False)
+    return provider.step("fwd_bwd", SimpleNamespace(logits=logits), labels, OPTIONS["plain"])
 
 
 def main(argv=None):
@@ -169,17 +153,8 @@ def main(argv=None):
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-compiled-")) if args.smoke else None)
-    log_lines = []
-
-    def say(text):
-        print(text, flush=True)
-        log_lines.append(text)
-
-    gpu = "CPU (CUDA simulator)" if args.smoke else torch.cuda.get_device_name()
-    env = results.environment(gpu, "" if args.smoke else results.nvidia_driver())
-    for key, value in env.items():
-        say(f"{key}: {value}")
+    report = Report("compiled_step", args.out, args.smoke, torch)
+    say, env = report.say, report.env
     say(f"{args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}, {dtype}")
     loss_fns, modes = losses(torch), compiler(torch, args.smoke)
     ids, labels = tokens(torch, args, device)
@@ -228,18 +203,9 @@ def main(argv=None):
             if step.reset:
                 step.reset()
         torch._dynamo.reset()
-    if not args.smoke:
-        results.append(COMMITTED, rows, COLUMNS)
-    if out:
-        out_dir = out / "bench"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results.append(out_dir / "compiled_step.csv", rows, COLUMNS)
-        (out_dir / "compiled_step.log").write_text("\n".join(log_lines) + "\n")
+    report.save(rows, COLUMNS)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"bench.compiled_step: {time.perf_counter() - started:.1f} s")
-    sys.exit(code)
+    run_timed(main, "bench.compiled_step")

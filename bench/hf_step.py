@@ -17,18 +17,15 @@ with transformers' to 1e-2. Rows are appended to bench/results/hf_step.csv (and 
 import argparse
 import copy
 import os
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from . import harness, results
+from .report import Report, run_timed
 
 MEASUREMENT = ("provider", "params_m", "layers", "hidden", "vocab", "batch", "length", "reps",
                "ms_p20", "ms_p50", "ms_p80", "first_ms", "peak_extra_mb", "loss",
                "loss_rel_err")
 COLUMNS = results.ENVIRONMENT + MEASUREMENT
-COMMITTED = results.COMMITTED.parent / "hf_step.csv"
 LOSS_TOLERANCE = 1e-2  # relative to transformers' own loss (bf16 logits round it to 2^-9)
 SMOKE_SHAPE = dict(layers=1, hidden=32, vocab=96, batch=2, length=8)
 
@@ -119,17 +116,8 @@ def main(argv=None):
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-hf-")) if args.smoke else None)
-    log_lines = []
-
-    def say(text):
-        print(text, flush=True)
-        log_lines.append(text)
-
-    gpu = "CPU (CUDA simulator)" if args.smoke else torch.cuda.get_device_name()
-    env = results.environment(gpu, "" if args.smoke else results.nvidia_driver())
-    for key, value in env.items():
-        say(f"{key}: {value}")
+    report = Report("hf_step", args.out, args.smoke, torch)
+    say, env = report.say, report.env
     base = llama(torch, args, dtype, device)
     params_m = sum(p.numel() for p in base.parameters()) / 1e6
     input_ids, labels = tokens(torch, args, device)
@@ -168,19 +156,10 @@ def main(argv=None):
             f"{error:.1e}){off}")
         steps[name].reset()
 
-    if not args.smoke:
-        results.append(COMMITTED, rows, COLUMNS)
-    if out:
-        out_dir = out / "bench"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results.append(out_dir / "hf_step.csv", rows, COLUMNS)
-        (out_dir / "hf_step.log").write_text("\n".join(log_lines) + "\n")
+    report.save(rows, COLUMNS)
     return 1 if problems.keys() - {"liger-patch"} or any(
         float(row["loss_rel_err"]) > LOSS_TOLERANCE for row in rows) else 0
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"bench.hf_step: {time.perf_counter() - started:.1f} s")
-    sys.exit(code)
+    run_timed(main, "bench.hf_step")

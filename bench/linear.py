@@ -25,21 +25,19 @@ N x V logits): the rows torch-mm-only and numba_ce-ce-kernel report the two part
 Rows are appended to bench/results/linear.csv (and OUT/bench/linear.csv with --out).
 """
 import argparse
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from . import harness, results
 from .providers import array_view
+from .report import Report, run_timed
 
 DEFAULT_SHAPE = (8192, 4096, 128256)
 MEASUREMENT = ("provider", "n", "h", "v", "dtype", "reps", "ms_p20", "ms_p50", "ms_p80",
                "first_ms", "peak_extra_mb", "loss", "loss_rel_err", "grad_input_rel_err",
                "grad_weight_rel_err", "grad_weight_rms_err")
 COLUMNS = results.ENVIRONMENT + MEASUREMENT
-COMMITTED = results.COMMITTED.parent / "linear.csv"
 
 
 def parse_args(argv):
@@ -183,18 +181,10 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
-    out_dir = args.out / "bench" if args.out else None
-    log_lines = []
-
-    def say(text):
-        print(text, flush=True)
-        log_lines.append(text)
-
     n, h, v = args.shape
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    env = results.environment(torch.cuda.get_device_name(), results.nvidia_driver())
-    for key, value in env.items():
-        say(f"{key}: {value}")
+    report = Report("linear", args.out, False, torch)
+    say, env = report.say, report.env
     head = Head(torch, n, h, v, dtype)
     timer, pool = harness.CudaTimer(torch), cupy.get_default_memory_pool()
 
@@ -253,16 +243,9 @@ def main(argv=None):
     say(f"time bound 1.1 x (mm {mm_timing.ms[1]:.3f} + ce {ce_timing.ms[1]:.3f} ms) = "
         f"{1.1 * bound:.3f} ms")
 
-    results.append(COMMITTED, rows, COLUMNS)
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results.append(out_dir / "linear.csv", rows, COLUMNS)
-        (out_dir / "linear.log").write_text("\n".join(log_lines) + "\n")
+    report.save(rows, COLUMNS)
     return 0
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"bench.linear: {time.perf_counter() - started:.1f} s")
-    sys.exit(code)
+    run_timed(main, "bench.linear")

@@ -15,21 +15,18 @@ torch's stream, validate=False:
     two-pass          states, merge_softmax_states, pass 2   3 N V itemsize
 
 The target: states and slice-gradient each within 10% of the fused kernel's bytes per second.
-Rows are appended to bench/results/vocab_parallel.csv (and OUT/bench/).
+Rows are appended to bench/results/vocab_parallel.csv (and OUT/bench/: bench.report).
 """
 import argparse
 import os
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from . import harness, results
+from .report import Report, run_timed
 
 MEASUREMENT = ("pass", "n", "v", "dtype", "reps", "ms_p20", "ms_p50", "ms_p80", "tbps",
                "vs_fused")
 COLUMNS = results.ENVIRONMENT + MEASUREMENT
-COMMITTED = results.COMMITTED.parent / "vocab_parallel.csv"
 PASS_BYTES = {"fused": 2, "loss": 1, "states": 1, "slice-gradient": 2, "two-pass": 3}
 SMOKE_SHAPES = "6x37"
 
@@ -92,17 +89,8 @@ def main(argv=None):
     if not args.smoke:
         from numba_ce.torch.tensors import cupy_stream
         stream = cupy_stream(torch.device("cuda"))
-    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-vp-")) if args.smoke else None)
-    log_lines = []
-
-    def say(text):
-        print(text, flush=True)
-        log_lines.append(text)
-
-    gpu = "CPU (CUDA simulator)" if args.smoke else torch.cuda.get_device_name()
-    env = results.environment(gpu, "" if args.smoke else results.nvidia_driver())
-    for key, value in env.items():
-        say(f"{key}: {value}")
+    report = Report("vocab_parallel", args.out, args.smoke, torch)
+    say, env = report.say, report.env
     timer = harness.WallTimer() if args.smoke else harness.CudaTimer(torch)
     repetitions = harness.SMOKE if args.smoke else harness.FULL
     rows, losses_agree = [], True
@@ -130,18 +118,9 @@ def main(argv=None):
                 f"{speed:6.3f} TB/s  {ratio:5.2f}x fused's")
     if not losses_agree:
         say("LOSS OFF: a pass's loss differs from the fused kernel's")
-    if not args.smoke:
-        results.append(COMMITTED, rows, COLUMNS)
-    if out:
-        out_dir = out / "bench"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results.append(out_dir / "vocab_parallel.csv", rows, COLUMNS)
-        (out_dir / "vocab_parallel.log").write_text("\n".join(log_lines) + "\n")
+    report.save(rows, COLUMNS)
     return 0 if losses_agree else 1
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"bench.vocab_parallel: {time.perf_counter() - started:.1f} s")
-    sys.exit(code)
+    run_timed(main, "bench.vocab_parallel")

@@ -75,23 +75,30 @@ def test_a_missing_baseline_says_how_to_make_one(tmp_path):
         baseline.load(tmp_path / "missing")
 
 
+def run_smoke(name, tmp_path):
+    """(stdout, rows of OUT/bench/NAME.csv) of ``python -m bench.NAME --smoke --out tmp_path``,
+    which must exit 0 and leave the committed bench/results/NAME.csv as it was."""
+    committed = ROOT / "bench" / "results" / f"{name}.csv"
+    before = committed.read_bytes() if committed.exists() else None
+    proc = subprocess.run([sys.executable, "-m", f"bench.{name}", "--smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (committed.read_bytes() if committed.exists() else None) == before
+    with open(tmp_path / "bench" / f"{name}.csv", newline="") as f:
+        return proc.stdout, list(csv.DictReader(f))
+
+
 def test_hf_step_smoke_trains_each_patch_to_the_same_loss(tmp_path):
     """python -m bench.hf_step --smoke: a tiny Llama's training step with transformers' own loss
     and numba_ce's patch, in the simulator; Liger (not installed here) is skipped with a note;
     the committed results stay as they were."""
     pytest.importorskip("transformers")
-    committed = ROOT / "bench" / "results" / "hf_step.csv"
-    before = committed.read_bytes() if committed.exists() else None
-    proc = subprocess.run([sys.executable, "-m", "bench.hf_step", "--smoke", "--out",
-                           str(tmp_path)], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                          capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    with open(tmp_path / "bench" / "hf_step.csv", newline="") as f:
-        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    stdout, rows = run_smoke("hf_step", tmp_path)
+    rows = {r["provider"]: r for r in rows}
     assert set(rows) == {"transformers", "numba_ce-patch"}
     assert float(rows["numba_ce-patch"]["loss_rel_err"]) < 1e-5  # float32 in the smoke run
-    assert "LOSS OFF" not in proc.stdout
-    assert (committed.read_bytes() if committed.exists() else None) == before
+    assert "LOSS OFF" not in stdout
 
 
 def test_compiled_step_smoke_runs_each_loss_eager_and_compiled(tmp_path):
@@ -99,20 +106,12 @@ def test_compiled_step_smoke_runs_each_loss_eager_and_compiled(tmp_path):
     training step and alone, eager and under torch.compile (aot_eager on the CPU), all at the
     same first loss; numba_ce's kernels alone beside them; the committed results untouched."""
     pytest.importorskip("torch")
-    committed = ROOT / "bench" / "results" / "compiled_step.csv"
-    before = committed.read_bytes() if committed.exists() else None
-    proc = subprocess.run([sys.executable, "-m", "bench.compiled_step", "--smoke", "--out",
-                           str(tmp_path)], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                          capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    with open(tmp_path / "bench" / "compiled_step.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    _, rows = run_smoke("compiled_step", tmp_path)
     found = {(r["what"], r["provider"], r["mode"]) for r in rows}
     assert found == {(what, provider, mode) for what in ("step", "loss")
                      for provider in ("torch", "numba_ce") for mode in ("eager", "compile")
                      } | {("loss", "numba_ce", "kernels")}
     assert len({r["loss"] for r in rows}) == 1, rows  # float32: every provider's first loss
-    assert (committed.read_bytes() if committed.exists() else None) == before
 
 
 def test_vocab_parallel_smoke_times_every_pass_at_the_fused_loss(tmp_path):
@@ -120,15 +119,7 @@ def test_vocab_parallel_smoke_times_every_pass_at_the_fused_loss(tmp_path):
     vocab-parallel passes of a world of one, in the simulator, their losses equal (it exits 1
     when one is off); the committed results untouched."""
     pytest.importorskip("torch")
-    committed = ROOT / "bench" / "results" / "vocab_parallel.csv"
-    before = committed.read_bytes() if committed.exists() else None
-    proc = subprocess.run([sys.executable, "-m", "bench.vocab_parallel", "--smoke", "--out",
-                           str(tmp_path)], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                          capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    with open(tmp_path / "bench" / "vocab_parallel.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    _, rows = run_smoke("vocab_parallel", tmp_path)
     assert [r["pass"] for r in rows] == ["fused", "loss", "states", "slice-gradient",
                                          "two-pass"]
     assert float(rows[0]["vs_fused"]) == 1.0
-    assert (committed.read_bytes() if committed.exists() else None) == before
