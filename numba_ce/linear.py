@@ -22,7 +22,7 @@ from . import (api, buffers, device_properties, devices, execution, linear_fast,
                results, validation)
 from .host_read import start_read
 from .kernels import STAT_WEIGHT_SUM
-from .linear_work import LinearWork, ones
+from .linear_work import LinearWork, ones, unit_column
 from .options import Options, check_flag
 from .results import Array, LinearCrossEntropyResult
 
@@ -196,7 +196,7 @@ def prepared_work(alloc, inputs, options, needed, stats, outputs, device, column
     vocabulary, linear_work.Columns), its upstream gradient the one the kernels read."""
     unscale = ones(alloc, (1,), np.dtype(np.float32))
     work = LinearWork(alloc, inputs, options, tuple(needed), stats, outputs, unscale, device,
-                      columns)
+                      columns, unit_column(alloc, inputs))
     # fp16 only: its smallest subnormal is 6e-8 and its largest value 65504, so the entries
     # g * p_j / S_w of a "mean" gradient (S_w = the batch's sum of w_y, g the scalar upstream)
     # would flush to zero for a large batch, or overflow for a loss-scaled g. The kernels form

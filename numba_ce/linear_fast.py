@@ -23,7 +23,7 @@ is 4096 rows (CHUNK_ROWS), fewer when its logits would exceed 1 GiB (CHUNK_BYTES
 import numpy as np
 
 from . import execution
-from .linear_work import ones, rounded, row_chunk
+from .linear_work import rounded, row_chunk
 from .matmul import matmul
 
 # The default chunk: 4096 rows, halved while its logits exceed 1 GiB. Each chunk's weight-gradient
@@ -46,7 +46,6 @@ def gradients(work, chunk_size):
     grad_input = alloc.empty((n_rows, n_features), dtype) if need_input else None
     weight_sum = _zeros(alloc, (n_classes, n_features)) if need_weight else None
     bias_sum = _zeros(alloc, (n_classes, 1)) if need_bias else None
-    unit_column = ones(alloc, (chunk, 1), dtype) if need_bias else None
     logits = alloc.empty((chunk, n_classes), dtype)
     for start in range(0, n_rows, chunk):
         rows = slice(start, min(start + chunk, n_rows))
@@ -58,7 +57,7 @@ def gradients(work, chunk_size):
         if need_weight:
             matmul(z.T, x, weight_sum, accumulate=True)
         if need_bias:
-            matmul(z.T, unit_column[:x.shape[0]], bias_sum, accumulate=True)
+            matmul(z.T, work.unit_column[rows], bias_sum, accumulate=True)
     if work.rescaled and need_input:  # the rounded input gradient times g / S_w
         execution.scale_rows(grad_input, inputs.fmt, work.unscale, False, work.device)
     grad_weight = None if weight_sum is None else rounded(work, weight_sum)

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import execution
-from .linear_work import logits_into, ones, rounded, row_chunk
+from .linear_work import logits_into, rounded, row_chunk
 from .matmul import matmul
 from .planning import RowInputs, plan_slice_gradient
 
@@ -139,7 +139,6 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
     dtype = x.dtype
     _, need_weight, need_bias = work.needed
     grad_bias = alloc.empty(n_classes, dtype) if need_bias else None
-    unit_column = ones(alloc, (n_rows, 1), dtype) if need_bias else None
     # fp16 "mean": the weight gradient's float32 sums go through a scratch of at most the
     # logits slice's bytes (a slice of V_s x H float32 would be up to 2H / N times that: all of
     # V x H for a batch of few rows), block by block of its rows
@@ -151,7 +150,7 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
         classes = slice(start, min(start + width, n_classes))
         z = memory[:n_rows * (classes.stop - start)].reshape(n_rows, classes.stop - start)
         logits_into(x, linear_weight[classes],
-                    None if linear_bias is None else linear_bias[classes], z)
+                    None if linear_bias is None else linear_bias[classes], z, work.unit_column)
         if n_rows:
             execution.EXECUTOR.launch(_slice_plan(work, z, classes))
         if input_sum is not None:
@@ -159,7 +158,7 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
         if need_weight:
             _rounded_product(work, z.T, x, grad_weight[classes], weight_sums)
         if need_bias:
-            _rounded_product(work, z.T, unit_column, grad_bias[classes].reshape(-1, 1),
+            _rounded_product(work, z.T, work.unit_column, grad_bias[classes].reshape(-1, 1),
                              bias_sums)
     return grad_bias
 

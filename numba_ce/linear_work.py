@@ -18,7 +18,9 @@ class LinearWork(NamedTuple):
     ``stats`` the batch's target statistics (None without rows); ``outputs`` the call's
     buffers.RowOutputs; ``unscale`` (1,) float32: what the float32 sums are multiplied by as
     they are rounded (g / S_w for fp16 "mean", else 1); ``columns`` where the head's classes
-    sit in the vocabulary (None: the head is all of it)."""
+    sit in the vocabulary (None: the head is all of it); ``unit_column`` (N, 1) ones of the
+    input's format where the head has a bias (:func:`logits_into` and the bias gradient's
+    products), else None."""
     alloc: Any
     inputs: Any
     options: Any
@@ -28,6 +30,7 @@ class LinearWork(NamedTuple):
     unscale: Any
     device: Any
     columns: Any = None
+    unit_column: Any = None
 
     @property
     def rescaled(self):
@@ -45,25 +48,39 @@ class Columns(NamedTuple):
     row_weight: Any
 
 
-def logits_into(x, linear_weight, linear_bias, out):
-    """out = x @ linear_weight.T (+ linear_bias) in out's format, as cuBLAS computes it: float32
-    sums rounded once, and with a bias, the bias rows added to that and rounded once more."""
+def logits_into(x, linear_weight, linear_bias, out, unit_column):
+    """out = x @ linear_weight.T (+ linear_bias) in out's format: float32 sums rounded once,
+    and with a bias, the bias rows added to that and rounded once more. The bias goes in as a
+    product of its own, ones (``unit_column``, at least N x 1) times the bias row: its terms are
+    exact, so cuBLAS's sum with beta = 1 rounds z + b once whichever kernel the shape gets (a
+    product of x rounded straight into a bias-filled C is rounded once or twice, by kernel: an
+    H100 gave pass B's slices of 25 classes other logits than pass A's chunks, and the lean
+    design's gradient needs the same bits from both)."""
+    matmul(x, linear_weight.T, out)
     if linear_bias is not None:
-        _broadcast_rows(out, linear_bias)
-    matmul(x, linear_weight.T, out, accumulate=linear_bias is not None)
+        matmul(unit_column[:x.shape[0]], linear_bias.reshape(1, -1), out, accumulate=True)
 
 
 def row_chunk(work, rows, z, with_grad=False):
     """The logits of the rows ``rows`` (a slice) into ``z``, then the row kernel on them: row
     losses and lse into work.outputs and, ``with_grad``, the gradient in place of z."""
     inputs = work.inputs
-    logits_into(inputs.input[rows], inputs.linear_weight, inputs.linear_bias, z)
+    logits_into(inputs.input[rows], inputs.linear_weight, inputs.linear_bias, z,
+                work.unit_column)
     grad_output = inputs.grad_output
     chunk_inputs = RowInputs(z, inputs.fmt, inputs.target[rows], inputs.weight,
                              grad_output[rows] if grad_output.shape[0] > 1 else grad_output)
     execution.EXECUTOR.launch(plan_rows(chunk_inputs, work.options, work.stats,
                                         z if with_grad else None, work.outputs.rows(rows),
                                         work.device))
+
+
+def unit_column(alloc, inputs):
+    """LinearWork.unit_column for ``inputs`` (a linear.LinearInputs): (N, 1) ones of the
+    input's format where the head has a bias, else None."""
+    if inputs.linear_bias is None:
+        return None
+    return ones(alloc, (inputs.input.shape[0], 1), inputs.input.dtype)
 
 
 def ones(alloc, shape, dtype):
@@ -83,9 +100,3 @@ def rounded(work, sums):
     out = work.alloc.empty(sums.shape, dtype)
     execution.round_into(sums, work.unscale, out, work.inputs.fmt, work.device)
     return out
-
-
-def _broadcast_rows(out, row):
-    """Every row of ``out`` = ``row`` (bits copied through an integer view, any format)."""
-    bits = np.dtype(f"int{8 * row.dtype.itemsize}")
-    out.view(bits)[...] = row.view(bits)

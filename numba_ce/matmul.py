@@ -1,7 +1,8 @@
 """Matrix products for numba_ce.linear: ``out = a @ b`` or ``out += a @ b``, products and sums in
 float32, rounded to ``out``'s format; with ``accumulate`` the product is rounded to it first and
-the sum once more (what cuBLAS does with beta = 1 and a bf16 C: every logit of an H100 run, where
-one rounding of the exact sum differed in 16% of them).
+the sum once more. (cuBLAS with beta = 1 and an fp16/bf16 C does that with some kernels and rounds
+once with others, by shape: numba_ce accumulates into fp16/bf16 only exact products, the bias of
+linear_work.logits_into, where both agree; its float32 sums have no rounding to choose.)
 
     GPU        cuBLAS cublasGemmEx on CuPy's current stream (tensor cores for fp16/bf16), with
                float32 compute; ``out`` may be float32 while a and b are fp16/bf16, which is how

@@ -21,7 +21,7 @@ from . import (api, device_properties, devices, execution, linear, results, soft
                validation)
 from .buffers import RowOutputs
 from .linear_lean import gradients as lean_gradients, lean_chunks, loss_pass
-from .linear_work import Columns, LinearWork, logits_into
+from .linear_work import Columns, LinearWork, logits_into, unit_column
 from .options import Options, check_flag
 from .planning import RowInputs, plan_slice_states
 from .results import Array, LinearCrossEntropyResult
@@ -116,7 +116,8 @@ def state_into(alloc, inputs, options, vocab_start, chunk_size, out, device=None
     dtype = inputs.input.dtype
     chunks = lean_chunks(n_rows, n_features, n_columns, dtype.itemsize, NOT_NEEDED, chunk_size)
     memory = alloc.empty(chunks.logits_bytes, np.uint8).view(dtype)
-    work = LinearWork(alloc, inputs, options, NOT_NEEDED, None, None, None, device)
+    work = LinearWork(alloc, inputs, options, NOT_NEEDED, None, None, None, device,
+                      unit_column=unit_column(alloc, inputs))
     state = softmax_states.unpack(out)
     loss_pass(work, chunks.rows, memory,
               functools.partial(_chunk_states, vocab_start=vocab_start, state=state))
@@ -126,7 +127,8 @@ def state_into(alloc, inputs, options, vocab_start, chunk_size, out, device=None
 def _chunk_states(work, rows, z, *, vocab_start, state):
     """A chunk of rows of pass 1: its logits into z, then the states kernel on them."""
     inputs = work.inputs
-    logits_into(inputs.input[rows], inputs.linear_weight, inputs.linear_bias, z)
+    logits_into(inputs.input[rows], inputs.linear_weight, inputs.linear_bias, z,
+                work.unit_column)
     chunk_inputs = RowInputs(z, inputs.fmt, inputs.target[rows], inputs.weight, None)
     execution.EXECUTOR.launch(plan_slice_states(
         chunk_inputs, vocab_start, work.options, state._replace(
