@@ -169,7 +169,8 @@ def class_weights(weight, view=as_array):
 def _numpy_dtype(torch_dtype):
     if torch_dtype == torch.bfloat16:
         return BFLOAT16
-    return torch.empty(0, dtype=torch_dtype).numpy().dtype
+    # on the CPU whatever torch's default device (``with torch.device("cuda"):`` callers)
+    return torch.empty(0, dtype=torch_dtype, device="cpu").numpy().dtype
 
 
 @functools.lru_cache(maxsize=None)

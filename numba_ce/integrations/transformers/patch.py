@@ -30,12 +30,20 @@ import inspect
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
+
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers 5.17: its forwards slice in place, an int or 1-D positions
+    def slice_logits_to_keep(hidden_states, logits_to_keep):
+        positions = (slice(-logits_to_keep, None) if isinstance(logits_to_keep, int)
+                     else logits_to_keep)
+        return hidden_states[:, positions, :]
 
 from .loss import causal_lm_linear_loss
 
-# The forwards read line by line (transformers 5.25) and tested (tests/test_transformers.py).
+# The forwards read line by line (transformers 5.25) and tested (tests/test_transformers.py, with
+# 5.25 and 5.17).
 SUPPORTED_FORWARDS = frozenset(f"{family}ForCausalLM.forward"
                                for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2"))
 
