@@ -88,7 +88,7 @@ def main(argv=None):
     stream = None
     if not args.smoke:
         from numba_ce.torch.tensors import cupy_stream
-        stream = cupy_stream(torch.device("cuda"))
+        stream = cupy_stream(torch.device("cuda", torch.cuda.current_device()))
     report = Report("vocab_parallel", args.out, args.smoke, torch)
     say, env = report.say, report.env
     timer = harness.WallTimer() if args.smoke else harness.CudaTimer(torch)

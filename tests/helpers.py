@@ -123,9 +123,10 @@ def torch_loss_and_grad(logits, target, *, grad_output=None, **options):
     autograd gradient: an implementation independent of ours."""
     torch = pytest.importorskip("torch")
 
-    x = torch.tensor(np.asarray(logits).astype(np.float64), requires_grad=True)
-    total = torch_total_loss(x, target, **options)
-    (grad,) = _torch_grads(total, [x], grad_output) if x.shape[0] else (torch.zeros_like(x),)
+    with torch.device("cpu"):  # whatever the caller's default device (a spawned NCCL rank's)
+        x = torch.tensor(np.asarray(logits).astype(np.float64), requires_grad=True)
+        total = torch_total_loss(x, target, **options)
+        (grad,) = _torch_grads(total, [x], grad_output) if x.shape[0] else (torch.zeros_like(x),)
     return total.detach().numpy(), grad.numpy()
 
 
@@ -158,9 +159,9 @@ def torch_linear_loss_and_grads(input, linear_weight, target, *, linear_bias=Non
     """The unfused linear + cross-entropy in torch float64 (CPU): logits z = x @ W^T + b, the loss
     of :func:`torch_total_loss` and its autograd gradient dz, then dx = dz @ W, dW = dz^T @ x,
     db = sum_i dz_i. With ``logits_format`` the logits are rounded to that format as numba_ce's
-    chunks round them: the product x @ W^T once, and with a bias the sum once more (cuBLAS adds
-    beta * C, the bias rows, to the product rounded to C's format: seen on an H100, every one of
-    16.6 million bf16 logits), and the magnitudes of :class:`LinearExpected` are computed."""
+    chunks round them: the product x @ W^T once, and with a bias the sum once more
+    (linear_work.logits_into adds the bias as a product of its own), and the magnitudes of
+    :class:`LinearExpected` are computed."""
     torch = pytest.importorskip("torch")
 
     def rounded(values):
@@ -172,9 +173,10 @@ def torch_linear_loss_and_grads(input, linear_weight, target, *, linear_bias=Non
     z = rounded(x @ w.T)
     if linear_bias is not None:
         z = rounded(z + np.asarray(linear_bias).astype(np.float64))
-    logits = torch.tensor(z, requires_grad=True)
-    total = torch_total_loss(logits, target, **options)
-    (dz,) = (t.numpy() for t in _torch_grads(total, [logits], grad_output))
+    with torch.device("cpu"):  # whatever the caller's default device (a spawned NCCL rank's)
+        logits = torch.tensor(z, requires_grad=True)
+        total = torch_total_loss(logits, target, **options)
+        (dz,) = (t.numpy() for t in _torch_grads(total, [logits], grad_output))
     grads = [dz @ w, dz.T @ x, None if linear_bias is None else dz.sum(axis=0)]
     magnitudes = None
     if logits_format is not None:

@@ -421,17 +421,15 @@ PROBABILITY_SCRIPT = """
 import json, re
 from numba_ce.inspection import compiler
 from numba_ce.inspection.launches import Variant
-variants = {variants!r}
+variants, kernel, dtype = {variants!r}, {kernel!r}, {dtype!r}
 found = {{}}
-for kernel in ("fused", "loss"):
-    for dtype in ("float32", "float16", "bfloat16"):
-        for n_classes in (128256, 128257):
-            for name, options in variants.items():
-                variant = Variant(probability_targets=True, **options)
-                built = compiler.compiled(kernel, dtype, "sm_90", (4096, n_classes), variant)
-                doubles = sum(".f64" in line for line in built.ptx.splitlines())
-                sass = compiler.sass(kernel, dtype, "sm_90", (4096, n_classes), variant)
-                found[f"{{kernel}} {{dtype}} V={{n_classes}} {{name}}"] = (doubles, sass)
+for n_classes in (128256, 128257):
+    for name, options in variants.items():
+        variant = Variant(probability_targets=True, **options)
+        built = compiler.compiled(kernel, dtype, "sm_90", (4096, n_classes), variant)
+        doubles = sum(".f64" in line for line in built.ptx.splitlines())
+        sass = compiler.sass(kernel, dtype, "sm_90", (4096, n_classes), variant)
+        found[f"{{kernel}} {{dtype}} V={{n_classes}} {{name}}"] = (doubles, sass)
 print(json.dumps({{key: value[0] for key, value in found.items()}}))
 print(json.dumps({{key: value[1] for key, value in found.items()}}))
 """
@@ -470,9 +468,12 @@ def word_loop_spills(sass):
     return found
 
 
-def test_probability_kernels_have_no_f64_and_no_spills_in_their_word_loops():
+# one kernel and format a test: 14 compilations each, in parallel under pytest-xdist
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kernel", ["fused", "loss"])
+def test_probability_kernels_have_no_f64_and_no_spills_in_their_word_loops(kernel, dtype):
     require_disassembler()
-    script = PROBABILITY_SCRIPT.format(variants=PROBABILITY_VARIANTS)
+    script = PROBABILITY_SCRIPT.format(variants=PROBABILITY_VARIANTS, kernel=kernel, dtype=dtype)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -58,8 +58,13 @@ def counted_call(rng, memory, dtype="bfloat16", chunk_size=8, reduction="sum", n
     weight = random_weight(rng, N_CLASSES, True)
     alloc = CountingArrays()
     options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
-    res = linear.call(x, w, target, Options(**options), linear_bias=b, weight=weight,
-                      memory=memory, chunk_size=chunk_size, with_grad=True, alloc=alloc)
+    # inputs where the allocator's arrays live (CuPy's on a GPU): NumPy inputs would send the
+    # call's results back to the host and free the counted buffers before the count is read
+    x_in, w_in, b_in, target_in, weight_in = (alloc.xp.asarray(a)
+                                              for a in (x, w, b, target, weight))
+    res = linear.call(x_in, w_in, target_in, Options(**options), linear_bias=b_in,
+                      weight=weight_in, memory=memory, chunk_size=chunk_size, with_grad=True,
+                      alloc=alloc)
     expected = torch_linear_loss_and_grads(x, w, target, linear_bias=b, weight=weight,
                                            logits_format=dtype, **options)
     for name, got, want, magnitude in zip(["grad_input", "grad_linear_weight",

@@ -6,7 +6,7 @@ z-loss, every reduction and upstream gradients."""
 import numpy as np
 import pytest
 
-from numba_ce import device_properties, execution
+from numba_ce import device_properties, devices, execution
 from numba_ce.options import Options
 from numba_ce.planning import RowInputs, plan_slice_gradient
 from helpers import (DTYPES, TOLERANCES, assert_close, random_logits, random_target,
@@ -55,15 +55,19 @@ def test_slices_match_the_rows_gradient(rng, dtype, case):
     top = x.max(axis=1, keepdims=True)
     row_lse = (top[:, 0] + np.log(np.exp(x - top).sum(axis=1))).astype(np.float32)
 
-    stats = statistics(target, weight, N_CLASSES)
-    upstream_array = np.atleast_1d(np.float32(1.0 if grad_output is None else grad_output))
+    # the kernel reads device memory: CuPy arrays on a GPU, NumPy's in the simulator
+    xp = devices.cupy if devices.gpu_available() else np
+    stats = xp.asarray(statistics(target, weight, N_CLASSES))
+    upstream_array = xp.asarray(np.atleast_1d(np.float32(1.0 if grad_output is None
+                                                         else grad_output)))
     rtol, atol = TOLERANCES[dtype]["grad"]
     for offset, width in SLICES:
-        part = logits[:, offset:offset + width].copy()  # the kernel writes in place
-        inputs = RowInputs(part, dtype, target, weight, upstream_array.astype(np.float32))
+        part = xp.array(logits[:, offset:offset + width])  # a copy: the kernel writes in place
+        inputs = RowInputs(part, dtype, xp.asarray(target),
+                           None if weight is None else xp.asarray(weight), upstream_array)
         plan = plan_slice_gradient(inputs, offset, N_CLASSES, Options(ignore_index=IGNORE,
                                                                       **options),
-                                   stats, row_lse, device_properties.current())
+                                   stats, xp.asarray(row_lse), device_properties.current())
         execution.EXECUTOR.launch(plan)
         want = expected[:, offset:offset + width]
         assert_close(part, want, rtol, atol * np.nanmax(np.abs(expected)),

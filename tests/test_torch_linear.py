@@ -156,11 +156,17 @@ def test_errors_name_what_arrived(rng):
             nce.linear_cross_entropy(xt, wt.cpu(), target)
 
 
+# torch 2.13's own linear_cross_entropy and LinearCrossEntropyOptions (older torch has neither)
+NEEDS_TORCH_2_13 = pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyOptions"),
+                                      reason="torch before 2.13 has no linear_cross_entropy")
+
+
 def torch_options(**fields):
     from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
     return LinearCrossEntropyOptions(**fields)
 
 
+@NEEDS_TORCH_2_13
 @pytest.mark.parametrize("call", ["function", "module"])
 @pytest.mark.parametrize("options", [None, dict(), dict(chunking_method="aspect_ratio:2"),
                                      dict(chunking_method=None, batch_chunk_size=3),
@@ -199,6 +205,7 @@ def test_torch_2_13_signature_and_options(rng, call, options):
         assert_close(from_torch(ours), expected, 1e-5, 1e-6 * np.abs(expected).max(), name)
 
 
+@NEEDS_TORCH_2_13
 def test_torch_options_numba_ce_cannot_honour_are_refused():
     x = torch.randn(4, N_FEATURES, device=DEVICE)
     w = torch.randn(N_CLASSES, N_FEATURES, device=DEVICE)
@@ -222,6 +229,7 @@ def test_torch_options_numba_ce_cannot_honour_are_refused():
                                    options=torch_options(allow_retain_graph=True))
 
 
+@NEEDS_TORCH_2_13
 @pytest.mark.parametrize("fields,chunk_size", [
     (dict(), None),  # "auto": numba_ce's own chunks
     (dict(chunking_method="aspect_ratio"), 256),  # next_pow2(ceil(8192 / ceil(128256 / 4096)))
