@@ -32,7 +32,7 @@ from .portable import SIMULATOR
 from .ptx_edits import with_max_threads
 
 if cupy is not None:
-    from cupy_backends.cuda.api import driver
+    from cupy_backends.cuda.api import driver, runtime
 
 
 def launch(kernel, grid, block, *args, shared=0):
@@ -45,6 +45,11 @@ def launch(kernel, grid, block, *args, shared=0):
         return
     key, values = flatten(args)
     device_id, stream = current_stream()
+    if not driver.ctxGetCurrent():
+        # a thread CUDA has not run on, as torch's autograd device thread can be when a
+        # backward's first CUDA call is ours (an H100 run: CUDA_ERROR_INVALID_CONTEXT); since
+        # CUDA 12, cudaSetDevice makes the device's primary context current
+        runtime.setDevice(device_id)
     function, layout = _prepared(kernel, key, device_id)
     if shared > 0:
         _allow_shared(function.ptr, device_id)

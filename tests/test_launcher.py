@@ -1,9 +1,13 @@
 """numba_ce.launcher's stream override, which the torch adapter's launches go through: it nests,
 restores what it replaced (also when one context object is entered twice) and belongs to the
-thread that entered it (the autograd engine runs backward on its own threads)."""
+thread that entered it (the autograd engine runs backward on its own threads); on a GPU, a launch
+from a thread that CUDA has not run on yet."""
 import threading
 
-from numba_ce import launcher
+import numpy as np
+import pytest
+
+from numba_ce import devices, execution, launcher
 
 
 def chosen():
@@ -41,3 +45,36 @@ def test_on_stream_restores_after_an_exception():
     except KeyError:
         pass
     assert chosen() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not devices.gpu_available(), reason="needs a CUDA GPU and CuPy")
+def test_a_launch_from_a_thread_cuda_has_not_run_on(rng):
+    """torch's autograd device thread may run a backward whose first CUDA call is numba_ce's
+    launch (the adapter's scaling, on torch's stream): no context is current on that thread
+    yet, and the launch must bind the device's own."""
+    from cupy_backends.cuda.api import driver
+
+    cupy = devices.cupy
+    grad = cupy.asarray(rng.standard_normal((3, 40)).astype(np.float32))
+    upstream = cupy.asarray(np.float32([2.5]))
+    expected = grad.get() * np.float32(2.5)
+    device_id = cupy.cuda.Device().id
+    seen = []
+
+    def backward_like():
+        seen.append(driver.ctxGetCurrent())
+        try:
+            with launcher.on_stream(device_id, 0):  # the legacy default stream, as torch's
+                execution.scale_rows(grad, "float32", upstream, False)
+        except Exception as exc:  # re-raised on the test's thread
+            seen.append(exc)
+
+    worker = threading.Thread(target=backward_like)
+    worker.start()
+    worker.join()
+    assert seen[0] == 0, "the new thread already had a current context: nothing is tested"
+    if len(seen) > 1:
+        raise seen[1]
+    cupy.cuda.Device().synchronize()
+    assert np.array_equal(grad.get(), expected)
