@@ -96,12 +96,14 @@ def slice_cross_entropy_with_grad(local_logits: Array, target: Array, merged_sta
                                   label_smoothing_style: str = "torch", z_loss: float = 0.0,
                                   softcap: float | None = None,
                                   grad_output: Array | float | None = None,
-                                  inplace: bool = False, validate: bool = True
-                                  ) -> CrossEntropyResult:
+                                  inplace: bool = False, validate: bool = True,
+                                  n_classes: int | None = None) -> CrossEntropyResult:
     """Pass 2: the loss of all V classes and this slice's gradient, given ``merged_state``, the
     merged state of every slice of the vocabulary (classes [0, V)); arguments as
     :func:`softmax_state` (the same ones) and :func:`numba_ce.cross_entropy_with_grad`, and
-    ``label_smoothing_style`` "torch" or "megatron" (module docstring).
+    ``label_smoothing_style`` "torch" or "megatron" (module docstring). ``n_classes``: V, where
+    the caller knows it; with ``validate=False`` the merged state's bounds are then not read
+    (no wait for the device: the call only launches), else they are checked against it.
 
     Returns
     -------
@@ -129,8 +131,8 @@ def slice_cross_entropy_with_grad(local_logits: Array, target: Array, merged_sta
     local_logits, target, merged_state, weight, grad_output = api.on_device(
         on_host, local_logits, target, merged_state, weight, grad_output)
     done = merged_loss(xp, merged_state, target, options, label_smoothing_style,
-                       merged_classes(merged_state, n_rows, vocab_start,
-                                      local_logits.shape[1]), validate)
+                       merged_classes(merged_state, n_rows, vocab_start, local_logits.shape[1],
+                                      n_classes, validate), validate)
     grad = local_logits if inplace else xp.empty(local_logits.shape, local_logits.dtype)
     inputs = RowInputs(local_logits, fmt, target, api.class_weights(xp, weight),
                        api.upstream(xp, grad_output, go_shape))
@@ -198,25 +200,43 @@ def gradient_into(inputs, vocab_start, n_classes, options, statistics, grad, dev
             device or device_properties.current(), grad=grad, row_weight=statistics.row_weight))
 
 
-def merged_classes(merged_state, n_rows, vocab_start, n_columns):
-    """V of a merged state of the whole vocabulary (a read to the host); ValueError unless it
-    is a state of ``n_rows`` rows whose classes start at 0 and hold this slice's, the classes
-    [vocab_start, vocab_start + n_columns)."""
+def merged_classes(merged_state, n_rows, vocab_start, n_columns, n_classes=None,
+                   validate=True):
+    """V of a merged state of the whole vocabulary: ``n_classes`` as the caller knows it where
+    ``validate`` is off (nothing read), else the state's own bounds, read to the host (a wait
+    for the device). ValueError unless it is a state of ``n_rows`` rows whose classes start at
+    0 and hold this slice's, the classes [vocab_start, vocab_start + n_columns), and (where
+    read) ``n_classes`` is its V."""
     if merged_state.dtype != np.float32 or merged_state.shape != (
             softmax_states.packed_size(n_rows),):
         raise ValueError(f"merged_state must be a float32 state of the target's {n_rows} rows, "
                          f"shape ({softmax_states.packed_size(n_rows)},) (got "
                          f"{merged_state.dtype.name} shape {tuple(merged_state.shape)})")
-    state = softmax_states.unpack(merged_state)
-    start, size = (int(softmax_states.to_host(a)[0]) for a in (state.start, state.size))
-    if start != 0:
-        raise ValueError(f"merged_state must cover the whole vocabulary, classes [0, V) (got "
-                         f"classes [{start}, {start + size}): merge every slice's state)")
-    if vocab_start + n_columns > size:
+    if n_classes is not None:
+        check_n_classes(n_classes)
+    if n_classes is None or validate:
+        state = softmax_states.unpack(merged_state)
+        start, size = (int(softmax_states.to_host(a)[0]) for a in (state.start, state.size))
+        if start != 0:
+            raise ValueError(f"merged_state must cover the whole vocabulary, classes [0, V) (got "
+                             f"classes [{start}, {start + size}): merge every slice's state)")
+        if n_classes is not None and n_classes != size:
+            raise ValueError(f"n_classes must be the V of merged_state's slices, {size} (got "
+                             f"{n_classes})")
+        n_classes = size
+    if vocab_start + n_columns > n_classes:
         raise ValueError(f"this slice's classes [{vocab_start}, {vocab_start + n_columns}) must "
-                         f"lie within merged_state's [0, {size}): vocab_start and the slice's "
-                         f"size must be those its state was made with")
-    return size
+                         f"lie within merged_state's [0, {n_classes}): vocab_start and the "
+                         f"slice's size must be those its state was made with")
+    return n_classes
+
+
+def check_n_classes(n_classes):
+    """``n_classes`` (V, given by a caller) is an int >= 1."""
+    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral):
+        raise TypeError(f"n_classes must be an int or None (got {type(n_classes).__name__})")
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1 (got {n_classes})")
 
 
 def check_targets(target, ignore_index, n_classes):

@@ -61,11 +61,12 @@ def linear_slice_cross_entropy_with_grad(input: Array, local_weight: Array, targ
                                          z_loss: float = 0.0, softcap: float | None = None,
                                          chunk_size: int | None = None,
                                          grad_output: Array | float | None = None,
-                                         validate: bool = True) -> LinearCrossEntropyResult:
+                                         validate: bool = True, n_classes: int | None = None
+                                         ) -> LinearCrossEntropyResult:
     """Pass 2 of the linear form given the merged state of every slice: the loss of all V
     classes (the same on every slice) and this slice's gradients, arguments as
     :func:`linear_softmax_state` and
-    :func:`numba_ce.vocab_parallel.slice_cross_entropy_with_grad`.
+    :func:`numba_ce.vocab_parallel.slice_cross_entropy_with_grad` (``n_classes`` too).
 
     Returns
     -------
@@ -88,7 +89,7 @@ def linear_slice_cross_entropy_with_grad(input: Array, local_weight: Array, targ
         on_host, input, local_weight, target, linear_bias, weight, merged_state, grad_output)
     done = merged_loss(xp, merged_state, target, options, label_smoothing_style,
                        merged_classes(merged_state, n_rows, vocab_start,
-                                      local_weight.shape[0]), validate)
+                                      local_weight.shape[0], n_classes, validate), validate)
     inputs = _inputs(xp, input, local_weight, target, linear_bias, weight,
                      api.upstream(xp, grad_output, go_shape), fmt)
     needed = (True, True, linear_bias is not None)

@@ -292,6 +292,52 @@ def test_a_slice_outside_the_merged_vocabulary_is_refused(rng):
         linear_slice_cross_entropy_with_grad(hidden, head, target, merged, vocab_start=8)
 
 
+def test_a_caller_who_knows_the_vocabulary_spares_the_read_of_its_bounds(rng):
+    """n_classes=V with validate=False: the merged state's bounds are not read (a state whose
+    bounds say otherwise goes through, with the same numbers); with validate they are checked
+    against it."""
+    logits = random_logits(rng, N_ROWS, N_CLASSES)
+    target = random_target(rng, N_ROWS, N_CLASSES, IGNORE, 0.3)
+    merged = merge_softmax_states(softmax_state(logits, target, vocab_start=0,
+                                                ignore_index=IGNORE)[None])
+    wrong_bounds = merged.copy()
+    softmax_states.unpack(wrong_bounds).start[...] = 5  # read, this state is refused
+    options = dict(vocab_start=8, ignore_index=IGNORE, label_smoothing=0.1)
+    read = slice_cross_entropy_with_grad(logits[:, 8:20], target, merged, **options)
+    given = slice_cross_entropy_with_grad(logits[:, 8:20], target, wrong_bounds, validate=False,
+                                          n_classes=N_CLASSES, **options)
+    for name, a, b in zip(read._fields, read, given):  # the same bits
+        assert (a is None) == (b is None), name
+        assert a is None or np.asarray(a).tobytes() == np.asarray(b).tobytes(), name
+    with pytest.raises(ValueError, match=re.escape("merged_state must cover the whole "
+                                                   "vocabulary")):
+        slice_cross_entropy_with_grad(logits[:, 8:20], target, wrong_bounds, validate=False,
+                                      **options)
+    with pytest.raises(ValueError, match=re.escape(
+            f"n_classes must be the V of merged_state's slices, {N_CLASSES} (got 40)")):
+        slice_cross_entropy_with_grad(logits[:, 8:20], target, merged, n_classes=40, **options)
+    with pytest.raises(ValueError, match=re.escape(
+            "this slice's classes [30, 42) must lie within merged_state's [0, 37)")):
+        slice_cross_entropy_with_grad(logits[:, 8:20], target, merged, vocab_start=30,
+                                      validate=False, n_classes=N_CLASSES)
+    with pytest.raises(ValueError, match=re.escape("n_classes must be >= 1 (got 0)")):
+        slice_cross_entropy_with_grad(logits, target, merged, vocab_start=0, n_classes=0)
+    with pytest.raises(TypeError, match=re.escape("n_classes must be an int or None (got "
+                                                  "float)")):
+        slice_cross_entropy_with_grad(logits, target, merged, vocab_start=0, n_classes=37.0)
+    head = np.ascontiguousarray(rng.standard_normal((N_CLASSES, 4)).astype(np.float32))
+    hidden = np.ascontiguousarray(rng.standard_normal((N_ROWS, 4)).astype(np.float32))
+    state = linear_softmax_state(hidden, head, target, vocab_start=0, ignore_index=IGNORE)
+    linear_merged = merge_softmax_states(state[None])
+    softmax_states.unpack(linear_merged).start[...] = 5
+    with pytest.raises(ValueError, match=re.escape("merged_state must cover the whole")):
+        linear_slice_cross_entropy_with_grad(hidden, head, target, linear_merged, vocab_start=0,
+                                             ignore_index=IGNORE)
+    linear_slice_cross_entropy_with_grad(hidden, head, target, linear_merged, vocab_start=0,
+                                         ignore_index=IGNORE, validate=False,
+                                         n_classes=N_CLASSES)
+
+
 def test_bad_arguments_are_refused(rng):
     logits = random_logits(rng, N_ROWS, N_CLASSES)
     target = random_target(rng, N_ROWS, N_CLASSES)
