@@ -120,10 +120,11 @@ def slice_layout(stacked):
     return int(starts[0]), int(ends[-1] - starts[0])
 
 
-def merge(stacked, out):
+def merge(stacked, out, layout=None):
     """The state of the union of the slices stacked in ``stacked`` (R, 5N + 3) into ``out``
-    (5N + 3,) (module docstring); returns the union's (first class, number of classes)."""
-    start, size = slice_layout(stacked)
+    (5N + 3,) (module docstring); returns the union's (first class, number of classes):
+    ``layout`` where the caller knows them (nothing read back), else :func:`slice_layout`'s."""
+    start, size = slice_layout(stacked) if layout is None else layout
     xp = array_module(stacked)
     states, merged = unpack(stacked), unpack(out)
     with np.errstate(invalid="ignore", over="ignore"):  # +-inf and NaN, as the kernels make them

@@ -185,6 +185,48 @@ def check_errors(rng, group):
         nce.vocab_parallel_cross_entropy(logits[:, :4], target[:5], group=group)
 
 
+def check_known_vocabulary(rng, group):
+    """V known on the host (n_classes, or the module's one exchange) with validate=False: the
+    merge takes the slices' bounds from it instead of reading them back, and the loss and
+    gradient are the same bits as the call that reads them; a wrong V is refused on every
+    rank, from the exchange or (validate=True) from the merged state."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    bounds = bounds_of(world)
+    start, stop = bounds[rank], bounds[rank + 1]
+    logits = random_logits(rng, N_ROWS, N_CLASSES)[:, start:stop]
+    target = tensor(random_target(rng, N_ROWS, N_CLASSES, -100, 0.3))
+    options = dict(group=group, label_smoothing=0.1, z_loss=1e-3)
+    crit = nce.VocabParallelCrossEntropyLoss(validate=False, **options)
+    results = []
+    for call in (lambda x: nce.vocab_parallel_cross_entropy(x, target, **options),
+                 lambda x: nce.vocab_parallel_cross_entropy(
+                     x, target, vocab_start=start, n_classes=N_CLASSES, validate=False,
+                     **options),
+                 lambda x: crit(x, target)):
+        for _ in range(2):  # the module's second call takes its kept bounds
+            x = tensor(logits).requires_grad_()
+            loss = call(x)
+            loss.backward()
+            results.append((loss.detach(), x.grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+    message = re.escape(f"n_classes must be the V of the ranks' slices, {N_CLASSES} (got 38)")
+    with pytest.raises(ValueError, match=message):
+        nce.vocab_parallel_cross_entropy(tensor(logits), target, n_classes=38, **options)
+    with pytest.raises(ValueError, match=message):
+        nce.vocab_parallel_cross_entropy(tensor(logits), target, vocab_start=start,
+                                         n_classes=38, **options)
+    with pytest.raises(ValueError, match=re.escape("n_classes must be >= 1 (got 0)")):
+        nce.VocabParallelCrossEntropyLoss(group, n_classes=0)
+    head = tensor(rng.standard_normal((stop - start, N_FEATURES)).astype(np.float32))
+    hidden = tensor(rng.standard_normal((N_ROWS, N_FEATURES)).astype(np.float32))
+    read = nce.vocab_parallel_linear_cross_entropy(hidden, head, target, **options)
+    known = nce.vocab_parallel_linear_cross_entropy(hidden, head, target, vocab_start=start,
+                                                    n_classes=N_CLASSES, validate=False,
+                                                    **options)
+    assert torch.equal(read, known)
+
+
 def _world(rank, world, store, seed, backend):
     """A spawned rank: every check on the whole world, then on a subgroup of it."""
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
@@ -200,6 +242,7 @@ def _world(rank, world, store, seed, backend):
                 dtype = list(DTYPES)[(i + world) % len(DTYPES)]
                 check_linear_case(np.random.default_rng([seed, 100 + i]), group, dtype, **case)
             check_errors(np.random.default_rng([seed, 200]), group)
+            check_known_vocabulary(np.random.default_rng([seed, 201]), group)
             if world >= 3:  # a tensor-parallel group of ranks 0 and 2 (or 1 and 3)
                 members = [0, 2] if world == 3 else [1, 3]
                 subgroup = dist.new_group(members)

@@ -338,6 +338,24 @@ def test_a_caller_who_knows_the_vocabulary_spares_the_read_of_its_bounds(rng):
                                          n_classes=N_CLASSES)
 
 
+def test_a_known_layout_is_merged_without_reading_the_bounds(rng):
+    """softmax_states.merge with the union's (start, size) given: the same merged state as
+    with the bounds read, from states whose own bounds would be refused (so none was read)."""
+    logits = random_logits(rng, N_ROWS, N_CLASSES)
+    target = random_target(rng, N_ROWS, N_CLASSES, IGNORE, 0.3)
+    states = np.stack([softmax_state(part, target, vocab_start=start, ignore_index=IGNORE)
+                       for part, start in zip(split(logits, BOUNDS[1]), BOUNDS[1])])
+    read = np.empty(states.shape[1], np.float32)
+    assert softmax_states.merge(states, read) == (0, N_CLASSES)
+    overlapping = states.copy()
+    softmax_states.unpack(overlapping).start[...] = 0  # every slice claims class 0 on
+    with pytest.raises(ValueError, match="must tile a range of classes"):
+        softmax_states.merge(overlapping, np.empty_like(read))
+    given = np.empty_like(read)
+    assert softmax_states.merge(overlapping, given, (0, N_CLASSES)) == (0, N_CLASSES)
+    assert given.tobytes() == read.tobytes()
+
+
 def test_bad_arguments_are_refused(rng):
     logits = random_logits(rng, N_ROWS, N_CLASSES)
     target = random_target(rng, N_ROWS, N_CLASSES)

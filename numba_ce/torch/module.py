@@ -8,7 +8,7 @@ import torch
 from .. import validation
 from ..linear import check_memory
 from ..options import Options, check_flag
-from ..vocab_parallel import check_smoothing_style, check_vocab_start
+from ..vocab_parallel import check_n_classes, check_smoothing_style, check_vocab_start
 from ..results import CrossEntropyOutput
 from . import collectives, forms, linear_forms
 from .functional import cross_entropy
@@ -126,14 +126,17 @@ class VocabParallelCrossEntropyLoss(torch.nn.Module):
     """:func:`numba_ce.torch.vocab_parallel_cross_entropy` as a module: ``crit(local_logits,
     target)`` with the options given here (checked here: bad options fail where they were
     written). ``weight``, this rank's slice of the class weights, is a buffer, as
-    CrossEntropyLoss's."""
+    CrossEntropyLoss's. With ``vocab_start`` None the slices' sizes are exchanged at the first
+    call of each slice size and kept, with V: with ``validate=False`` a call then reads nothing
+    back from the device."""
 
     weight: torch.Tensor | None  # a buffer
 
     def __init__(self, group: torch.distributed.ProcessGroup | None = None,
                  vocab_start: int | None = None, weight: torch.Tensor | None = None,
                  ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, label_smoothing_style: str = "torch",
+                 label_smoothing: float = 0.0, *, n_classes: int | None = None,
+                 label_smoothing_style: str = "torch",
                  z_loss: float = 0.0, softcap: float | None = None,
                  inplace_backward: bool = False, return_z_loss: bool = False,
                  validate: bool = True) -> None:
@@ -142,7 +145,9 @@ class VocabParallelCrossEntropyLoss(torch.nn.Module):
         check_smoothing_style(label_smoothing_style)
         if vocab_start is not None:
             check_vocab_start(vocab_start, 0)
-        self.group, self.vocab_start = group, vocab_start
+        if n_classes is not None:
+            check_n_classes(n_classes)
+        self.group, self.vocab_start, self.n_classes = group, vocab_start, n_classes
         self.options = {"ignore_index": options.ignore_index, "reduction": options.reduction,
                         "label_smoothing": options.label_smoothing,
                         "label_smoothing_style": label_smoothing_style,
@@ -151,25 +156,27 @@ class VocabParallelCrossEntropyLoss(torch.nn.Module):
                         "return_z_loss": check_flag("return_z_loss", return_z_loss),
                         "validate": check_flag("validate", validate)}
         self.register_buffer("weight", weight)
-        self._found_starts: dict[int, int] = {}  # {slice size: its first class}
+        self._found: dict[int, collectives.SliceBounds] = {}  # {slice size: its bounds}
 
     def forward(self, local_logits: torch.Tensor, target: torch.Tensor
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        start, n_classes = self._bounds(local_logits, target)
         return vocab_parallel_cross_entropy(local_logits, target, group=self.group,
-                                            vocab_start=self._start(local_logits, target),
+                                            vocab_start=start, n_classes=n_classes,
                                             weight=self.weight, **self.options)
 
-    def _start(self, local_logits, target):
-        """vocab_start as given, or found by the first call with this slice size (the slices'
-        sizes exchanged once, not every call)."""
+    def _bounds(self, local_logits, target):
+        """(vocab_start, n_classes) as given, or found by the first call with this slice size
+        (the slices' sizes exchanged once, not every call)."""
         n_columns = local_logits.shape[-1]
         if self.vocab_start is not None:
-            return self.vocab_start
-        if n_columns not in self._found_starts:
-            self._found_starts[n_columns] = collectives.slice_start(
-                self.group, n_columns, target.numel(), None, local_logits.device)
-        return self._found_starts[n_columns]
+            return self.vocab_start, self.n_classes
+        if n_columns not in self._found:
+            self._found[n_columns] = collectives.slice_bounds(
+                self.group, n_columns, target.numel(), None, self.n_classes,
+                local_logits.device)
+        return self._found[n_columns]
 
     def extra_repr(self):
-        return f"vocab_start={self.vocab_start}, " + ", ".join(
+        return f"vocab_start={self.vocab_start}, n_classes={self.n_classes}, " + ", ".join(
             f"{name}={value!r}" for name, value in self.options.items())

@@ -35,6 +35,7 @@ from .functional import check_overwritable
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, *,
                                  group: dist.ProcessGroup | None = None,
                                  vocab_start: int | None = None,
+                                 n_classes: int | None = None,
                                  weight: torch.Tensor | None = None, ignore_index: int = -100,
                                  reduction: str = "mean", label_smoothing: float = 0.0,
                                  label_smoothing_style: str = "torch", z_loss: float = 0.0,
@@ -54,6 +55,9 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tenso
         Every rank of the group calls this function with the same target and options.
     vocab_start : this rank's first class; None: the slices follow the group's rank order, and
         their sizes (which may differ) are exchanged first (one all-gather of two integers).
+    n_classes : V, where the caller knows it (VocabParallelCrossEntropyLoss keeps it from its
+        one exchange): with ``validate=False`` the merged slices' bounds are then not read back,
+        so the call does not wait for the device; else they are checked against it.
     weight : float tensor (V_s,), optional: the class weights of this rank's slice only.
     ignore_index, reduction, z_loss, softcap, inplace_backward, return_z_loss, validate : as
         :func:`numba_ce.torch.cross_entropy`.
@@ -72,7 +76,7 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tenso
     ``local_logits`` only (this rank's slice), computed in fp32 by the forward and rounded once:
     every rank backpropagates the same upstream gradient through its copy of the loss. One
     all-gather of 5N + 3 floats a call, none in the backward; the merge reads the slices' bounds
-    back to the host (one synchronisation), as ``validate`` does.
+    back to the host (one synchronisation), as ``validate`` does, unless V is known (above).
     """
     options, flags = _checked(ignore_index, reduction, label_smoothing, label_smoothing_style,
                               z_loss, softcap, validate, inplace_backward=inplace_backward,
@@ -87,14 +91,14 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tenso
                        tensors.class_weights(weight), tensors.ones(logits.device))
     _check_rows(inputs)
     device = logits.device
-    start = collectives.slice_start(group, logits.shape[1], logits.shape[0], vocab_start,
-                                    device)
+    start, n_classes = collectives.slice_bounds(group, logits.shape[1], logits.shape[0],
+                                                vocab_start, n_classes, device)
     arrays = tensors.TorchArrays(device)
     with tensors.on_torch_stream_with_cupy(device):
         state = arrays.empty(softmax_states.packed_size(logits.shape[0]), "float32")
         vocab_parallel.state_into(inputs, start, options, state)
         done = collectives.merged(arrays, state, inputs.target, group, options,
-                                  label_smoothing_style, flags["validate"])
+                                  label_smoothing_style, flags["validate"], n_classes)
         grad = None
         if with_grad:
             grad = logits.detach() if flags["inplace_backward"] else torch.empty_like(logits)
@@ -116,6 +120,7 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torc
                                         target: torch.Tensor, *,
                                         group: dist.ProcessGroup | None = None,
                                         vocab_start: int | None = None,
+                                        n_classes: int | None = None,
                                         linear_bias: torch.Tensor | None = None,
                                         weight: torch.Tensor | None = None,
                                         ignore_index: int = -100, reduction: str = "mean",
@@ -137,8 +142,9 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torc
     target : int64 or int32 tensor (N,), the same on every rank.
     chunk_size : rows of a chunk of logits, as :func:`numba_ce.torch.linear_cross_entropy`'s
         "low" design.
-    group, vocab_start, weight, ignore_index, reduction, label_smoothing, label_smoothing_style,
-    z_loss, softcap, return_z_loss, validate : as :func:`vocab_parallel_cross_entropy`.
+    group, vocab_start, n_classes, weight, ignore_index, reduction, label_smoothing,
+    label_smoothing_style, z_loss, softcap, return_z_loss, validate : as
+    :func:`vocab_parallel_cross_entropy`.
 
     Returns
     -------
@@ -159,8 +165,8 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torc
     arrays = [None if t is None else view(t) for t in (hidden, local_weight, target, linear_bias)]
     class_weight = tensors.class_weights(weight)
     fmt = linear.check_arguments(*arrays, class_weight, chunk_size)
-    call = _LinearCall(group, vocab_start, options, label_smoothing_style, chunk_size,
-                       flags["validate"], fmt)
+    call = _LinearCall(group, vocab_start, n_classes, options, label_smoothing_style,
+                       chunk_size, flags["validate"], fmt)
     loss, z_part = _VocabParallelLinear.apply(hidden, local_weight, linear_bias, target,
                                               class_weight, call)
     return (loss, z_part) if flags["return_z_loss"] else loss
@@ -170,6 +176,7 @@ class _LinearCall(NamedTuple):
     """What _VocabParallelLinear takes besides its tensors."""
     group: Any
     vocab_start: Any
+    n_classes: Any
     options: Options
     smoothing_style: str
     chunk_size: Any
@@ -186,8 +193,8 @@ class _VocabParallelLinear(torch.autograd.Function):
         view = tensors.as_array
         device = hidden.device
         n_rows = hidden.shape[0]
-        start = collectives.slice_start(call.group, local_weight.shape[0], n_rows,
-                                        call.vocab_start, device)
+        start, n_classes = collectives.slice_bounds(call.group, local_weight.shape[0], n_rows,
+                                                    call.vocab_start, call.n_classes, device)
         arrays = tensors.TorchArrays(device)
         inputs = linear.LinearInputs(view(hidden), view(local_weight),
                                      None if linear_bias is None else view(linear_bias),
@@ -197,7 +204,7 @@ class _VocabParallelLinear(torch.autograd.Function):
             vocab_parallel_linear.state_into(arrays, inputs, call.options, start,
                                              call.chunk_size, state)
             done = collectives.merged(arrays, state, inputs.target, call.group, call.options,
-                                      call.smoothing_style, call.validate)
+                                      call.smoothing_style, call.validate, n_classes)
         loss, z_part = _loss_tensors(arrays, done, target.shape)
         ctx.mark_non_differentiable(z_part)
         ctx.save_for_backward(hidden, local_weight, linear_bias, target)
