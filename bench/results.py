@@ -9,6 +9,7 @@ as well; bring them into the committed files with
 import csv
 import datetime
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,12 @@ def _version(distribution_names):
 
 
 def _git_commit():
-    """The checked-out commit, '+dirty' when tracked files differ from it; '' outside a clone."""
+    """The checked-out commit, '+dirty' when tracked files differ from it; '' outside a clone.
+    NUMBA_CE_COMMIT, where set, instead: a device machine's copy of the working tree may keep
+    an older .git (scripts/gpu says how to pass the commit along)."""
+    if os.environ.get("NUMBA_CE_COMMIT"):
+        return os.environ["NUMBA_CE_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()

@@ -89,6 +89,18 @@ def run_smoke(name, tmp_path):
         return proc.stdout, list(csv.DictReader(f))
 
 
+def test_rows_carry_the_commit_given_for_a_device_copy(monkeypatch):
+    """A device machine's copy of the tree may keep an older .git: NUMBA_CE_COMMIT, where set,
+    is the commit every row records; unset, it is the clone's own (git's short hash)."""
+    from bench import results
+    monkeypatch.delenv("NUMBA_CE_COMMIT", raising=False)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert results.environment("CPU", "").get("commit", "").startswith(head)
+    monkeypatch.setenv("NUMBA_CE_COMMIT", "8dae400")
+    assert results.environment("CPU", "")["commit"] == "8dae400"
+
+
 def test_hf_step_smoke_trains_each_patch_to_the_same_loss(tmp_path):
     """python -m bench.hf_step --smoke: a tiny Llama's training step with transformers' own loss
     and numba_ce's patch, in the simulator; Liger (not installed here) is skipped with a note;
