@@ -220,15 +220,20 @@ def merged_classes(merged_state, n_rows, vocab_start, n_columns, n_classes=None,
         if start != 0:
             raise ValueError(f"merged_state must cover the whole vocabulary, classes [0, V) (got "
                              f"classes [{start}, {start + size}): merge every slice's state)")
-        if n_classes is not None and n_classes != size:
-            raise ValueError(f"n_classes must be the V of merged_state's slices, {size} (got "
-                             f"{n_classes})")
+        check_classes_agree(n_classes, size, "merged_state's slices")
         n_classes = size
     if vocab_start + n_columns > n_classes:
         raise ValueError(f"this slice's classes [{vocab_start}, {vocab_start + n_columns}) must "
                          f"lie within merged_state's [0, {n_classes}): vocab_start and the "
                          f"slice's size must be those its state was made with")
     return n_classes
+
+
+def check_classes_agree(n_classes, size, whose):
+    """ValueError unless ``n_classes`` (a caller's V, or None) is ``size``, the V of
+    ``whose``."""
+    if n_classes is not None and n_classes != size:
+        raise ValueError(f"n_classes must be the V of {whose}, {size} (got {n_classes})")
 
 
 def check_n_classes(n_classes):

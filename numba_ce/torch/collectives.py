@@ -46,9 +46,7 @@ def slice_bounds(group, n_columns, n_rows, vocab_start, n_classes, device):
         raise ValueError(f"every rank of the group must pass the same target, so the same rows "
                          f"(got {rows} rows by rank)")
     total = sum(size for size, _ in sizes)
-    if n_classes is not None and n_classes != total:
-        raise ValueError(f"n_classes must be the V of the ranks' slices, {total} (got "
-                         f"{n_classes})")
+    vocab_parallel.check_classes_agree(n_classes, total, "the ranks' slices")
     return SliceBounds(sum(size for size, _ in sizes[:dist.get_rank(group)]), total)
 
 
@@ -73,8 +71,6 @@ def merged(arrays, state, target, group, options, smoothing_style, validate, n_c
     if start != 0:
         raise ValueError(f"the ranks' slices must cover the classes from 0 on (got [{start}, "
                          f"{start + size}))")
-    if n_classes is not None and size != n_classes:
-        raise ValueError(f"n_classes must be the V of the ranks' slices, {size} (got "
-                         f"{n_classes})")
+    vocab_parallel.check_classes_agree(n_classes, size, "the ranks' slices")
     return vocab_parallel.merged_loss(arrays, merged_state, target, options, smoothing_style,
                                       size, validate)
