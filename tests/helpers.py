@@ -63,6 +63,31 @@ def core_call(logits, target, *, with_grad=True, weight=None, grad_output=None, 
                        validate=validate, alloc=alloc, device=device)
 
 
+def with_and_without_grad(logits, original, target, *, grad_output, inplace, alloc, device,
+                          **options):
+    """(cross_entropy_with_grad's result on ``logits``, cross_entropy's loss on ``original``):
+    the public functions, or with an allocator or device properties :func:`core_call`, the call
+    behind them."""
+    import numba_ce
+
+    if alloc is None and device is None:
+        return (numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output,
+                                                 inplace=inplace, **options),
+                numba_ce.cross_entropy(original, target, **options))
+    return (core_call(logits, target, grad_output=grad_output, inplace=inplace, alloc=alloc,
+                      device=device, **options),
+            core_call(original, target, with_grad=False, alloc=alloc, device=device,
+                      **options).loss)
+
+
+def gradient_error_scale(expected_grad, grad_output, n_rows, denominator):
+    """What a gradient's errors scale with: its largest entry, or where larger a row's upstream
+    gradient over the reduction's ``denominator`` (1 for "sum" and "none")."""
+    upstream = np.abs(np.broadcast_to(1.0 if grad_output is None else grad_output,
+                                      (n_rows,))).max(initial=0.0)
+    return max(np.abs(expected_grad).max(initial=0.0), upstream / denominator, 1e-30)
+
+
 class PoisonedArrays:
     """An allocator (``empty``) of arrays whose every byte is 0xFF: NaN in every float format,
     so an element a kernel does not write shows. CuPy arrays on a GPU, NumPy in the simulator:

@@ -7,9 +7,9 @@ import pytest
 import numba_ce
 from numba_ce import device_properties, planning, reference
 from numba_ce.words import UNROLL
-from helpers import (DTYPES, TOLERANCES, PoisonedArrays, assert_close, assert_like_reference,
-                     core_call, random_logits, random_target, random_upstream, random_weight,
-                     to_numpy, torch_loss_and_grad)
+from helpers import (DTYPES, PoisonedArrays, TOLERANCES, assert_close, assert_like_reference,
+                     gradient_error_scale, random_logits, random_target, random_upstream,
+                     random_weight, to_numpy, torch_loss_and_grad, with_and_without_grad)
 
 # Every combination of the options; the logits dtype rotates through the combinations so that
 # each dtype meets every option value (the full product with dtypes triples the simulator time).
@@ -37,23 +37,14 @@ def check_once(rng, dtype, n_rows, n_classes, *, reduction="mean", ignored=0.0, 
     original = logits.copy()
 
     expected = reference.cross_entropy_with_grad(logits, target, grad_output=grad_output, **options)
-    if alloc is None and device is None:
-        res = numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output,
-                                               inplace=inplace, **options)
-        loss_only = numba_ce.cross_entropy(original, target, **options)
-    else:
-        res = core_call(logits, target, grad_output=grad_output, inplace=inplace,
-                        alloc=alloc, device=device, **options)
-        loss_only = core_call(original, target, with_grad=False, alloc=alloc, device=device,
-                              **options).loss
+    res, loss_only = with_and_without_grad(logits, original, target, grad_output=grad_output,
+                                           inplace=inplace, alloc=alloc, device=device,
+                                           **options)
     loss_tol, grad_tol = TOLERANCES[dtype]["loss"], TOLERANCES[dtype]["grad"]
     # Gradient errors scale with the terms that cancel in them (p_y - 1 + eps / V, ...), each of
     # the order of a row's upstream gradient over the reduction's denominator.
-    upstream_scale = np.abs(np.broadcast_to(1.0 if grad_output is None else grad_output,
-                                            (n_rows,))).max(initial=0.0)
-    if reduction == "mean":
-        upstream_scale /= max(int((target != ignore_index).sum()), 1)
-    grad_scale = max(np.abs(expected.grad).max(initial=0.0), upstream_scale, 1e-30)
+    denominator = max(int((target != ignore_index).sum()), 1) if reduction == "mean" else 1
+    grad_scale = gradient_error_scale(expected.grad, grad_output, n_rows, denominator)
     assert_like_reference(res, expected, logits, dtype, grad_scale)
     if inplace:
         assert res.grad is logits

@@ -10,9 +10,9 @@ import pytest
 import numba_ce
 from numba_ce import device_properties, planning, reference
 from numba_ce.words import UNROLL
-from helpers import (DTYPES, TOLERANCES, PoisonedArrays, assert_close, assert_like_reference,
-                     core_call, random_logits, random_upstream, random_weight, to_numpy,
-                     torch_loss_and_grad)
+from helpers import (DTYPES, PoisonedArrays, TOLERANCES, assert_close, assert_like_reference,
+                     gradient_error_scale, random_logits, random_upstream, random_weight, to_numpy,
+                     torch_loss_and_grad, with_and_without_grad)
 
 REDUCTIONS = ["mean", "sum", "none"]
 # The options that change the kernel or the formula; the dtype, the upstream gradient and
@@ -44,23 +44,14 @@ def check_once(rng, dtype, n_rows, n_classes, *, reduction="mean", weighted=Fals
     original, target_before = logits.copy(), target.copy()
     expected = reference.cross_entropy_with_grad(logits, target, grad_output=grad_output,
                                                  **options)
-    if alloc is None and device is None:
-        res = numba_ce.cross_entropy_with_grad(logits, target, grad_output=grad_output,
-                                               inplace=inplace, **options)
-        loss_only = numba_ce.cross_entropy(original, target, **options)
-    else:
-        res = core_call(logits, target, grad_output=grad_output, inplace=inplace, alloc=alloc,
-                        device=device, **options)
-        loss_only = core_call(original, target, with_grad=False, alloc=alloc, device=device,
-                              **options).loss
+    res, loss_only = with_and_without_grad(logits, original, target, grad_output=grad_output,
+                                           inplace=inplace, alloc=alloc, device=device,
+                                           **options)
     loss_tol, grad_tol = TOLERANCES[dtype]["loss"], TOLERANCES[dtype]["grad"]
     # The gradient's terms, p_j A and w_j q'_j, are each at most the row's upstream gradient
     # over the reduction's denominator times max w: its errors scale with that.
-    upstream_scale = np.abs(np.broadcast_to(1.0 if grad_output is None else grad_output,
-                                            (n_rows,))).max(initial=0.0)
-    if reduction == "mean":
-        upstream_scale /= max(n_rows, 1)
-    grad_scale = max(np.abs(expected.grad).max(initial=0.0), upstream_scale, 1e-30)
+    denominator = max(n_rows, 1) if reduction == "mean" else 1
+    grad_scale = gradient_error_scale(expected.grad, grad_output, n_rows, denominator)
     assert_like_reference(res, expected, logits, dtype, grad_scale)
     assert (target.view(np.uint8) == target_before.view(np.uint8)).all(), "target was modified"
     if inplace:
