@@ -63,13 +63,19 @@ def prompt_and_padding(length):
     return [(0, t) for t in range(3)] + [(1, t) for t in range(length - 4, length)]
 
 
-def assert_same_gradients(model, reference):
-    """Every parameter's gradient of ``model`` as ``reference``'s, worst element reported."""
+def assert_same_gradients(model, reference, unpatched=None):
+    """Every parameter's gradient of ``model`` as ``reference``'s, worst element reported; with
+    ``unpatched`` (transformers' own loss, the gradients reached another way, as ``model``'s
+    were), each parameter may also be twice as far off as that one is."""
     expected = {name: from_torch(p.grad) for name, p in reference.named_parameters()}
+    theirs = {} if unpatched is None else {
+        name: from_torch(p.grad) for name, p in unpatched.named_parameters()}
     rtol, atol = GRAD_TOLERANCE
     atol *= max(np.abs(grad).max() for grad in expected.values())
     for name, parameter in model.named_parameters():
-        assert_close(from_torch(parameter.grad), expected[name], rtol, atol, f"gradient of {name}")
+        their_error = np.abs(theirs[name] - expected[name]).max() if theirs else 0.0
+        assert_close(from_torch(parameter.grad), expected[name], rtol, atol + 2 * their_error,
+                     f"gradient of {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -160,9 +166,12 @@ def test_gradient_accumulation_equals_one_batch(how):
     """4 micro-batches with 0, 3, 7 and 14 ignored labels of 16, each loss divided by the
     counted tokens of all 4 (num_items_in_batch, counted as the Trainer does: labels[..., 1:]),
     their gradients summed: the loss and gradients of the one batch of all 4 (Liger-Kernel issue
-    802: a mean per micro-batch weighs the micro-batch with 2 counted tokens most)."""
+    802: a mean per micro-batch weighs the micro-batch with 2 counted tokens most). Summed over
+    micro-batches, float32 gradients differ from the one batch's by rounding (on a GPU up to
+    ~2e-6 of the largest entry), as transformers' own accumulated gradients do: that much more
+    is allowed; a wrong weighting is off by a good fraction of the gradient."""
     reference = tiny_model("llama")
-    model = copy.deepcopy(reference)
+    model, unpatched = copy.deepcopy(reference), copy.deepcopy(reference)
     if how == "patch_causal_lm":
         patch_causal_lm(model)
     else:
@@ -172,17 +181,23 @@ def test_gradient_accumulation_equals_one_batch(how):
     micro_batches = [tokens_and_labels(2, 8, positions) for positions in ignored]
     num_items_in_batch = sum((labels[..., 1:] != -100).sum() for _, labels in micro_batches)
 
-    losses = []
-    for input_ids, labels in micro_batches:
-        loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch).loss
-        loss.backward()
-        losses.append(loss.detach())
+    def accumulate(m):
+        """The micro-batches' losses summed, their gradients accumulated in ``m``."""
+        total = 0.0
+        for input_ids, labels in micro_batches:
+            loss = m(input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch).loss
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    accumulated_loss = accumulate(model)
+    accumulate(unpatched)
     one_batch = reference(input_ids=torch.cat([ids for ids, _ in micro_batches]),
                           labels=torch.cat([labels for _, labels in micro_batches]))
     one_batch.loss.backward()
 
-    assert_close(from_torch(sum(losses)), from_torch(one_batch.loss), *LOSS_TOLERANCE, "loss")
-    assert_same_gradients(model, reference)
+    assert_close(from_torch(accumulated_loss), from_torch(one_batch.loss), *LOSS_TOLERANCE, "loss")
+    assert_same_gradients(model, reference, unpatched)
 
 
 def test_calls_without_labels_or_in_eval_mode_run_the_original_forward():
