@@ -112,9 +112,9 @@ def main(argv=None):
     """Append the rows of each CSV given to the committed file of the same name (results.csv,
     linear.csv), skipping rows already there."""
     paths = (sys.argv[1:] if argv is None else argv)
-    if not paths:
+    if not paths or paths[0] in ("-h", "--help"):
         print(__doc__)
-        return 2
+        return 0 if paths else 2
     for path in paths:
         committed = COMMITTED.parent / Path(path).name
         present = {tuple(row.values()) for row in read(committed)} if committed.exists() else set()
