@@ -13,10 +13,13 @@ Two measurements, both bf16 on the GPU:
   between providers is the loss only; every provider trains its own copy of one model. Its
   first call's wall time (``first_ms``) is the compile time, with and without numba_ce in the
   compiled graph.
-- ``loss``: the loss alone, forward + backward on N x V logits (a leaf), compiled with
-  reduce-overhead: what a compiled CUDA-graph step pays for the loss, against ``kernels``, the
-  same loss and gradient through numba_ce's array API (the kernels' own GPU time, no torch).
-  Issue 19's target: loss <= 1.15 x kernels at 4096 x 32000.
+- ``loss``: the loss alone, forward + backward on N x V logits (a leaf), in the same modes and
+  in ``graph``: the eager calls captured once by torch.cuda.graph and replayed, the GPU work of
+  a CUDA-graph step with no host work a call (reduce-overhead's replays carry cudagraph trees'
+  Python, which at this size outweighs the kernels: torch's own loss too). Against
+  ``kernels``, the same loss and gradient through numba_ce's array API (the kernels, no torch).
+  Issue 19's target: numba_ce's graph <= 1.15 x kernels at 4096 x 32000. Liger's loss reads
+  its counted rows to the host (``.item()``), which a capture cannot do: no graph row for it.
 
 ms are CUDA-event medians (harness.measure_side_by_side: p20 / p50 / p80). Rows are appended to
 bench/results/compiled_step.csv (and OUT/bench/: bench.report).
@@ -34,6 +37,7 @@ MEASUREMENT = ("what", "provider", "mode", "tokens", "vocab", "hidden", "reps", 
                "ms_p50", "ms_p80", "first_ms", "loss")
 COLUMNS = results.ENVIRONMENT + MEASUREMENT
 SMOKE_SHAPE = dict(tokens=12, vocab=40, hidden=8)
+CUDA_GRAPH_MODES = ("reduce-overhead", "graph")
 LOSS_TOLERANCE = 2e-2  # between providers' first losses (bf16 logits round them to 2^-9)
 
 
@@ -60,7 +64,7 @@ def losses(torch, mode):
     import torch.nn.functional as F
 
     import numba_ce.torch as nce
-    validate = mode != "reduce-overhead"
+    validate = mode not in CUDA_GRAPH_MODES
     found = {"torch": lambda x, t: F.cross_entropy(x, t, ignore_index=IGNORE_INDEX),
              "numba_ce": lambda x, t: nce.cross_entropy(x, t, ignore_index=IGNORE_INDEX,
                                                         validate=validate)}
@@ -126,6 +130,28 @@ def training_step(torch, model, loss_fn, mode, compile_mode, ids, labels, smoke)
     return harness.Step(replayed(torch, mode, run))
 
 
+def captured(torch, run):
+    """``run`` (which makes its gradients anew) for a harness Step as CUDA-graph replays: the
+    first call warms it up on a side stream, as torch asks before a capture, and captures one
+    call with torch.cuda.graph; every call replays that, overwriting the captured outputs."""
+    graph = torch.cuda.CUDAGraph()
+    loss = []
+
+    def step():
+        if not loss:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                loss.append(run())
+        graph.replay()
+        return loss[0]
+    return step
+
+
 def loss_step(torch, logits, loss_fn, mode, compile_mode, labels):
     x = logits.detach().requires_grad_()
     compiled = compile_mode(loss_fn)
@@ -137,6 +163,12 @@ def loss_step(torch, logits, loss_fn, mode, compile_mode, labels):
 
     def reset():
         x.grad = None
+
+    if mode == "graph":
+        def anew():
+            reset()
+            return run()
+        return harness.Step(captured(torch, anew))
     return harness.Step(replayed(torch, mode, run), reset)
 
 
@@ -162,7 +194,8 @@ def main(argv=None):
     say, env = report.say, report.env
     say(f"{args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}, {dtype}")
     modes = compiler(torch, args.smoke)
-    loss_fns = {mode: losses(torch, mode) for mode in modes}
+    loss_modes = modes if args.smoke else {**modes, "graph": lambda fn: fn}
+    loss_fns = {mode: losses(torch, mode) for mode in loss_modes}
     ids, labels = tokens(torch, args, device)
     base = lm_head(torch, args, dtype, device)
     with torch.no_grad():
@@ -174,10 +207,13 @@ def main(argv=None):
     for what in ("step", "loss"):
         steps, problems = {}, {}
         for provider in loss_fns["eager"]:
-            for mode, compile_mode in modes.items():
+            for mode, compile_mode in (modes if what == "step" else loss_modes).items():
                 key, loss_fn = (provider, mode), loss_fns[mode][provider]
                 if isinstance(loss_fn, Exception):
                     problems[key] = loss_fn
+                elif (provider, mode) == ("liger", "graph"):
+                    problems[key] = RuntimeError("its loss reads the batch's counted rows to "
+                                                 "the host (.item()): no CUDA-graph capture")
                 elif what == "step":
                     steps[key] = training_step(torch, copy.deepcopy(base), loss_fn, mode,
                                                compile_mode, ids, labels, args.smoke)
