@@ -1,5 +1,7 @@
 """Benchmark of the fused linear cross-entropy: numba_ce against torch's unfused linear +
-cross_entropy and Liger-Kernel's fused linear cross-entropy, side by side in one run.
+cross_entropy, Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy (``cce``,
+its default gradient filter, and ``cce-nofilter``), side by side in one run; a provider whose
+library is not installed is reported as skipped.
 
     python -m bench.linear [--shape 8192x4096x128256] [--out DIR]
 
@@ -125,10 +127,18 @@ def providers(torch, chunk_sizes):
                 x, w, t, accum_dtype=accum_dtype), head, outputs)
         return factory
 
+    def cut_cross_entropy(filter_eps):
+        def factory(head, outputs):
+            from cut_cross_entropy import linear_cross_entropy
+            return autograd_step(torch, lambda x, w, t: linear_cross_entropy(
+                x, w, t, filter_eps=filter_eps), head, outputs)
+        return factory
+
     return [("torch-unfused", unfused), ("numba_ce-torch", ours_torch("low")),
             ("numba_ce-torch-fast", ours_torch("fast")), ("numba_ce-cupy", ours_cupy("low")),
             ("numba_ce-cupy-fast", ours_cupy("fast")), ("liger", liger(None)),
-            ("liger-fp32-accum", liger(torch.float32)),
+            ("liger-fp32-accum", liger(torch.float32)), ("cce", cut_cross_entropy("high")),
+            ("cce-nofilter", cut_cross_entropy(None)),
             *((f"numba_ce-torch-fast-chunk{c}", ours_torch("fast", c)) for c in chunk_sizes)]
 
 
