@@ -59,8 +59,8 @@ def parse_args(argv):
 
 def losses(torch, mode):
     """{provider: loss(logits, labels)} for a compile ``mode``; Liger's only where it imports.
-    Under CUDA graphs (reduce-overhead) numba_ce runs with validate=False, as a user must: its
-    target check reads back to the host, which a capture cannot do (the call says so)."""
+    Under CUDA graphs (reduce-overhead, graph) numba_ce runs with validate=False, as a user
+    must: its target check reads back to the host, which a capture cannot do (it says so)."""
     import torch.nn.functional as F
 
     import numba_ce.torch as nce
