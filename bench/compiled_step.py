@@ -27,12 +27,11 @@ bench/results/compiled_step.csv (and OUT/bench/: bench.report).
 """
 import argparse
 import copy
-import os
 from pathlib import Path
 
 from . import harness, results
 from .cases import IGNORE_INDEX, OPTIONS
-from .report import Report, run_timed
+from .report import Report, platform, run_timed
 
 MEASUREMENT = ("what", "provider", "mode", "tokens", "vocab", "hidden", "reps", "ms_p20",
                "ms_p50", "ms_p80", "first_ms", "loss")
@@ -190,12 +189,7 @@ def kernels_step(logits, labels, smoke):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.smoke:
-        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before anything imports numba
-    import torch
-
-    device = "cpu" if args.smoke else "cuda"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    torch, device, dtype = platform(args.smoke)
     report = Report("compiled_step", args.out, args.smoke, torch)
     say, env = report.say, report.env
     say(f"{args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}, {dtype}")

@@ -16,11 +16,10 @@ with transformers' to 1e-2. Rows are appended to bench/results/hf_step.csv (and 
 """
 import argparse
 import copy
-import os
 from pathlib import Path
 
 from . import harness, results
-from .report import Report, run_timed
+from .report import Report, platform, run_timed
 
 MEASUREMENT = ("provider", "params_m", "layers", "hidden", "vocab", "batch", "length", "reps",
                "ms_p20", "ms_p50", "ms_p80", "first_ms", "peak_extra_mb", "loss",
@@ -110,12 +109,7 @@ def training_step(model, input_ids, labels):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.smoke:
-        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before anything imports numba
-    import torch
-
-    device = "cpu" if args.smoke else "cuda"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    torch, device, dtype = platform(args.smoke)
     report = Report("hf_step", args.out, args.smoke, torch)
     say, env = report.say, report.env
     base = llama(torch, args, dtype, device)

@@ -2,11 +2,13 @@
 bench.compiled_step, bench.vocab_parallel) share: a log that prints as it goes and starts with
 the run's environment, and where the rows and the log are written.
 
+    torch, device, dtype = platform(smoke)   # the simulator on the CPU in float32, or the GPU
     report = Report("linear", args.out, smoke, torch)   # prints the environment
     report.say("...")
     report.save(rows, COLUMNS)   # bench/results/linear.csv (not in a smoke run), and with an
                                  # out folder OUT/bench/linear.csv and OUT/bench/linear.log
 """
+import os
 import sys
 import tempfile
 import time
@@ -15,6 +17,15 @@ from pathlib import Path
 from . import results
 
 SIMULATED_GPU = "CPU (CUDA simulator)"
+
+
+def platform(smoke):
+    """(torch, device, dtype) of a run: with ``smoke`` the CUDA simulator (switched on here,
+    before anything imports numba), CPU tensors and float32; else the GPU and bfloat16."""
+    if smoke:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    import torch
+    return torch, ("cpu" if smoke else "cuda"), (torch.float32 if smoke else torch.bfloat16)
 
 
 class Report:

@@ -19,11 +19,10 @@ The target: states and slice-gradient each within 10% of the fused kernel's byte
 Rows are appended to bench/results/vocab_parallel.csv (and OUT/bench/: bench.report).
 """
 import argparse
-import os
 from pathlib import Path
 
 from . import harness, results
-from .report import Report, run_timed
+from .report import Report, platform, run_timed
 
 MEASUREMENT = ("pass", "n", "v", "dtype", "reps", "ms_p20", "ms_p50", "ms_p80", "tbps",
                "vs_fused")
@@ -78,16 +77,12 @@ def pass_steps(numba_ce, logits, target, stream):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.smoke:
-        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before anything imports numba
+    torch, device, dtype = platform(args.smoke)
     import numpy as np
-    import torch
 
     import numba_ce
     from bench.providers import array_view
 
-    device = "cpu" if args.smoke else "cuda"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
     xp = np if args.smoke else __import__("cupy")
     stream = None
     if not args.smoke:
