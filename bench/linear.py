@@ -96,15 +96,20 @@ def providers(torch, chunk_sizes):
     import numba_ce.torch as nce
     from numba_ce.torch.tensors import cupy_stream
 
-    def unfused(head, outputs):
-        return autograd_step(torch, lambda x, w, t: F.cross_entropy(F.linear(x, w), t), head,
-                             outputs)
-
-    def ours_torch(memory, chunk_size=None):
+    def autograd(loss_function, **options):
+        """The factory of an autograd step of ``loss_function()(x, w, target, **options)``;
+        ``loss_function`` imports the provider's function when the factory runs (and raises
+        where it is not installed)."""
         def factory(head, outputs):
-            return autograd_step(torch, lambda x, w, t: nce.linear_cross_entropy(
-                x, w, t, memory=memory, chunk_size=chunk_size), head, outputs)
+            loss = loss_function()
+            return autograd_step(torch, lambda x, w, t: loss(x, w, t, **options), head, outputs)
         return factory
+
+    def unfused():
+        return lambda x, w, t: F.cross_entropy(F.linear(x, w), t)
+
+    def ours_torch():
+        return nce.linear_cross_entropy
 
     def ours_cupy(memory):
         def factory(head, outputs):
@@ -120,26 +125,24 @@ def providers(torch, chunk_sizes):
             return harness.Step(run)
         return factory
 
-    def liger(accum_dtype):
-        def factory(head, outputs):
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-            return autograd_step(torch, lambda x, w, t: liger_fused_linear_cross_entropy(
-                x, w, t, accum_dtype=accum_dtype), head, outputs)
-        return factory
+    def liger():
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        return liger_fused_linear_cross_entropy
 
-    def cut_cross_entropy(filter_eps):
-        def factory(head, outputs):
-            from cut_cross_entropy import linear_cross_entropy
-            return autograd_step(torch, lambda x, w, t: linear_cross_entropy(
-                x, w, t, filter_eps=filter_eps), head, outputs)
-        return factory
+    def cut_cross_entropy():
+        from cut_cross_entropy import linear_cross_entropy
+        return linear_cross_entropy
 
-    return [("torch-unfused", unfused), ("numba_ce-torch", ours_torch("low")),
-            ("numba_ce-torch-fast", ours_torch("fast")), ("numba_ce-cupy", ours_cupy("low")),
-            ("numba_ce-cupy-fast", ours_cupy("fast")), ("liger", liger(None)),
-            ("liger-fp32-accum", liger(torch.float32)), ("cce", cut_cross_entropy("high")),
-            ("cce-nofilter", cut_cross_entropy(None)),
-            *((f"numba_ce-torch-fast-chunk{c}", ours_torch("fast", c)) for c in chunk_sizes)]
+    return [("torch-unfused", autograd(unfused)),
+            ("numba_ce-torch", autograd(ours_torch, memory="low")),
+            ("numba_ce-torch-fast", autograd(ours_torch, memory="fast")),
+            ("numba_ce-cupy", ours_cupy("low")), ("numba_ce-cupy-fast", ours_cupy("fast")),
+            ("liger", autograd(liger, accum_dtype=None)),
+            ("liger-fp32-accum", autograd(liger, accum_dtype=torch.float32)),
+            ("cce", autograd(cut_cross_entropy, filter_eps="high")),
+            ("cce-nofilter", autograd(cut_cross_entropy, filter_eps=None)),
+            *((f"numba_ce-torch-fast-chunk{c}",
+               autograd(ours_torch, memory="fast", chunk_size=c)) for c in chunk_sizes)]
 
 
 def matmuls_and_kernel_steps(torch, head):
