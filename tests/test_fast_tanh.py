@@ -15,7 +15,7 @@ import pytest
 from numba import cuda
 
 from numba_ce import portable
-from helpers import run_offline
+from helpers import FAST_TANH_ERROR, run_offline
 
 F32 = np.float32
 EX2_ERROR = 2.0 ** -22  # relative error assumed of ex2.approx.ftz.f32, either way
@@ -23,7 +23,7 @@ EX2_ERROR = 2.0 ** -22  # relative error assumed of ex2.approx.ftz.f32, either w
 ABS_BOUND = 2.5e-7            # |fast_tanh(y, 1) - tanh(y)|, every y
 REL_BOUND = 3.5e-5            # relative, |y| >= REL_FROM
 REL_FROM = 2.0 ** -7
-SCALED_ABS_BOUND = 3.1e-7     # |fast_tanh(y, scale) - tanh(y * scale)|: the scaling's rounding
+SCALED_ABS_BOUND = FAST_TANH_ERROR  # |fast_tanh(y, scale) - tanh(y * scale)|: with its rounding
 ONE = F32(1.0)
 LARGEST_BITS = int(F32(20.0).view(np.uint32))  # tanh(y) rounds to 1 beyond ~9: up to 20 suffices
 STRIDE = 257  # every 257th float32 bit pattern in [0, 20]: 4.2 million values, all binades
