@@ -17,18 +17,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
-# Per logits dtype: (rtol, atol) for the loss, and (rtol, atol relative to max |grad|) for the
-# gradient, which is rounded once to the logits' format (fp16 keeps 11 significant bits and
-# flushes below 6e-8; bf16 keeps 8). The loss is fp32 whatever the input.
 # portable.fast_tanh(y, scale)'s largest absolute error against tanh(y * scale), which
 # tests/test_fast_tanh.py holds it to: a capped logit c * tanh(x / c) is off by up to c times
 # this whatever x is, so near 0 its relative error is not fp32's (lse and loss inherit it).
 FAST_TANH_ERROR = 3.1e-7
+
+# Per logits dtype: (rtol, atol) for the loss, and (rtol, atol relative to max |grad|) for the
+# gradient, which is rounded once to the logits' format (fp16 keeps 11 significant bits and
+# flushes below 6e-8; bf16 keeps 8). The loss is fp32 whatever the input.
 TOLERANCES = {
     "float32": {"loss": (2e-5, 1e-6), "grad": (2e-5, 1e-6)},
     "float16": {"loss": (2e-5, 1e-6), "grad": (1e-3, 1e-4)},
     "bfloat16": {"loss": (2e-5, 1e-6), "grad": (8e-3, 1e-3)},
 }
+
+
+def loss_tolerance(dtype, softcap=None):
+    """TOLERANCES' (rtol, atol) for the loss and lse of ``dtype``, the atol widened by softcap's
+    c * FAST_TANH_ERROR (a capped logit near 0 has no fp32 relative accuracy)."""
+    rtol, atol = TOLERANCES[dtype]["loss"]
+    return rtol, atol + (0.0 if softcap is None else softcap * FAST_TANH_ERROR)
 
 
 def random_logits(rng, n_rows, n_classes, dtype="float32", scale=3.0):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import numba_ce
 from numba_ce import reference
-from helpers import DTYPES, FAST_TANH_ERROR, TOLERANCES, assert_close, to_numpy
+from helpers import DTYPES, TOLERANCES, assert_close, loss_tolerance, to_numpy
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -94,10 +94,7 @@ def test_matches_the_reference(call):
         assert (logits.view(np.uint8) == original.view(np.uint8)).all(), "a refused call wrote"
         return
 
-    tol = dict(TOLERANCES[dtype])
-    if options["softcap"] is not None:  # capped logits are off by up to c * FAST_TANH_ERROR
-        rtol, atol = tol["loss"]
-        tol["loss"] = (rtol, atol + options["softcap"] * FAST_TANH_ERROR)
+    tol = dict(TOLERANCES[dtype], loss=loss_tolerance(dtype, options["softcap"]))
     ignored = target == options["ignore_index"]
     if call["with_grad"]:
         res = numba_ce.cross_entropy_with_grad(logits, target, inplace=call["inplace"], **options)
