@@ -3,6 +3,7 @@
 Nothing here imports torch at module level, so that :mod:`bench.table` and :mod:`bench.plot`
 can use the case lists on a machine without it.
 """
+import argparse
 import dataclasses
 import itertools
 
@@ -78,6 +79,25 @@ def parse_shape(text):
     except ValueError:
         raise ValueError(f"a shape is written NxV, e.g. 4096x32000 (got {text!r})") from None
     return n, v
+
+
+def names_argument(known):
+    """An argparse type: a comma-separated list of names from ``known``."""
+    def parse(text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {sorted(known)}")
+        return names
+    return parse
+
+
+def shapes_argument(text):
+    """An argparse type: comma-separated NxV shapes, as (N, V) pairs."""
+    try:
+        return [parse_shape(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def plan(shapes=None, dtypes=None, options=None, modes=None, sweep=True, quick=False,

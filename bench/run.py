@@ -34,24 +34,6 @@ LOSS_TOLERANCE = 1e-2  # relative, against the fp32 reference: bf16 logits round
 SMOKE_CEILING_BYTES = 64 << 20
 
 
-def _names(known):
-    """An argparse type: a comma-separated list of names from ``known``."""
-    def parse(text):
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {sorted(known)}")
-        return names
-    return parse
-
-
-def _shapes(text):
-    try:
-        return [cases.parse_shape(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,12 +44,12 @@ def parse_args(argv):
                              "wall-clock timing; writes only under --out (default: a temp dir)")
     parser.add_argument("--providers", type=lambda text: [p.strip() for p in text.split(",")],
                         help="comma-separated names, as in the results (default: all)")
-    parser.add_argument("--shapes", type=_shapes,
+    parser.add_argument("--shapes", type=cases.shapes_argument,
                         help="comma-separated NxV, instead of the main shapes (no V sweep)")
-    parser.add_argument("--dtypes", type=_names(cases.DTYPES), help="comma-separated")
-    parser.add_argument("--options", type=_names(cases.OPTIONS),
+    parser.add_argument("--dtypes", type=cases.names_argument(cases.DTYPES), help="comma-separated")
+    parser.add_argument("--options", type=cases.names_argument(cases.OPTIONS),
                         help=f"comma-separated, from {list(cases.OPTIONS)}")
-    parser.add_argument("--modes", type=_names(cases.MODES),
+    parser.add_argument("--modes", type=cases.names_argument(cases.MODES),
                         help=f"comma-separated, from {list(cases.MODES)}")
     parser.add_argument("--no-sweep", action="store_true", help="leave out the V sweep")
     parser.add_argument("--no-validate", action="store_true",
