@@ -23,7 +23,8 @@ CASES = [
     dict(reduction="sum", ignored=0.3, weighted=True, smoothing=0.1, z_loss=1e-3, upstream="given"),
     dict(reduction="none", bias=True, softcap=5.0, chunk_size=2, upstream="given"),
     dict(reduction="none", ignored=0.3, z_loss=1e-3, upstream="given", frozen_input=True),
-    dict(reduction="mean", bias=True, frozen_weight=True, target_dtype=torch.int32),
+    dict(reduction="mean", bias=True, frozen_weight=True, target_dtype=torch.int32,
+         upstream="given"),
 ]
 
 

@@ -313,11 +313,9 @@ def refuse_second_backward(ctx):
 
 
 def scale_(grad, upstream, per_row):
-    """grad (N, V) *= upstream, float32 (N,) with ``per_row``, else (1,) (then grad may have any
-    number of dimensions: a bias's gradient (V,), say): each element rounded once to grad's dtype
-    (numba_ce.scale_kernel). Never synchronises."""
-    view = tensors.as_kernel_array
-    array = view(grad)
-    rows = array if array.ndim == 2 else array.reshape(-1, array.shape[-1])
+    """grad (N, V) *= upstream, float32 (N,) with ``per_row``, else (1,) (then grad may be a
+    bias's gradient (V,) too, scaled as the one row of its (1, V) view): each element rounded
+    once to grad's dtype (numba_ce.scale_kernel). Never synchronises."""
+    rows = tensors.as_kernel_array(grad if grad.dim() == 2 else grad.view(1, -1))
     with tensors.on_torch_stream(grad.device):
-        execution.scale_rows(rows, array.dtype.name, view(upstream), per_row)
+        execution.scale_rows(rows, rows.dtype.name, tensors.as_kernel_array(upstream), per_row)
