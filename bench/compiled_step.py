@@ -25,13 +25,11 @@ Two measurements, both bf16 on the GPU:
 ms are CUDA-event medians (harness.measure_side_by_side: p20 / p50 / p80). Rows are appended to
 bench/results/compiled_step.csv (and OUT/bench/: bench.report).
 """
-import argparse
 import copy
-from pathlib import Path
 
 from . import harness, results
 from .cases import IGNORE_INDEX, OPTIONS
-from .report import Report, platform, run_timed
+from .report import Report, platform, run_timed, step_arguments
 
 MEASUREMENT = ("what", "provider", "mode", "tokens", "vocab", "hidden", "reps", "ms_p20",
                "ms_p50", "ms_p80", "first_ms", "loss")
@@ -42,19 +40,10 @@ LOSS_TOLERANCE = 2e-2  # between providers' first losses (bf16 logits round them
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench.compiled_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU only: a tiny float32 head in the CUDA simulator, torch.compile "
-                             "with the aot_eager backend, wall-clock timing")
-    parser.add_argument("--out", type=Path, help="also write compiled_step.csv and .log here")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        vars(args).update(SMOKE_SHAPE)
-    return args
+    return step_arguments(
+        argv, "compiled_step", __doc__, dict(tokens=4096, vocab=32000, hidden=512), SMOKE_SHAPE,
+        "CPU only: a tiny float32 head in the CUDA simulator, torch.compile with the aot_eager "
+        "backend, wall-clock timing")
 
 
 def losses(torch, mode):

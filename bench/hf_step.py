@@ -14,12 +14,10 @@ p50 / p80, harness.measure_side_by_side), peak extra memory of a step (torch's a
 CuPy's pool, including the parameter gradients the step leaves), and the loss, which must agree
 with transformers' to 1e-2. Rows are appended to bench/results/hf_step.csv (and OUT/bench/).
 """
-import argparse
 import copy
-from pathlib import Path
 
 from . import harness, results
-from .report import Report, platform, run_timed
+from .report import Report, platform, run_timed, step_arguments
 
 MEASUREMENT = ("provider", "params_m", "layers", "hidden", "vocab", "batch", "length", "reps",
                "ms_p20", "ms_p50", "ms_p80", "first_ms", "peak_extra_mb", "loss",
@@ -30,21 +28,10 @@ SMOKE_SHAPE = dict(layers=1, hidden=32, vocab=96, batch=2, length=8)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench.hf_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU only: a tiny float32 model in the CUDA simulator, wall-clock "
-                             "timing; writes only under --out (default: a temp dir)")
-    parser.add_argument("--out", type=Path, help="also write hf_step.csv and hf_step.log here")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        vars(args).update(SMOKE_SHAPE)
-    return args
+    return step_arguments(
+        argv, "hf_step", __doc__, dict(layers=8, hidden=512, vocab=128256, batch=8, length=1024),
+        SMOKE_SHAPE, "CPU only: a tiny float32 model in the CUDA simulator, wall-clock timing; "
+        "writes only under --out (default: a temp dir)")
 
 
 def llama(torch, args, dtype, device):

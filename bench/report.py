@@ -7,7 +7,11 @@ the run's environment, and where the rows and the log are written.
     report.say("...")
     report.save(rows, COLUMNS)   # bench/results/linear.csv (not in a smoke run), and with an
                                  # out folder OUT/bench/linear.csv and OUT/bench/linear.log
+
+and the command line of the steps that build a model of a few integer sizes
+(:func:`step_arguments`).
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -26,6 +30,21 @@ def platform(smoke):
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
     import torch
     return torch, ("cpu" if smoke else "cuda"), (torch.float32 if smoke else torch.bfloat16)
+
+
+def step_arguments(argv, name, description, sizes, smoke_sizes, smoke_help):
+    """The parsed command line of bench.NAME: an integer option --SIZE for each of ``sizes``
+    ({size: default}), --smoke (``smoke_help``; it sets ``smoke_sizes``) and --out."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for size, default in sizes.items():
+        parser.add_argument(f"--{size}", type=int, default=default)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--out", type=Path, help=f"also write {name}.csv and {name}.log here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(smoke_sizes)
+    return args
 
 
 class Report:
