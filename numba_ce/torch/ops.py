@@ -34,7 +34,8 @@ inputs): 4 bytes, or 4 N for reduction="none".
 
 Eager calls skip the ops (:func:`entry_points`): they call the implementations directly and
 attach the gradient with :class:`EagerAttachGradient`, the same formula as a plain autograd
-Function, so that an eager step pays no dispatcher host time for what only tracing needs.
+Function that hands back the loss itself, so that an eager step pays no dispatcher host time and
+no copy for what only tracing needs.
 
 numba_ce::cross_entropy's own autograd formula, for callers of the op itself, runs it again with
 the upstream gradient as grad_output (a second pass over the logits).
@@ -238,7 +239,11 @@ class EagerAttachGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss, input, gradient):
         _keep_gradient(ctx, (loss, input, gradient), loss)
-        return loss.clone()  # as the op's: a view would refuse in-place use (loss /= steps)
+        # the loss itself, its history replaced, not a copy (the op's output must be one): it
+        # is this call's own tensor, and one returned as it is would come back as a view, which
+        # refuses in-place use (loss /= steps)
+        ctx.mark_dirty(loss)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
