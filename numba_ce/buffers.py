@@ -3,8 +3,9 @@
 One float32 allocation holds the per-row outputs and the reduced ones (a call's host time is what
 small batches pay for, and every allocation costs some):
 
-    row_loss, row_z, row_lse      (N,) each: the loss of each row (its z part included), the z
-                                  part, the log-sum-exp (0 for ignored rows)
+    row_loss, row_z, row_lse      (N,) each: the loss of each row (its z part included, but for
+                                  "mean", whose reduction divides the two parts by different
+                                  sums), the z part, the log-sum-exp (0 for ignored rows)
     row_correct                   (N,): 1 where the argmax is the target, 0 elsewhere and in
                                   ignored rows
     loss, z_loss                  (1,) each, reduced ("mean", "sum"); None for "none"

@@ -162,7 +162,7 @@ def probability_stats(n_rows, stats, bad_row):
 def reduce_rows(row_loss, row_z, stats, reduction, loss_out, z_out):
     """loss_out[0], z_out[0] = the row losses reduced by "sum" or "mean", in a fixed order.
 
-    "mean": sum(ce) / sum(w_y) + sum(zl) / count, with ce = loss - zl per row.
+    "mean": sum(ce) / sum(w_y) + sum(zl) / count, row_loss holding each row's ce alone.
     """
     scratch = reduction_scratch()
     tid = cuda.threadIdx.x
@@ -175,7 +175,7 @@ def reduce_rows(row_loss, row_z, stats, reduction, loss_out, z_out):
     if tid == 0:
         if reduction == MEAN:
             z_mean = z_sum / stats[STAT_COUNT]
-            loss_out[0] = (loss_sum - z_sum) / stats[STAT_WEIGHT_SUM] + z_mean
+            loss_out[0] = loss_sum / stats[STAT_WEIGHT_SUM] + z_mean
             z_out[0] = z_mean
         else:
             loss_out[0] = loss_sum
@@ -512,7 +512,10 @@ def row_kernel(fmt, pack, with_grad, capped=False, smoothing=NO_SMOOTHING, argma
                     ce = ce_part_weight * (below_max(label_value, row_max, cap) + log_s)
                 if smoothed_sum:  # (eps / V) * S_w first: V * lse alone can overflow fp32
                     ce += (eps_over_v * all_weights) * lse - eps_over_v * weighted_x
-                row_loss[row] = ce + z_part
+                # "mean" divides the CE part and the z part by different sums (S_w, the count):
+                # its row_loss is the CE part alone, which ce + z_part would round to z_part's
+                # ulps (class weights of 1e-6 lost a 1% of the mean loss that way)
+                row_loss[row] = ce if reduction == MEAN else ce + z_part
                 row_z[row] = z_part
                 row_lse[row] = lse
                 if argmax:

@@ -347,7 +347,7 @@ def plan_reduce(outputs, stats, options, device):
 def plan_reduce_accuracy(outputs, stats, options, device):
     """kernels.reduce_rows on the rows' 0/1 correctness as both its inputs: its z part's
     reduction, a sum or a mean over the counted rows (as z-loss's), is the token accuracy; the
-    other output, (sum - sum) / S_w + mean, goes to scratch."""
+    other output, sum / S_w + mean, goes to scratch."""
     arguments = ReduceArguments(outputs.row_correct, outputs.row_correct, stats,
                                 np.int32(REDUCTION_CODES[options.reduction]), outputs.scratch,
                                 outputs.token_accuracy)

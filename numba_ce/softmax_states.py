@@ -186,7 +186,8 @@ def row_losses(merged, target, options, n_classes, outputs):
             ce += (eps_over_v * state.weight_total.astype(np.float64)) * lse - eps_over_v * (
                 state.weighted_sum.astype(np.float64))
         z_part = options.z_loss * lse * lse
-        for name, value in (("row_loss", ce + z_part), ("row_z", z_part), ("row_lse", lse)):
+        loss = ce if options.reduction == "mean" else ce + z_part  # as the row kernel's
+        for name, value in (("row_loss", loss), ("row_z", z_part), ("row_lse", lse)):
             getattr(outputs, name)[...] = xp.where(counted, value,
                                                    xp.where(ignored, 0.0, np.nan))
         if options.reduced:
@@ -200,14 +201,14 @@ def row_losses(merged, target, options, n_classes, outputs):
 
 def _reduce(outputs, weight_sum, count, options):
     """The reduced loss and z part, as kernels.reduce_rows: "mean" is sum(ce) / sum(w_y) +
-    sum(zl) / count, "sum" the sums; a batch of no rows as execution.fill_no_rows."""
+    sum(zl) / count (row_loss holds ce alone), "sum" the sums; a batch of no rows as execution.fill_no_rows."""
     if not outputs.row_loss.shape[0]:
         execution.fill_no_rows(options, outputs)
         return
     loss_sum = outputs.row_loss.astype(np.float64).sum()
     z_sum = outputs.row_z.astype(np.float64).sum()
     if options.reduction == "mean":
-        outputs.loss[...] = (loss_sum - z_sum) / weight_sum + z_sum / count
+        outputs.loss[...] = loss_sum / weight_sum + z_sum / count
         outputs.z_loss[...] = z_sum / count
     else:
         outputs.loss[...] = loss_sum

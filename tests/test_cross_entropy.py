@@ -145,6 +145,23 @@ def test_multi_warp_reduction(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_a_weighted_mean_keeps_its_ce_part_beside_a_larger_z_part(rng, dtype):
+    """Class weights of ~1e-6 (inverse class frequencies) with z-loss: "mean" divides the CE
+    part by sum(w_y) ~ 1e-5 and the z part by the count, so row losses kept as ce + zl in float32
+    would lose ce to zl's ulps, 0.5% of the loss here; scaling the weights leaves a weighted mean
+    as it was."""
+    logits = random_logits(rng, 8, 40, dtype)
+    target = random_target(rng, 8, 40)
+    weight = random_weight(rng, 40, True) * np.float32(1e-6)
+    options = dict(weight=weight, z_loss=1e-2)
+    expected = reference.cross_entropy_with_grad(logits, target, **options)
+    res, loss_only = with_and_without_grad(logits, logits.copy(), target, grad_output=None,
+                                           inplace=False, alloc=None, device=None, **options)
+    for loss, what in ((res.loss, "loss"), (loss_only, "loss-only kernel")):
+        assert_close(loss, expected.loss, 2e-6, 0.0, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_rows_longer_than_the_shared_memory_cache(rng, dtype, inplace):
     """Gradient kernels read the first words of a row from shared memory (copied in, or

@@ -91,6 +91,22 @@ def test_slices_give_the_whole_rows_loss_and_gradient(rng, dtype, case, bounds):
                  "grad vs single call")
 
 
+def test_a_weighted_mean_keeps_its_ce_part_beside_a_larger_z_part(rng):
+    """As the single call's test (test_cross_entropy): class weights of ~1e-6 with z-loss, the
+    merged rows' "mean" loss as the reference's, not a CE part lost to the z part's ulps."""
+    logits = random_logits(rng, N_ROWS, N_CLASSES, "float32")
+    target = random_target(rng, N_ROWS, N_CLASSES, IGNORE)
+    weight = random_weight(rng, N_CLASSES, True) * np.float32(1e-6)
+    bounds = BOUNDS[2]
+    merged = merged_state(rng, logits, target, bounds, weight)
+    res = slice_cross_entropy_with_grad(split(logits, bounds)[0], target, merged, vocab_start=0,
+                                        weight=split(weight, bounds)[0], ignore_index=IGNORE,
+                                        z_loss=1e-2)
+    expected = reference.cross_entropy_with_grad(logits, target, weight=weight,
+                                                 ignore_index=IGNORE, z_loss=1e-2)
+    assert_close(res.loss, expected.loss, 2e-6, 0.0, "loss")
+
+
 def test_a_row_of_inf_nan_and_minus_inf_logits_as_the_single_call(rng):
     """NaN and +inf poison their row, -inf columns have probability 0, a row of -inf is NaN,
     whichever slices hold them."""
