@@ -2,6 +2,7 @@
 the CUDA simulator: options, dtypes, upstream gradients, in-place backward, layouts, the module,
 autocast, the backwards refused and the errors (torch.compile: test_torch_compile.py).
 test_torch_gpu.py repeats the checks on CUDA tensors."""
+import functools
 import os
 import re
 import subprocess
@@ -339,6 +340,15 @@ ERRORS = [
      "numba_ce.torch computes no gradient for class-probability targets, and target requires "
      "grad (torch's cross_entropy would differentiate -sum w q log p in q too); pass "
      "target.detach(), or compute this loss with torch's own cross_entropy"),
+    (dict(weight=torch.ones(67).requires_grad_()), RuntimeError,
+     "numba_ce.torch computes no gradient for the class weights, and weight requires grad "
+     "(torch's cross_entropy differentiates it for class-probability targets and refuses it for "
+     "class indices); pass weight.detach(), or compute this loss with torch's own cross_entropy"),
+    (dict(target=torch.full((5, 67), 1 / 67), weight=torch.ones(67).requires_grad_()),
+     RuntimeError, "numba_ce.torch computes no gradient for the class weights, and weight "
+     "requires grad (torch's cross_entropy differentiates it for class-probability targets and "
+     "refuses it for class indices); pass weight.detach(), or compute this loss with torch's "
+     "own cross_entropy"),
     (dict(target=torch.full((5, 67), 1 / 67), ignore_index=3), ValueError,
      "ignore_index does not apply to class-probability targets, where every row counts (got 3; "
      "torch refuses one >= 0 too); leave it negative, as the default -100"),
@@ -374,6 +384,49 @@ def test_errors(arguments, error, message):
         nce.cross_entropy(inplace_backward=arguments.pop("inplace_backward", True), **arguments)
     if before is not None and before.device.type == "cpu":
         assert torch.equal(arguments["input"].detach(), before), "a failed call wrote the input"
+
+
+def test_weight_that_requires_grad_is_taken_without_grad_mode(rng):
+    """The refusal above is grad mode's: under no_grad the weight's values are used."""
+    x, t = to_torch(random_logits(rng, 5, 67)), to_torch(random_target(rng, 5, 67))
+    w = torch.rand(67) + 0.5
+    with torch.no_grad():
+        loss = nce.cross_entropy(x, t, weight=w.clone().requires_grad_())
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(x, t, weight=w), rtol=1e-5)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+def test_torch_func_transforms_are_refused(transform):
+    """Their tensors are wrappers a kernel cannot read: a clear error before any launch, not the
+    data pointer's 'Tensor that doesn't have storage'."""
+    x, t = _logits(), _target()
+    loss = functools.partial(nce.cross_entropy, target=t)
+    call = {"grad": lambda: torch.func.grad(loss)(x),
+            "vmap": lambda: torch.func.vmap(loss)(x[None]),
+            "jacrev": lambda: torch.func.jacrev(loss)(x)}[transform]
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            "numba_ce.torch cannot run under torch.func's transforms (grad, vmap, jacrev, jvp), "
+            "and input arrived as one of their tensors, which hold no memory a kernel can read; "
+            "compute this loss with torch's own functions inside them") + "$"):
+        call()
+
+
+# (torch's make_dual loads its jvp decompositions through torch.jit.script, which warns)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_dual_tensors_are_refused(rng):
+    """A dual tensor's tangent would be dropped (the loss came back without one): refused; a
+    plain tensor inside a dual level is computed as anywhere."""
+    import torch.autograd.forward_ad as forward_ad
+    x, t = to_torch(random_logits(rng, 5, 67)), to_torch(random_target(rng, 5, 67))
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="^" + re.escape(
+                "numba_ce.torch computes no forward-mode derivative, and input is a dual tensor "
+                "of torch.autograd.forward_ad (its tangent would be dropped); compute this loss "
+                "with torch's own functions for forward-mode AD") + "$"):
+            nce.cross_entropy(dual, t)
+        plain = nce.cross_entropy(x, t)
+    assert torch.allclose(plain, torch.nn.functional.cross_entropy(x, t), rtol=1e-5)
 
 
 def test_module_checks_options_when_built():

@@ -124,6 +124,19 @@ def test_autocast_casts_the_head_like_linear(rng, memory):
         assert_rounded_close(from_torch(leaf.grad), want, magnitude, "bfloat16", f"{name}.grad")
 
 
+def test_per_sample_gradients_through_torch_func_are_refused(rng):
+    """torch.func.grad over the head's weight (functional_call's per-sample gradients): a clear
+    error naming the transformed argument, before any product."""
+    x, w, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
+    xt, wt = to_torch(x, DEVICE), to_torch(w, DEVICE)
+    target = to_torch(random_target(rng, N_ROWS, N_CLASSES), DEVICE)
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            "numba_ce.torch cannot run under torch.func's transforms (grad, vmap, jacrev, jvp), "
+            "and linear_weight arrived as one of their tensors, which hold no memory a kernel "
+            "can read; compute this loss with torch's own functions inside them") + "$"):
+        torch.func.grad(lambda head: nce.linear_cross_entropy(xt, head, target))(wt)
+
+
 def test_second_backward_is_refused(rng):
     x, w, _ = random_head(rng, N_ROWS, N_FEATURES, N_CLASSES, "float32", False)
     xt = to_torch(x, DEVICE).requires_grad_()

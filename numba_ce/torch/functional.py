@@ -144,6 +144,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return_z_loss = check_flag("return_z_loss", return_z_loss)
     validate = check_flag("validate", validate)
     tensors.check_devices(input, target=target, weight=weight)
+    tensors.check_differentiation(input, target=target, weight=weight)
     rows = forms.as_rows(input, target)
     logits, target = tensors.readable_rows(rows.logits), tensors.readable_rows(rows.target)
     if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():

@@ -22,6 +22,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 
 from .. import devices, launcher, validation
 from ..portable import SIMULATOR
@@ -50,6 +51,38 @@ def check_devices(input, **others):
         if tensor is not None and tensor.device != input.device:
             raise ValueError(f"{name} must be on the same device as input (expected "
                              f"{input.device}, got {tensor.device})")
+
+
+def check_differentiation(input, **others):
+    """Refuse, before a kernel reads them, derivatives that numba_ce.torch would not compute as
+    torch does (it differentiates the loss in reverse mode, in the logits or the head's
+    parameters): class weights (``others["weight"]``) that require grad in grad mode, the tensors
+    of torch.func's transforms (grad, vmap, jacrev, jvp: wrappers with no memory a kernel can
+    read) and dual tensors of forward-mode AD (torch.autograd.forward_ad), whose tangent would
+    be dropped."""
+    weight = others.get("weight")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "numba_ce.torch computes no gradient for the class weights, and weight requires "
+            "grad (torch's cross_entropy differentiates it for class-probability targets and "
+            "refuses it for class indices); pass weight.detach(), or compute this loss with "
+            "torch's own cross_entropy")
+    if torch.compiler.is_compiling():  # traced tensors are fakes: no wrappers, no tangents
+        return
+    named = {"input": input, **others}
+    for name, tensor in named.items():
+        if tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            raise RuntimeError(
+                f"numba_ce.torch cannot run under torch.func's transforms (grad, vmap, jacrev, "
+                f"jvp), and {name} arrived as one of their tensors, which hold no memory a "
+                "kernel can read; compute this loss with torch's own functions inside them")
+    if forward_ad._current_level >= 0:  # inside a forward_ad.dual_level()
+        for name, tensor in named.items():
+            if tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None:
+                raise RuntimeError(
+                    f"numba_ce.torch computes no forward-mode derivative, and {name} is a dual "
+                    "tensor of torch.autograd.forward_ad (its tangent would be dropped); "
+                    "compute this loss with torch's own functions for forward-mode AD")
 
 
 def readable_rows(input):

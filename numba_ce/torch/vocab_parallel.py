@@ -82,6 +82,7 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tenso
                               z_loss, softcap, validate, inplace_backward=inplace_backward,
                               return_z_loss=return_z_loss)
     tensors.check_devices(local_logits, target=target, weight=weight)
+    tensors.check_differentiation(local_logits, target=target, weight=weight)
     logits, rows_target = _as_rows(local_logits, target)
     with_grad = torch.is_grad_enabled() and logits.requires_grad
     if with_grad and flags["inplace_backward"]:
@@ -105,9 +106,8 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tenso
             vocab_parallel.gradient_into(inputs, start, done.n_classes, done.options,
                                          done.statistics, view(grad))
     loss, z_part = _loss_tensors(arrays, done, target.shape)
-    if grad is None:
-        loss = loss.clone()  # its own memory, as numba_ce.torch.cross_entropy's
-    else:
+    loss = loss.clone()  # its own memory, as numba_ce.torch.cross_entropy's
+    if grad is not None:
         if flags["inplace_backward"]:
             torch.autograd.graph.increment_version(logits)  # as an in-place op would
         # attached to the rows' (M,) losses: the backward scales row by row only a 1-D loss
@@ -159,8 +159,9 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torc
     """
     options, flags = _checked(ignore_index, reduction, label_smoothing, label_smoothing_style,
                               z_loss, softcap, validate, return_z_loss=return_z_loss)
-    tensors.check_devices(hidden, local_weight=local_weight, target=target,
-                          linear_bias=linear_bias, weight=weight)
+    others = dict(local_weight=local_weight, target=target, linear_bias=linear_bias, weight=weight)
+    tensors.check_devices(hidden, **others)
+    tensors.check_differentiation(hidden, **others)
     view = tensors.as_array
     arrays = [None if t is None else view(t) for t in (hidden, local_weight, target, linear_bias)]
     class_weight = tensors.class_weights(weight)
