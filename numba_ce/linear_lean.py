@@ -142,7 +142,7 @@ def _gradient_pass(work, width, memory, input_sum, grad_weight):
     # fp16 "mean": the weight gradient's float32 sums go through a scratch of at most the
     # logits slice's bytes (a slice of V_s x H float32 would be up to 2H / N times that: all of
     # V x H for a batch of few rows), block by block of its rows
-    scratch_rows = min(width, max(1, memory.nbytes // (4 * n_features)))
+    scratch_rows = min(width, max(1, memory.nbytes // (4 * max(n_features, 1))))
     weight_sums = (alloc.empty((scratch_rows, n_features), np.float32)
                    if need_weight and work.rescaled else None)
     bias_sums = alloc.empty((width, 1), np.float32) if need_bias and work.rescaled else None

@@ -80,9 +80,9 @@ def merge_softmax_states(states: Array) -> Array:
     if states.dtype != np.float32:
         raise TypeError(f"softmax states must be float32 (got {states.dtype.name})")
     n_rows = softmax_states.rows_of(states)
-    if states.ndim != 2:
-        raise ValueError(f"softmax states to merge must be stacked, (R, 5N + 3) (got shape "
-                         f"{tuple(states.shape)})")
+    if states.ndim != 2 or not states.shape[0]:
+        raise ValueError(f"softmax states to merge must be stacked, (R, 5N + 3) with R >= 1 "
+                         f"(got shape {tuple(states.shape)})")
     (states,) = api.on_device(on_host, states)
     merged = xp.empty(softmax_states.packed_size(n_rows), np.float32)
     softmax_states.merge(states, merged)

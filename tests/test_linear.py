@@ -201,6 +201,21 @@ def test_empty_batch(rng, reduction, expected, memory):
     assert not to_numpy(res.grad_linear_bias).astype(np.float32).any()
 
 
+@pytest.mark.parametrize("memory", MEMORY)
+def test_a_head_of_no_features_gives_the_bias_loss(rng, memory):
+    """H = 0: the logits are the bias alone (zeros without one), and the gradients of x and W
+    have no elements; the bias's is the unfused computation's."""
+    x, w = np.zeros((4, 0), np.float32), np.zeros((N_CLASSES, 0), np.float32)
+    b = random_head(rng, 4, N_FEATURES, N_CLASSES, "float32", True)[2]
+    target = random_target(rng, 4, N_CLASSES)
+    res = numba_ce.linear_cross_entropy_with_grad(x, w, target, linear_bias=b, memory=memory)
+    expected = torch_linear_loss_and_grads(x, w, target, linear_bias=b)
+    assert_close(res.loss, expected.loss, 1e-6, 0.0, "loss")
+    assert to_numpy(res.grad_input).shape == (4, 0)
+    assert to_numpy(res.grad_linear_weight).shape == (N_CLASSES, 0)
+    assert_close(res.grad_linear_bias, expected.grad_linear_bias, 1e-5, 1e-7, "bias gradient")
+
+
 def raises(error, message):
     return pytest.raises(error, match=f"^{re.escape(message)}$")
 

@@ -407,6 +407,10 @@ def test_bad_arguments_are_refused(rng):
             "(got shape (2, 7))")):
         merge_softmax_states(np.zeros((2, 7), np.float32))
     with pytest.raises(ValueError, match=re.escape(
+            "softmax states to merge must be stacked, (R, 5N + 3) with R >= 1 (got shape "
+            "(0, 33))")):
+        merge_softmax_states(np.zeros((0, 33), np.float32))
+    with pytest.raises(ValueError, match=re.escape(
             "merged_state must be a float32 state of the target's 6 rows, shape (33,) (got "
             "float32 shape (38,))")):
         slice_cross_entropy_with_grad(logits, target, np.zeros(38, np.float32),
