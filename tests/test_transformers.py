@@ -214,12 +214,20 @@ def test_calls_without_labels_or_in_eval_mode_run_the_original_forward():
     assert torch.equal(output.logits, expected.logits) and torch.equal(output.loss, expected.loss)
 
 
-def test_the_fused_path_returns_a_tuple_for_return_dict_false():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_the_fused_path_returns_the_originals_tuple_for_return_dict_false(use_cache):
+    """The original's tuple, (loss, logits, past_key_values) with a cache: the same places, the
+    logits' holding None (ModelOutput.to_tuple would drop it, and out[1] would be the cache)."""
+    reference = tiny_model("llama")
+    model = copy.deepcopy(reference)
     patch_causal_lm(model)
     input_ids, labels = tokens_and_labels(1, 6, [])
-    output = model(input_ids, labels=labels, use_cache=False, return_dict=False)
-    assert isinstance(output, tuple) and len(output) == 1 and output[0].ndim == 0
+    output = model(input_ids, labels=labels, use_cache=use_cache, return_dict=False)
+    expected = reference(input_ids, labels=labels, use_cache=use_cache, return_dict=False)
+    assert isinstance(output, tuple) and len(output) == len(expected) == 2 + use_cache
+    assert output[1] is None and expected[1].shape == (1, 6, VOCAB)
+    assert [type(part) for part in output[2:]] == [type(part) for part in expected[2:]]
+    assert torch.allclose(output[0], expected[0], rtol=1e-5)
 
 
 def test_patching_twice_is_patching_once_and_unpatching_restores_the_forward():

@@ -16,7 +16,9 @@ What a call does:
                                       bias) and the config's final_logit_softcapping (Gemma 2),
                                       with the same keyword arguments (num_items_in_batch). The
                                       output is the original's class with that loss, logits None,
-                                      and the base model's cache, hidden states and attentions.
+                                      and the base model's cache, hidden states and attentions
+                                      (return_dict=False: the original's tuple, None in the
+                                      logits' place).
     anything else                     the original forward, untouched (eval with labels, as
                                       Trainer.evaluate, keeps its logits for metrics; generation)
 
@@ -30,7 +32,6 @@ import inspect
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils.generic import can_return_tuple
 
 try:
     from transformers.modeling_utils import slice_logits_to_keep
@@ -104,16 +105,24 @@ class FusedLossForward:
         return _forward_without_logits(self.model, labels, logits_to_keep, arguments, **kwargs)
 
 
-@can_return_tuple  # return_dict=False, in the call or the config: a tuple, as the original gives
 def _forward_without_logits(model, labels, logits_to_keep, named_arguments, **kwargs):
     """The supported forwards' steps, the loss taken from the hidden states instead of the
     logits. ``named_arguments``: the call's named arguments for the base model; ``kwargs``: the
-    rest, which the originals pass to both the base model and the loss function."""
+    rest, which the originals pass to both the base model and the loss function, less
+    return_dict (the originals' can_return_tuple takes it, or the config's)."""
+    return_dict = kwargs.pop("return_dict", None)
     outputs = model.model(**named_arguments, **kwargs)
     hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
     head = model.lm_head
     loss = causal_lm_linear_loss(
         hidden_states, head.weight, labels, lm_head_bias=head.bias,
         softcap=getattr(model.config, "final_logit_softcapping", None), **kwargs)
-    return CausalLMOutputWithPast(loss=loss, **{name: value for name, value in outputs.items()
-                                                if name != "last_hidden_state"})
+    output = CausalLMOutputWithPast(loss=loss, **{name: value for name, value in outputs.items()
+                                                  if name != "last_hidden_state"})
+    if return_dict is None:
+        return_dict = model.config.return_dict
+    if return_dict:
+        return output
+    # the original's tuple (its fields that are not None) with the logits' place kept, None:
+    # code that reads out[1] as the logits must not get the cache
+    return (loss, None, *output.to_tuple()[1:])
