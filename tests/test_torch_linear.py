@@ -202,6 +202,10 @@ def test_torch_2_13_signature_and_options(rng, call, options):
         t = to_torch(target, DEVICE)
         if implementation == "module":
             crit = nce.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, device=DEVICE, **arguments)
+            theirs = torch.nn.LinearCrossEntropyLoss(N_FEATURES, N_CLASSES, **arguments)
+            for name in ("num_classes", "out_features", "reduction", "label_smoothing"):
+                assert getattr(crit, name) == getattr(theirs, name), name
+            assert crit.linear.in_features == theirs.linear.in_features
             with torch.no_grad():
                 crit.linear.weight.copy_(wt)
             loss = crit(xt, t)

@@ -105,6 +105,7 @@ class LinearCrossEntropyLoss(_LossOptions, torch.nn.Module):
         self.chunk_size, self.memory, self.options = chunk_size, memory, options
         self.return_z_loss = check_flag("return_z_loss", return_z_loss)
         self.validate = check_flag("validate", validate)
+        self.num_classes, self.out_features = num_classes, out_features  # torch's attributes
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device,
                                       dtype=dtype)
         self.register_buffer("weight", weight)
