@@ -201,7 +201,8 @@ def row_losses(merged, target, options, n_classes, outputs):
 
 def _reduce(outputs, weight_sum, count, options):
     """The reduced loss and z part, as kernels.reduce_rows: "mean" is sum(ce) / sum(w_y) +
-    sum(zl) / count (row_loss holds ce alone), "sum" the sums; a batch of no rows as execution.fill_no_rows."""
+    sum(zl) / count (row_loss holds ce alone), "sum" the sums; a batch of no rows as
+    execution.fill_no_rows."""
     if not outputs.row_loss.shape[0]:
         execution.fill_no_rows(options, outputs)
         return

@@ -59,7 +59,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     linear.check_memory(memory)
     return_z_loss = check_flag("return_z_loss", return_z_loss)
     validate = check_flag("validate", validate)
-    others = dict(linear_weight=linear_weight, target=target, linear_bias=linear_bias, weight=weight)
+    others = dict(linear_weight=linear_weight, target=target, linear_bias=linear_bias,
+                  weight=weight)
     tensors.check_devices(input, **others)
     tensors.check_differentiation(input, **others)
     if torch.is_autocast_enabled(input.device.type):
