@@ -11,9 +11,10 @@ Both compute the batch's target statistics first (the reduction's denominators: 
 gradient has the batch's scale), check the targets before any product, and reduce the row losses
 at the end; both round each logit as cuBLAS does (the product to x's format, the bias added and
 rounded again) and sum every gradient in float32, rounded once to its format.
-fp16 "mean" forms the gradient without the 1 / S_w and the upstream factor, which it applies
-afterwards (see ``compute``): p_j / S_w would flush to zero, g * p_j overflow.
+fp16 "mean" forms the gradient without the g / S_w of the upstream and the mean, which it
+applies afterwards (see ``prepared_work``): p_j / S_w would flush to zero, g * p_j overflow.
 """
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,6 +26,8 @@ from .kernels import STAT_WEIGHT_SUM
 from .linear_work import LinearWork, ones, unit_column
 from .options import Options, check_flag
 from .results import Array, LinearCrossEntropyResult
+
+TINY = np.float32(1e-30)  # stands for a zero S_w or |w|max, whose gradient is zeros anyway
 
 # memory=: what each design trades (numba_ce.linear_lean, numba_ce.linear_fast)
 DESIGNS = {"low": linear_lean, "fast": linear_fast}
@@ -198,23 +201,31 @@ def prepared_work(alloc, inputs, options, needed, stats, outputs, device, column
     work = LinearWork(alloc, inputs, options, tuple(needed), stats, outputs, unscale, device,
                       columns, unit_column(alloc, inputs))
     # fp16 only: its smallest subnormal is 6e-8 and its largest value 65504, so the entries
-    # g * p_j / S_w of a "mean" gradient (S_w = the batch's sum of w_y, g the scalar upstream)
-    # would flush to zero for a large batch, or overflow for a loss-scaled g. The kernels form
-    # the gradient for an upstream of S_w instead (entries ~ p_j - [j == y], within [-1, 1]),
-    # and each design scales by g / S_w (``unscale``) once more: the float32 sums as they are
-    # rounded, the fast design's rounded input gradient after it.
+    # g * w_y (p_j - [j == y]) / S_w of a "mean" gradient (S_w = the batch's sum of w_y, g the
+    # scalar upstream) would flush to zero for a large batch, or overflow for a loss-scaled g.
+    # The kernels form the gradient for an upstream of S_w / |w|max instead (entries ~ (w_y /
+    # |w|max)(p_j - [j == y]), within [-1, 1] whatever the class weights' scale; |w|max = 1
+    # without them), and each design scales by g |w|max / S_w (``unscale``) once more: the
+    # float32 sums as they are rounded, the fast design's rounded input gradient after it.
     if work.rescaled:
-        upstream = _undo_mean(alloc, inputs.grad_output, stats, unscale)
+        bounds = [w for w in (inputs.weight, None if columns is None else columns.row_weight)
+                  if w is not None and w.size]  # of each w_y (a slice's rows: row_weight)
+        upstream = _undo_mean(alloc, inputs.grad_output, stats, bounds, unscale)
         work = work._replace(inputs=inputs._replace(grad_output=upstream))
     return work
 
 
-def _undo_mean(alloc, grad_output, stats, unscale):
-    """The upstream S_w for the kernels, and unscale[0] = g / S_w, on the device. With no
-    row counted, S_w = 0 is replaced by a tiny value: the gradient is all zeros either way."""
+def _undo_mean(alloc, grad_output, stats, weights, unscale):
+    """The upstream S_w / |w|max for the kernels, and unscale[0] = g / that, on the device;
+    |w|max the largest magnitude in ``weights`` (arrays), 1 with none. With no row counted,
+    S_w = 0 is replaced by a tiny value (and so is a |w|max of 0): the gradient is all zeros
+    either way."""
     array_module = np if isinstance(stats, np.ndarray) else devices.cupy
-    weight_sum = alloc.empty(1, np.float32)
-    array_module.maximum(stats[STAT_WEIGHT_SUM:STAT_WEIGHT_SUM + 1], np.float32(1e-30),
-                         out=weight_sum)
-    array_module.divide(grad_output, weight_sum, out=unscale)
-    return weight_sum
+    upstream = alloc.empty(1, np.float32)
+    array_module.maximum(stats[STAT_WEIGHT_SUM:STAT_WEIGHT_SUM + 1], TINY, out=upstream)
+    if weights:
+        largest = functools.reduce(array_module.maximum,
+                                   [array_module.abs(w).max() for w in weights])
+        upstream /= array_module.maximum(largest, TINY)
+    array_module.divide(grad_output, upstream, out=unscale)
+    return upstream

@@ -56,10 +56,12 @@ def random_head(rng, n_rows, n_features, n_classes, dtype, bias):
 
 def check_linear(rng, dtype, n_rows=N_ROWS, *, reduction="mean", bias=False, ignored=0.0,
                  weighted=False, smoothing=0.0, z_loss=0.0, softcap=None, upstream="ones",
-                 chunk_size=None, target_dtype=np.int64, memory="low", alloc=None):
+                 chunk_size=None, target_dtype=np.int64, memory="low", alloc=None,
+                 weight_scale=1.0):
     x, w, b = random_head(rng, n_rows, N_FEATURES, N_CLASSES, dtype, bias)
     target = random_target(rng, n_rows, N_CLASSES, ignored_share=ignored).astype(target_dtype)
     weight = random_weight(rng, N_CLASSES, weighted)
+    weight = None if weight is None else weight * np.float32(weight_scale)
     grad_output = random_upstream(rng, n_rows, reduction, upstream)
     loss_options = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
                         softcap=softcap)
@@ -149,6 +151,16 @@ def test_fp16_mean_with_a_loss_scale(rng, chunk_size, memory):
     (poisoned buffers: the lean design's float32 scratch of a slice included)."""
     check_linear(rng, "float16", bias=True, upstream="scaled", chunk_size=chunk_size,
                  weighted=True, memory=memory, alloc=PoisonedArrays())
+
+
+@pytest.mark.parametrize("memory", MEMORY)
+@pytest.mark.parametrize("weight_scale", [1e-7, 1e5])
+def test_fp16_mean_whatever_the_class_weights_scale(rng, weight_scale, memory):
+    """A weighted mean does not change when the weights are scaled: fp16's chunk gradient is
+    formed relative to the largest weight, so weights of 1e-7 (inverse class frequencies) do not
+    flush it to zero, nor weights of 1e5 overflow it."""
+    check_linear(rng, "float16", weighted=True, weight_scale=weight_scale, bias=True,
+                 memory=memory)
 
 
 def test_layouts_that_products_read_in_place():
