@@ -234,8 +234,9 @@ def test_torch_options_numba_ce_cannot_honour_are_refused():
         (dict(options=torch_options(allow_retain_graph=True)),
          "options.allow_retain_graph=True is not supported"),
         (dict(options=torch_options(), chunk_size=2), "pass chunk_size or options, not both"),
-        (dict(options=torch_options(batch_chunk_size=2)),
-         "options set both batch_chunk_size=2 and chunking_method='auto'"),
+        (dict(options=torch_options(chunking_method="aspect_ratio", batch_chunk_size=3)),
+         "batch_chunk_size (=3) and chunking_method ('aspect_ratio') give different chunk "
+         "sizes (3 vs 2); pass only one (as torch refuses them)"),
     ]
     for arguments, message in refusals:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -248,16 +249,26 @@ def test_torch_options_numba_ce_cannot_honour_are_refused():
 
 
 @NEEDS_TORCH_2_13
-@pytest.mark.parametrize("fields,chunk_size", [
-    (dict(), None),  # "auto": numba_ce's own chunks
-    (dict(chunking_method="aspect_ratio"), 256),  # next_pow2(ceil(8192 / ceil(128256 / 4096)))
-    (dict(chunking_method="aspect_ratio:2"), 128),
-    (dict(chunking_method=None, batch_chunk_size=1000), 1000),
-    (dict(chunking_method=None), 8192),  # torch: one chunk
-])
-def test_torch_options_chunking_as_torch_defines_it(fields, chunk_size):
+@pytest.mark.parametrize("shape", [(8192, 4096, 128256), (5, 8, 8), (4, 8, 24)])
+@pytest.mark.parametrize("fields", [
+    dict(chunking_method="aspect_ratio"), dict(chunking_method="aspect_ratio:2"),
+    dict(chunking_method=None, batch_chunk_size=1000), dict(chunking_method=None),
+    dict(batch_chunk_size=3),  # "auto" with a size: the size (torch turns "auto" off)
+    dict(chunking_method="aspect_ratio:4", batch_chunk_size=64)])  # agreeing at the 1st shape
+def test_torch_options_chunking_as_torch_defines_it(fields, shape):
+    """The chunk size of torch's own resolution of the options (LinearCrossEntropyOptions.
+    _adjust), or its refusal; "auto" alone leaves numba_ce its own chunks (None)."""
     from numba_ce.torch.linear_forms import chunk_size_of
-    assert chunk_size_of(torch_options(**fields), None, 8192, 4096, 128256) == chunk_size
+    options = torch_options(**fields)
+    try:
+        expected = options._adjust(*shape, torch.bfloat16).batch_chunk_size
+    except ValueError as refusal:
+        with pytest.raises(ValueError, match="give different chunk sizes"):
+            chunk_size_of(options, None, *shape)
+        assert "give different chunk sizes" in str(refusal)
+        return
+    assert chunk_size_of(options, None, *shape) == expected
+    assert chunk_size_of(torch_options(), None, *shape) is None
 
 
 @pytest.mark.parametrize("entry", ["function", "module"])

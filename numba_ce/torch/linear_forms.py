@@ -39,18 +39,22 @@ def chunk_size_of(options, chunk_size: int | None, n_rows: int, n_features: int,
         return chunk_size
     check_options(options, chunk_size)
     method, rows = options.chunking_method, options.batch_chunk_size
-    if method is None:
-        return max(n_rows, 1) if rows is None else rows  # torch: None is one chunk
-    if rows is not None:
-        raise ValueError(f"options set both batch_chunk_size={rows} and chunking_method="
-                         f"{method!r}: torch refuses that too; set chunking_method=None")
+    if method == "auto" and rows is not None:  # torch: a size given turns "auto" off
+        method = None
     if method == "auto":
-        return None
-    # torch's "aspect_ratio[:F]": chunks whose (C, V) logits match the (N, H) input in size,
-    # next_pow2(ceil(N / ceil(V / H))) rows, divided by F
+        return None  # numba_ce's own chunks (torch's "auto" is its pick per device and dtype)
+    if method is None:
+        return max(1, n_rows if rows is None else min(rows, n_rows))  # None: one chunk
+    # "aspect_ratio[:F]": chunks whose (C, V) logits match the (N, H) input in size,
+    # next_pow2(ceil(N / ceil(V / H))) rows, divided by F, at most N
     factor = int(method.partition(":")[2] or 1)
-    rows = math.ceil(max(n_rows, 1) / math.ceil(n_classes / max(n_features, 1)))
-    return max(1, (1 << (rows - 1).bit_length()) // factor)
+    target = math.ceil(n_rows / math.ceil(n_classes / max(n_features, 1)))
+    computed = min((1 << (target - 1).bit_length()) // factor, n_rows)
+    if rows is not None and rows != computed:
+        raise ValueError(f"batch_chunk_size (={rows}) and chunking_method ('{method}') give "
+                         f"different chunk sizes ({rows} vs {computed}); pass only one (as "
+                         "torch refuses them)")
+    return max(1, computed)
 
 
 def check_options(options, chunk_size):
