@@ -150,6 +150,10 @@ def check_arguments(input, linear_weight, target, linear_bias, weight, chunk_siz
             got = "no shape" if shape is None else f"shape {tuple(shape)}"
             raise ValueError(f"linear_bias must have shape ({n_classes},) (got {got})")
         validation.check_same_dtype("linear_bias", linear_bias, input)
+        if n_classes > 1 and linear_bias.strides[0] <= 0:  # a product's operand (1, V)
+            raise ValueError(f"linear_bias must have a positive stride (got "
+                             f"{linear_bias.strides[0]} bytes: reversed or broadcast); pass a "
+                             "contiguous copy")
     if weight is not None:
         validation.check_weight(weight, n_classes)
     validation.check_chunk_size(chunk_size)

@@ -268,6 +268,12 @@ def test_bad_arguments(rng, case):
      "linear_bias must have shape (24,) (got shape (5,))"),
     (dict(linear_bias=np.zeros(24, np.float16)), TypeError,
      "linear_bias dtype must match input's float32 (got float16)"),
+    (dict(linear_bias=np.arange(24, dtype=np.float32)[::-1]), ValueError,
+     "linear_bias must have a positive stride (got -4 bytes: reversed or broadcast); pass a "
+     "contiguous copy"),
+    (dict(linear_bias=np.broadcast_to(np.float32(1), (24,))), ValueError,
+     "linear_bias must have a positive stride (got 0 bytes: reversed or broadcast); pass a "
+     "contiguous copy"),
     (dict(chunk_size=0), ValueError, "chunk_size must be at least 1 row (got 0)"),
     (dict(chunk_size=2.0), TypeError, "chunk_size must be None or an int (got float)"),
     (dict(chunk_size=True), TypeError, "chunk_size must be None or an int (got bool)"),
