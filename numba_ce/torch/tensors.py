@@ -69,20 +69,20 @@ def check_differentiation(input, **others):
             "torch's own cross_entropy")
     if torch.compiler.is_compiling():  # traced tensors are fakes: no wrappers, no tangents
         return
-    named = {"input": input, **others}
-    for name, tensor in named.items():
-        if tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+    dual_level = forward_ad._current_level >= 0  # inside a forward_ad.dual_level()
+    for name, tensor in {"input": input, **others}.items():
+        if tensor is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
             raise RuntimeError(
                 f"numba_ce.torch cannot run under torch.func's transforms (grad, vmap, jacrev, "
                 f"jvp), and {name} arrived as one of their tensors, which hold no memory a "
                 "kernel can read; compute this loss with torch's own functions inside them")
-    if forward_ad._current_level >= 0:  # inside a forward_ad.dual_level()
-        for name, tensor in named.items():
-            if tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None:
-                raise RuntimeError(
-                    f"numba_ce.torch computes no forward-mode derivative, and {name} is a dual "
-                    "tensor of torch.autograd.forward_ad (its tangent would be dropped); "
-                    "compute this loss with torch's own functions for forward-mode AD")
+        if dual_level and forward_ad.unpack_dual(tensor).tangent is not None:
+            raise RuntimeError(
+                f"numba_ce.torch computes no forward-mode derivative, and {name} is a dual "
+                "tensor of torch.autograd.forward_ad (its tangent would be dropped); compute "
+                "this loss with torch's own functions for forward-mode AD")
 
 
 def readable_rows(input):
